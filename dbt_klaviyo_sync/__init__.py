@@ -1,0 +1,1 @@
+"""Reverse ETL from dbt models to Klaviyo."""

@@ -1,0 +1,152 @@
+"""Compare a model's relation with its last-synced snapshot, in DuckDB SQL.
+
+The work stays in DuckDB: each row's mapped columns are fingerprinted, joined with the
+snapshot, and only the rows to act on are materialised into a temporary table, which the
+sender then reads in Arrow batches. Python never holds the whole model. Unmapped columns
+are not part of the fingerprint, so changing them sends nothing.
+
+Each changed row gets a `__change`:
+- `add`: never accepted by Klaviyo (new, or failed or rejected before and now changed);
+- `update`: accepted before, and a mapped value has changed since;
+- `remove`: in the snapshot but no longer in the model;
+- `null_key` / `duplicate_key`: cannot be synced until the model is fixed.
+A row whose current version Klaviyo already rejected is not sent again until it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from dbt_klaviyo_sync.errors import AnnotationError, AnnotationErrors, ConfigurationError
+from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.state import CATALOG
+
+CHANGES = "klaviyo_changes"
+
+#: How many rows travel from DuckDB to Python at a time.
+READ_BATCH_ROWS = 10_000
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def field_column(index: int) -> str:
+    """The name of a mapped field's column in the changes table: f0 is the sync key."""
+    return f"f{index}"
+
+
+@dataclass(frozen=True)
+class ChangeCounts:
+    add: int
+    update: int
+    remove: int
+    invalid: int
+    model_rows: int
+
+    @property
+    def to_send(self) -> int:
+        return self.add + self.update
+
+
+def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, str]:
+    """The relation's real column names, by lower-case name (DuckDB ignores case)."""
+    try:
+        described = con.execute(f"DESCRIBE SELECT * FROM {spec.relation}").fetchall()
+    except duckdb.CatalogException as exc:
+        raise ConfigurationError(
+            f"model '{spec.model}': its relation {spec.relation} is not in the dbt database. "
+            "Run `dbt run` (or `dbt build`) for it first."
+        ) from exc
+    return {row[0].lower(): row[0] for row in described}
+
+
+def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
+    """The relation's real name of each mapped column, in `spec.fields` order; raises
+    when the model is not built or lacks an annotated column."""
+    columns = _relation_columns(con, spec)
+    missing = [f for f in spec.fields if f.column.lower() not in columns]
+    if missing:
+        raise AnnotationErrors(
+            [
+                AnnotationError(
+                    spec.model,
+                    f"the column is annotated but {spec.relation} has no such column (it has: "
+                    f"{', '.join(columns.values())}). Fix the annotation or the model, "
+                    "then run dbt.",
+                    f.column,
+                )
+                for f in missing
+            ]
+        )
+    return [columns[f.column.lower()] for f in spec.fields]
+
+
+def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeCounts:
+    """Materialise the rows to act on into the temporary `klaviyo_changes` table."""
+    mapped = [
+        f"{_ident(column)} AS {field_column(i)}"
+        for i, column in enumerate(check_columns(con, spec))
+    ]
+    packed = ", ".join(f"{field_column(i)} := {field_column(i)}" for i in range(len(spec.fields)))
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {CHANGES} AS
+        WITH model AS (
+            SELECT CAST({field_column(0)} AS VARCHAR) AS __key, *,
+                   md5($signature || to_json(struct_pack({packed}))) AS __fingerprint
+            FROM (SELECT {", ".join(mapped)} FROM {spec.relation})
+        ),
+        counted AS (
+            SELECT *, count(*) OVER (PARTITION BY __key) AS __copies FROM model
+        ),
+        snap AS (
+            SELECT key, fingerprint, rejected_fingerprint, klaviyo_id, accepted_values
+            FROM {CATALOG}.snapshot WHERE sync_id = $sid
+        )
+        SELECT CASE WHEN m.__key IS NULL THEN 'null_key'
+                    WHEN m.__copies > 1 THEN 'duplicate_key'
+                    WHEN s.fingerprint IS NULL THEN 'add'
+                    ELSE 'update' END AS __change,
+               s.key IS NOT NULL AS __in_snapshot,
+               s.klaviyo_id AS __klaviyo_id,
+               s.accepted_values AS __old_values,
+               m.* EXCLUDE (__copies)
+        FROM counted AS m LEFT JOIN snap AS s ON s.key = m.__key
+        WHERE m.__key IS NULL OR m.__copies > 1
+           OR (m.__fingerprint IS DISTINCT FROM s.fingerprint
+               AND m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint)
+        UNION ALL BY NAME
+        SELECT 'remove' AS __change, TRUE AS __in_snapshot, s.klaviyo_id AS __klaviyo_id,
+               s.accepted_values AS __old_values, s.key AS __key,
+               s.fingerprint AS __fingerprint
+        FROM snap AS s
+        WHERE NOT EXISTS (SELECT 1 FROM model AS m WHERE m.__key = s.key)""",
+        {"signature": spec.signature, "sid": sid},
+    )
+    counts = dict(
+        con.execute(
+            f"""SELECT CASE WHEN __change LIKE '%_key' THEN 'invalid' ELSE __change END,
+                       count(*) FROM {CHANGES} GROUP BY ALL"""
+        ).fetchall()
+    )
+    [(model_rows,)] = con.execute(f"SELECT count(*) FROM {spec.relation}").fetchall()
+    return ChangeCounts(
+        add=counts.get("add", 0),
+        update=counts.get("update", 0),
+        remove=counts.get("remove", 0),
+        invalid=counts.get("invalid", 0),
+        model_rows=model_rows,
+    )
+
+
+def batches(
+    con: duckdb.DuckDBPyConnection, changes: tuple[str, ...], rows: int = READ_BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """Stream the changed rows of the given kinds, a batch at a time."""
+    kinds = ", ".join(f"'{kind}'" for kind in changes)
+    reader = con.sql(f"SELECT * FROM {CHANGES} WHERE __change IN ({kinds})").to_arrow_reader(rows)
+    yield from reader

@@ -1,0 +1,193 @@
+"""The diff in DuckDB and the state commit, without dbt or HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from dbt_klaviyo_sync import diff
+from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
+from dbt_klaviyo_sync.state import OUTCOME_SCHEMA, State, open_state
+
+SPEC = SyncSpec(
+    model="customers",
+    unique_id="model.x.customers",
+    relation='"wh"."main"."customers"',
+    object="profile",
+    behavior="upsert",
+    key_column="id",
+    key_field="external_id",
+    fields=(
+        FieldMap("id", "external_id"),
+        FieldMap("email", "email"),
+        FieldMap("city", "location.city"),
+    ),
+)
+SID = "sync-1"
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Path:
+    path = tmp_path / "wh.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        """CREATE TABLE customers AS SELECT 'C' || i AS id, 'u' || i || '@x.com' AS email,
+           'City' || (i % 3) AS city, i AS unmapped FROM range(10) t(i)"""
+    )
+    con.close()
+    return path
+
+
+def model(warehouse: Path, sql: str) -> None:
+    con = duckdb.connect(str(warehouse))
+    con.execute(sql)
+    con.close()
+
+
+@pytest.fixture
+def state_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.duckdb"
+
+
+def changes(state: State) -> dict[str, str]:
+    diff.compute(state.con, SPEC, SID)
+    rows = state.con.execute(f"SELECT __key, __change FROM {diff.CHANGES}").fetchall()
+    return {key: change for key, change in rows}
+
+
+def accept_all(state: State, outcome: str = "accepted") -> None:
+    """Commit every pending add/update as Klaviyo's answer would."""
+    rows = []
+    for batch in diff.batches(state.con, ("add", "update")):
+        for row in batch.to_pylist():
+            rows.append(
+                {
+                    "key": row["__key"],
+                    "outcome": outcome,
+                    "fingerprint": row["__fingerprint"],
+                    "accepted_values": "{}",
+                    "in_snapshot": row["__in_snapshot"],
+                    "code": "x",
+                    "reason": "because",
+                }
+            )
+    state.commit_batch(SID, "run-1", SPEC.model, pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA))
+
+
+def test_first_diff_adds_every_row_and_an_accepted_snapshot_is_quiet(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        first = changes(state)
+        assert len(first) == 10 and set(first.values()) == {"add"}
+        accept_all(state)
+        assert changes(state) == {}
+
+
+def test_only_changed_added_and_removed_keys_come_back(state_path: Path, warehouse: Path) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state)
+    model(
+        warehouse,
+        """UPDATE customers SET city = 'Paris' WHERE id = 'C1';
+                        UPDATE customers SET unmapped = unmapped + 100;
+                        DELETE FROM customers WHERE id = 'C2';
+                        INSERT INTO customers VALUES ('C99', 'new@x.com', 'Rome', 0)""",
+    )
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert changes(state) == {"C1": "update", "C2": "remove", "C99": "add"}
+        counts = diff.compute(state.con, SPEC, SID)
+        assert (counts.add, counts.update, counts.remove, counts.model_rows) == (1, 1, 1, 10)
+
+
+def test_a_rejected_row_is_not_resent_until_it_changes(state_path: Path, warehouse: Path) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state, outcome="rejected")
+        assert changes(state) == {}
+        rejects = state.con.execute("SELECT count(*) FROM klaviyo_sync_state.rejects").fetchall()
+        assert rejects == [(10,)]
+    model(warehouse, "UPDATE customers SET email = 'fixed@x.com' WHERE id = 'C3'")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert changes(state) == {"C3": "add"}
+
+
+def test_uncommitted_rows_are_sent_again(state_path: Path, warehouse: Path) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)  # nothing committed: as if every request failed or the run died
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert len(changes(state)) == 10
+
+
+def test_null_and_duplicate_keys_are_flagged_every_run(state_path: Path, warehouse: Path) -> None:
+    model(
+        warehouse,
+        "INSERT INTO customers VALUES (NULL, 'n@x.com', 'X', 0), ('C1', 'dup@x.com', 'Y', 0)",
+    )
+    with open_state(state_path, {"wh": warehouse}) as state:
+        found = changes(state)
+        assert found["C1"] == "duplicate_key" and found[None] == "null_key"
+        counts = diff.compute(state.con, SPEC, SID)
+        assert counts.invalid == 3  # both copies of C1, and the NULL
+
+
+def test_forget_removed_drops_rows_so_they_are_sent_if_they_return(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state)
+    model(
+        warehouse,
+        "CREATE TABLE gone AS SELECT * FROM customers WHERE id = 'C4';"
+        "DELETE FROM customers WHERE id = 'C4'",
+    )
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert changes(state) == {"C4": "remove"}
+        state.forget_removed(SID, diff.CHANGES)
+    model(warehouse, "INSERT INTO customers SELECT * FROM gone")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert changes(state) == {"C4": "add"}
+
+
+def test_full_refresh_forgets_fingerprints_but_keeps_klaviyo_ids(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state)
+        state.forget(SID)
+        assert set(changes(state).values()) == {"add"}
+
+
+def test_a_missing_column_names_model_and_column(state_path: Path, warehouse: Path) -> None:
+    spec = SyncSpec(
+        **{**SPEC.__dict__, "fields": (*SPEC.fields, FieldMap("phone", "phone_number"))}
+    )
+    with open_state(state_path, {"wh": warehouse}) as state, pytest.raises(Exception) as caught:
+        diff.check_columns(state.con, spec)
+    assert "model 'customers', column 'phone'" in str(caught.value)
+
+
+def test_a_second_writer_is_refused_with_a_clear_message(state_path: Path, warehouse: Path) -> None:
+    import subprocess
+    import sys
+
+    with open_state(state_path, {"wh": warehouse}):
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, pathlib; from dbt_klaviyo_sync.state import open_state\n"
+                "with open_state(pathlib.Path(sys.argv[1]), {}): pass",
+                str(state_path),
+            ],
+            capture_output=True,
+            text=True,
+        )
+    assert probe.returncode != 0
+    assert "another dbt-klaviyo sync is running" in probe.stderr

@@ -1,0 +1,177 @@
+"""Rows to Klaviyo values: type conversion, E.164, emails, nulls, sizes."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from dbt_klaviyo_sync.payloads import Record, profile_resource, records
+from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
+
+FIELDS = (
+    FieldMap("id", "external_id"),
+    FieldMap("email", "email"),
+    FieldMap("phone", "phone_number"),
+    FieldMap("first", "first_name"),
+    FieldMap("city", "location.city"),
+    FieldMap("lat", "location.latitude"),
+    FieldMap("ltv", "properties.ltv"),
+    FieldMap("vip", "properties.vip"),
+    FieldMap("since", "properties.since"),
+    FieldMap("seen", "properties.seen"),
+    FieldMap("tags", "properties.tags"),
+)
+
+
+def spec(nulls: str = "skip") -> SyncSpec:
+    return SyncSpec(
+        model="customers",
+        unique_id="model.x.customers",
+        relation='"wh"."main"."customers"',
+        object="profile",
+        behavior="upsert",
+        key_column="id",
+        key_field="external_id",
+        fields=FIELDS,
+        nulls=nulls,
+    )
+
+
+def batch(*rows: dict[str, Any]) -> pa.RecordBatch:
+    full = []
+    for row in rows:
+        values = {f"f{i}": row.get(f.column) for i, f in enumerate(FIELDS)}
+        full.append(
+            {
+                "__change": row.get("__change", "add"),
+                "__in_snapshot": False,
+                "__klaviyo_id": None,
+                "__key": row.get("id"),
+                "__fingerprint": "fp",
+                **values,
+            }
+        )
+    return pa.RecordBatch.from_pylist(full)
+
+
+GOOD = {
+    "id": "C1",
+    "email": "ada@example.com",
+    "phone": "+1 (415) 555-0123",
+    "first": "Ada",
+    "city": "London",
+    "lat": Decimal("51.5072"),
+    "ltv": Decimal("1234.50"),
+    "vip": True,
+    "since": date(2024, 1, 31),
+    "seen": datetime(2024, 2, 1, 12, 30),
+    "tags": ["a", "b"],
+}
+
+
+def test_values_are_converted_to_json_types() -> None:
+    [record], rejects = records(spec(), batch(GOOD))
+    assert rejects == []
+    assert record.values == {
+        "external_id": "C1",
+        "email": "ada@example.com",
+        "phone_number": "+14155550123",
+        "first_name": "Ada",
+        "location.city": "London",
+        "location.latitude": 51.5072,
+        "properties.ltv": 1234.5,
+        "properties.vip": True,
+        "properties.since": "2024-01-31",
+        "properties.seen": "2024-02-01T12:30:00+00:00",
+        "properties.tags": ["a", "b"],
+    }
+
+
+def test_aware_timestamps_keep_their_offset_and_integral_decimals_stay_integers() -> None:
+    row = {
+        **GOOD,
+        "seen": datetime(2024, 2, 1, 12, 30, tzinfo=UTC),
+        "ltv": Decimal("12.00"),
+    }
+    [record], _ = records(spec(), batch(row))
+    assert record.values["properties.seen"] == "2024-02-01T12:30:00+00:00"
+    assert record.values["properties.ltv"] == 12 and isinstance(
+        record.values["properties.ltv"], int
+    )
+
+
+def test_the_resource_nests_location_and_properties() -> None:
+    [record], _ = records(spec(), batch(GOOD))
+    resource = profile_resource(spec(), record)
+    assert resource["type"] == "profile"
+    assert resource["attributes"]["location"] == {"city": "London", "latitude": 51.5072}
+    assert resource["attributes"]["properties"]["vip"] is True
+    assert resource["attributes"]["external_id"] == "C1"
+    assert "meta" not in resource
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("phone", "415 555 0123", "E.164"),
+        ("phone", "+1415555012", "not a valid phone number"),
+        ("email", "ada@", "not a valid email"),
+        ("ltv", float("nan"), "finite"),
+        ("first", "x\x00y", "control characters"),
+        ("first", "x" * (101 * 1024), "100 KB"),
+    ],
+)
+def test_bad_values_are_rejected_with_column_and_reason(
+    column: str, value: Any, reason: str
+) -> None:
+    neighbour = {**GOOD, column: 1.5} if isinstance(value, float) else GOOD  # one Arrow type
+    good, rejects = records(spec(), batch({**GOOD, "id": "C2", column: value}, neighbour))
+    assert [r.key for r in good] == ["C1"]
+    [reject] = rejects
+    assert (reject.key, reject.column, reject.code) == ("C2", column, "invalid_value")
+    assert reason in reject.reason
+
+
+def test_null_and_duplicate_keys_are_rejected_as_invalid_rows() -> None:
+    good, rejects = records(
+        spec(),
+        batch({**GOOD, "id": None, "__change": "null_key"}, {**GOOD, "__change": "duplicate_key"}),
+    )
+    assert good == []
+    assert [(r.code, r.invalid_row, r.column) for r in rejects] == [
+        ("null_key", True, "id"),
+        ("duplicate_key", True, "id"),
+    ]
+
+
+def with_nulls(nulls: str) -> dict[str, Any]:
+    row = {**GOOD, "first": None, "city": None, "ltv": None}
+    [record], _ = records(spec(nulls), batch(row))
+    return profile_resource(spec(nulls), record)
+
+
+def test_nulls_skip_leaves_klaviyo_values_alone() -> None:
+    resource = with_nulls("skip")
+    assert "first_name" not in resource["attributes"]
+    assert resource["attributes"]["location"] == {"latitude": 51.5072}
+    assert "ltv" not in resource["attributes"]["properties"]
+    assert "meta" not in resource
+
+
+def test_nulls_clear_sends_null_and_unsets_properties() -> None:
+    resource = with_nulls("clear")
+    assert resource["attributes"]["first_name"] is None
+    assert resource["attributes"]["location"]["city"] is None
+    assert "ltv" not in resource["attributes"]["properties"]
+    assert resource["meta"] == {"patch_properties": {"unset": ["ltv"]}}
+
+
+def test_numbers_for_text_attributes_are_sent_as_text() -> None:
+    record = Record("7", "fp", "add", False, None, {"external_id": "7", "first_name": None})
+    assert profile_resource(spec(), record)["attributes"] == {"external_id": "7"}
+    [converted], _ = records(spec(), batch({**GOOD, "id": "C3", "first": 42}))
+    assert converted.values["first_name"] == "42"

@@ -1,0 +1,9 @@
+"""A stand-in for Klaviyo's REST API on loopback, faithful to its documented behaviour.
+
+Requests are validated against the bundled OpenAPI spec; profiles, lists and bulk import
+jobs follow Klaviyo's semantics; rate limits, faults and a request log are there for tests.
+"""
+
+from .server import Emulator, serve
+
+__all__ = ["Emulator", "serve"]

@@ -1,0 +1,334 @@
+"""The Klaviyo operations the emulator implements: one handler per operationId.
+
+A handler gets a `Call` that the server has already authenticated, rate limited and
+validated against the spec, and returns a `Reply`. Adding an operation is one `@handles`
+function here plus its logic in the store; an operation without a handler answers 501.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from dbt_klaviyo_sync.klaviyo import openapi
+
+from . import filters
+from .errors import invalid, not_found
+from .profiles import render as render_profile
+from .profiles import timestamp
+from .store import PROFILE_MAX_BYTES, Account, BulkJob, Failure, KlaviyoList
+
+#: "Accepts up to 10,000 profiles per request. The maximum allowed payload size is 5MB."
+BULK_MAX_PROFILES = 10_000
+BULK_MAX_BYTES = 5 * 1024 * 1024
+#: "This endpoint accepts a maximum of 1000 profiles per call." (list membership)
+MEMBERS_MAX = 1000
+
+_EQUALS_OR_ANY = frozenset({"equals", "any"})
+PROFILE_FILTERS = dict.fromkeys(("id", "email", "phone_number", "external_id"), _EQUALS_OR_ANY)
+LIST_FILTERS = dict.fromkeys(("id", "name"), _EQUALS_OR_ANY)
+_PAGE = ("page[size]", "page[cursor]")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, as a handler sees it."""
+
+    account: Account
+    path_params: tuple[str, ...]
+    params: dict[str, Any]  # query parameters, typed, with the spec's defaults
+    body: Any
+    url: str  # the request URL, for links.self
+    base_url: str  # scheme and host, for the links of resources
+    job_stuck: bool  # an injected fault: the job this request creates never finishes
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    document: dict[str, Any] | None = None  # None: an empty body (202, 204)
+
+
+Handler = Callable[[Call], Reply]
+
+
+@dataclass(frozen=True)
+class Route:
+    handler: Handler
+    params: frozenset[str]  # the query parameters implemented; the others answer 501
+    max_body: int | None  # the documented payload limit, in bytes
+
+
+ROUTES: dict[str, Route] = {}
+
+
+def handles(
+    operation_id: str, *, params: Sequence[str] = (), max_body: int | None = None
+) -> Callable[[Handler], Handler]:
+    openapi.operation(operation_id)  # a misspelt operation fails at import
+
+    def register(handler: Handler) -> Handler:
+        ROUTES[operation_id] = Route(handler, frozenset(params), max_body)
+        return handler
+
+    return register
+
+
+# Profiles
+
+
+@handles("create_or_update_profile", max_body=PROFILE_MAX_BYTES)
+def create_or_update_profile(call: Call) -> Reply:
+    profile, created = call.account.upsert(call.body["data"])
+    return Reply(201 if created else 200, _single(call, render_profile(profile, call.base_url)))
+
+
+@handles("create_client_profile", params=("company_id",))
+def create_client_profile(call: Call) -> Reply:
+    call.account.upsert(call.body["data"], client=True)
+    return Reply(202)
+
+
+@handles("get_profiles", params=("filter", *_PAGE))
+def get_profiles(call: Call) -> Reply:
+    conditions = _conditions(call, PROFILE_FILTERS)
+    page, links = _page(call, call.account.profile_ids(conditions))
+    profiles = call.account.profiles(page)
+    data = [render_profile(profile, call.base_url) for profile in profiles]
+    return Reply(200, {"data": data, "links": links})
+
+
+@handles("update_profile", max_body=PROFILE_MAX_BYTES)
+def update_profile(call: Call) -> Reply:
+    (profile_id,) = call.path_params
+    resource = call.body["data"]
+    if resource["id"] != profile_id:
+        raise invalid("The id in the body must match the id in the URL.", pointer="/data/id")
+    profile = call.account.update(profile_id, resource)
+    return Reply(200, _single(call, render_profile(profile, call.base_url)))
+
+
+# Bulk profile import jobs
+
+
+@handles("bulk_import_profiles", max_body=BULK_MAX_BYTES)
+def bulk_import_profiles(call: Call) -> Reply:
+    data = call.body["data"]
+    records = data["attributes"]["profiles"]["data"]
+    if len(records) > BULK_MAX_PROFILES:
+        raise invalid(
+            f"A job accepts at most {BULK_MAX_PROFILES:,} profiles; {len(records):,} were given.",
+            pointer="/data/attributes/profiles/data",
+        )
+    lists = data.get("relationships", {}).get("lists", {}).get("data", [])
+    job = call.account.create_job(records, [item["id"] for item in lists], stuck=call.job_stuck)
+    return Reply(202, _single(call, _job(job, call.base_url)))
+
+
+@handles("get_bulk_import_profiles_job")
+def get_bulk_import_profiles_job(call: Call) -> Reply:
+    job = _known_job(call)
+    return Reply(200, _single(call, _job(job, call.base_url)))
+
+
+@handles("get_errors_for_bulk_import_profiles_job", params=_PAGE)
+def get_errors_for_bulk_import_profiles_job(call: Call) -> Reply:
+    page, links = _page(call, _known_job(call).failures)
+    return Reply(200, {"data": [_import_error(failure) for failure in page], "links": links})
+
+
+@handles("get_profiles_for_bulk_import_profiles_job", params=_PAGE)
+def get_profiles_for_bulk_import_profiles_job(call: Call) -> Reply:
+    page, links = _page(call, _known_job(call).profile_ids)
+    profiles = call.account.profiles(page)
+    data = [render_profile(profile, call.base_url) for profile in profiles]
+    return Reply(200, {"data": data, "links": links})
+
+
+@handles("get_profile_ids_for_bulk_import_profiles_job", params=_PAGE)
+def get_profile_ids_for_bulk_import_profiles_job(call: Call) -> Reply:
+    page, links = _page(call, _known_job(call).profile_ids)
+    return Reply(200, {"data": _identifiers("profile", page), "links": links})
+
+
+def _known_job(call: Call) -> BulkJob:
+    (job_id,) = call.path_params
+    job = call.account.job(job_id)
+    if job is None:
+        raise not_found(f"A profile bulk import job with id {job_id} does not exist.")
+    return job
+
+
+def _job(job: BulkJob, base_url: str) -> dict[str, Any]:
+    own = f"{base_url}/api/profile-bulk-import-jobs/{job.id}"
+    return {
+        "type": "profile-bulk-import-job",
+        "id": job.id,
+        "attributes": {
+            "status": job.status,
+            "created_at": timestamp(job.created_at),
+            "total_count": job.total_count,
+            "completed_count": job.completed_count,
+            "failed_count": job.failed_count,
+            "completed_at": _maybe_timestamp(job.completed_at),
+            "expires_at": _maybe_timestamp(job.expires_at),
+            "started_at": _maybe_timestamp(job.started_at),
+        },
+        "relationships": {
+            "lists": {
+                "data": _identifiers("list", job.list_ids),
+                "links": _relationship_links(own, "lists"),
+            },
+            "profiles": {"links": _relationship_links(own, "profiles")},
+            "import-errors": {"links": {"related": f"{own}/import-errors/"}},
+        },
+        "links": {"self": f"{own}/"},
+    }
+
+
+def _import_error(failure: Failure) -> dict[str, Any]:
+    error = failure.error
+    return {
+        "type": "import-error",
+        "id": failure.id,
+        "attributes": {
+            "code": error.code,
+            "title": error.title,
+            "detail": error.detail,
+            "source": {"pointer": f"/data/attributes/profiles/data/{failure.index}{error.pointer}"},
+            "original_payload": failure.payload,
+        },
+    }
+
+
+# Lists
+
+
+@handles("create_list")
+def create_list(call: Call) -> Reply:
+    attributes = call.body["data"]["attributes"]
+    created = call.account.create_list(attributes["name"], attributes.get("opt_in_process"))
+    return Reply(201, _single(call, _list(created, call.base_url)))
+
+
+@handles("get_lists", params=("filter", *_PAGE))
+def get_lists(call: Call) -> Reply:
+    page, links = _page(call, call.account.lists(_conditions(call, LIST_FILTERS)))
+    return Reply(200, {"data": [_list(item, call.base_url) for item in page], "links": links})
+
+
+@handles("get_list")
+def get_list(call: Call) -> Reply:
+    (list_id,) = call.path_params
+    found = call.account.get_list(list_id)
+    if found is None:
+        raise not_found(f"A list with id {list_id} does not exist.")
+    return Reply(200, _single(call, _list(found, call.base_url)))
+
+
+@handles("add_profiles_to_list")
+def add_profiles_to_list(call: Call) -> Reply:
+    (list_id,) = call.path_params
+    call.account.add_members(list_id, _member_ids(call))
+    return Reply(204)
+
+
+@handles("remove_profiles_from_list")
+def remove_profiles_from_list(call: Call) -> Reply:
+    (list_id,) = call.path_params
+    call.account.remove_members(list_id, _member_ids(call))
+    return Reply(204)
+
+
+@handles("get_profile_ids_for_list", params=_PAGE)
+def get_profile_ids_for_list(call: Call) -> Reply:
+    (list_id,) = call.path_params
+    page, links = _page(call, call.account.members(list_id))
+    return Reply(200, {"data": _identifiers("profile", page), "links": links})
+
+
+def _member_ids(call: Call) -> list[str]:
+    members = call.body["data"]
+    if len(members) > MEMBERS_MAX:
+        raise invalid(
+            f"At most {MEMBERS_MAX} profiles per call; {len(members)} were given.",
+            pointer="/data",
+        )
+    return [member["id"] for member in members]
+
+
+def _list(item: KlaviyoList, base_url: str) -> dict[str, Any]:
+    own = f"{base_url}/api/lists/{item.id}"
+    return {
+        "type": "list",
+        "id": item.id,
+        "attributes": {
+            "name": item.name,
+            "created": timestamp(item.created),
+            "updated": timestamp(item.created),
+            "opt_in_process": item.opt_in_process,
+        },
+        "relationships": {"profiles": {"links": _relationship_links(own, "profiles")}},
+        "links": {"self": f"{own}/"},
+    }
+
+
+# Shared pieces of JSON:API documents
+
+T = TypeVar("T")
+
+
+def _single(call: Call, resource: dict[str, Any]) -> dict[str, Any]:
+    return {"data": resource, "links": {"self": call.url}}
+
+
+def _page(call: Call, items: Sequence[T]) -> tuple[Sequence[T], dict[str, str]]:
+    """One page of `items` and the collection links, with an opaque `page[cursor]`."""
+    size: int = call.params["page[size]"]
+    offset = _offset(call.params.get("page[cursor]"))
+    links = {"self": call.url}
+    if offset + size < len(items):
+        links["next"] = _with_cursor(call.url, offset + size)
+    if offset > 0:
+        links["prev"] = _with_cursor(call.url, max(0, offset - size))
+    return items[offset : offset + size], links
+
+
+def _offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        kind, _, offset = base64.urlsafe_b64decode(cursor + "==").decode().partition(":")
+        if kind == "offset" and offset.isdigit():
+            return int(offset)
+    except (binascii.Error, UnicodeDecodeError):
+        pass
+    raise invalid("Invalid cursor.", parameter="page[cursor]")
+
+
+def _with_cursor(url: str, offset: int) -> str:
+    cursor = base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode().rstrip("=")
+    parts = urlsplit(url)
+    query = [(name, value) for name, value in parse_qsl(parts.query) if name != "page[cursor]"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("page[cursor]", cursor)])))
+
+
+def _conditions(call: Call, allowed: dict[str, frozenset[str]]) -> list[filters.Condition]:
+    text = call.params.get("filter")
+    return [] if text is None else filters.parse(text, allowed)
+
+
+def _identifiers(kind: str, ids: Sequence[str]) -> list[dict[str, str]]:
+    return [{"type": kind, "id": item} for item in ids]
+
+
+def _relationship_links(own: str, name: str) -> dict[str, str]:
+    return {"self": f"{own}/relationships/{name}/", "related": f"{own}/{name}/"}
+
+
+def _maybe_timestamp(seconds: float | None) -> str | None:
+    return None if seconds is None else timestamp(seconds)

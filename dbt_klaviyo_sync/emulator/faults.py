@@ -1,0 +1,97 @@
+"""Injected faults: what the next requests to an operation suffer instead of a clean answer.
+
+A fault applies to the next `count` requests matching its operation (or any Klaviyo
+request, when it names none), first injected first served, one fault per request.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from dbt_klaviyo_sync.klaviyo import openapi
+
+FaultKind = Literal["status", "reset", "delay", "malformed", "job_stuck"]
+#: The only operation that creates the jobs `job_stuck` holds back.
+JOB_OPERATION = "bulk_import_profiles"
+
+
+@dataclass
+class Fault:
+    """One injected fault.
+
+    - `status`: answer with that HTTP status and an errors body (a 429 carries
+      `Retry-After: retry_after`).
+    - `reset`: drop the TCP connection without answering.
+    - `delay`: wait `seconds` before answering, to provoke client read timeouts.
+    - `malformed`: answer 200 with a body that is not JSON.
+    - `job_stuck`: the bulk job the request creates never leaves `processing`.
+
+    With `after`, the request is processed for real first, and only the answer is lost.
+    """
+
+    kind: FaultKind
+    operation: str | None
+    remaining: int
+    status: int = 0
+    retry_after: int = 1
+    seconds: float = 0.0
+    after: bool = False
+
+
+def make_fault(
+    status: int | None = None,
+    *,
+    kind: FaultKind | None = None,
+    count: int = 1,
+    operation: str | None = None,
+    retry_after: int = 1,
+    seconds: float = 0.0,
+    after: bool = False,
+) -> Fault:
+    """Check the options of `Emulator.inject` and build the fault; ValueError if wrong."""
+    if kind is None:
+        if status is None:
+            raise ValueError("give a status, or a kind of fault")
+        kind = "status"
+    if kind not in get_args(FaultKind):
+        raise ValueError(f"fault kind must be one of {get_args(FaultKind)}, not {kind!r}")
+    if kind == "status" and (status is None or not 400 <= status <= 599):
+        raise ValueError(f"a status fault needs an error status (400-599), not {status!r}")
+    if kind == "job_stuck":
+        if operation not in (None, JOB_OPERATION):
+            raise ValueError(f"job_stuck applies only to {JOB_OPERATION}")
+        operation = JOB_OPERATION
+    if operation is not None and operation not in openapi.operations():
+        raise ValueError(f"unknown operation {operation!r}")
+    if count < 1 or retry_after < 0 or seconds < 0:
+        raise ValueError("count must be positive, retry_after and seconds not negative")
+    return Fault(kind, operation, count, status or 0, retry_after, seconds, after)
+
+
+class FaultQueue:
+    """The faults waiting for their requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def take(self, operation_id: str) -> Fault | None:
+        """The fault this request suffers, if any, using up one of its count."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.operation in (None, operation_id):
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                    return fault
+            return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()

@@ -1,0 +1,129 @@
+"""The Klaviyo client against the emulator over HTTP: pacing, retries, typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from dbt_klaviyo_sync.emulator import Emulator
+from dbt_klaviyo_sync.errors import ConfigurationError, CredentialsError, TransientApiError
+from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, check_base_url
+from dbt_klaviyo_sync.klaviyo.pacing import EndpointPacer
+from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY) as emu:
+        yield emu
+
+
+def client(emulator: Emulator, **options: object) -> KlaviyoClient:
+    return KlaviyoClient(emulator.url, PRIVATE_KEY, PUBLIC_KEY, **options)  # type: ignore[arg-type]
+
+
+def profile(email: str, **attributes: object) -> bytes:
+    return orjson.dumps({"data": {"type": "profile", "attributes": {"email": email, **attributes}}})
+
+
+def test_the_pacer_keeps_to_the_burst_limit() -> None:
+    pacer = EndpointPacer(burst=5, steady=1000)
+    started = time.monotonic()
+    for _ in range(11):
+        pacer.acquire()
+    # 5 in the first window, 5 in the second, the 11th in the third.
+    assert time.monotonic() - started >= 2.0
+
+
+def test_the_pacer_holds_every_caller_until_a_block_passes() -> None:
+    pacer = EndpointPacer(burst=100, steady=1000)
+    pacer.block(0.6)
+    started = time.monotonic()
+    pacer.acquire()
+    assert time.monotonic() - started >= 0.6
+
+
+def test_a_created_profile_comes_back_with_its_id(emulator: Emulator) -> None:
+    answer = client(emulator).call("create_or_update_profile", body=profile("a@example.com"))
+    assert answer["data"]["id"] == emulator.profiles()[0]["id"]
+
+
+def test_a_refused_record_is_a_typed_rejection_with_klaviyos_detail(emulator: Emulator) -> None:
+    with pytest.raises(KlaviyoRejected) as caught:
+        client(emulator).call(
+            "create_or_update_profile", body=profile("a@example.com", phone_number="+1555")
+        )
+    assert caught.value.status == 400
+    assert "+1555" in caught.value.detail
+    assert caught.value.errors[0].pointer == "/data/attributes/phone_number"
+
+
+def test_a_wrong_key_stops_with_a_message_that_does_not_contain_it(emulator: Emulator) -> None:
+    wrong = KlaviyoClient(emulator.url, "pk_wrong_key_123456", None)
+    with pytest.raises(CredentialsError) as caught:
+        wrong.call("get_profiles")
+    assert "KLAVIYO_PRIVATE_API_KEY" in str(caught.value)
+    assert "pk_wrong_key_123456" not in str(caught.value)
+
+
+def test_server_errors_resets_and_bad_bodies_are_retried(emulator: Emulator) -> None:
+    emulator.inject(status=503, count=1, operation="get_profiles")
+    emulator.inject(kind="reset", count=1, operation="get_profiles")
+    emulator.inject(kind="malformed", count=1, operation="get_profiles")
+    fast = client(emulator, max_backoff=0.2)
+    assert fast.call("get_profiles")["data"] == []
+    assert fast.requests_made == 4
+
+
+def test_a_lost_answer_is_retried_without_harm(emulator: Emulator) -> None:
+    emulator.inject(status=503, count=1, operation="create_or_update_profile", after=True)
+    client(emulator, max_backoff=0.2).call("create_or_update_profile", body=profile("a@x.com"))
+    assert len(emulator.profiles()) == 1
+
+
+def test_retries_are_bounded(emulator: Emulator) -> None:
+    emulator.inject(status=500, count=10, operation="get_profiles")
+    bounded = client(emulator, max_attempts=3, max_backoff=0.1)
+    with pytest.raises(TransientApiError):
+        bounded.call("get_profiles")
+    assert bounded.requests_made == 3
+
+
+def test_retry_after_is_never_violated_under_a_429_storm(emulator: Emulator) -> None:
+    emulator.set_rate_limit("get_profiles", burst=2, steady=6)
+    emulator.inject(status=429, count=3, operation="get_profiles", retry_after=1)
+    c = client(emulator)
+    for _ in range(5):
+        c.call("get_profiles")
+    stats = emulator.stats()
+    assert stats["throttled"] >= 3
+    assert stats["retry_after_violations"] == 0
+
+
+def test_the_client_endpoint_sends_the_public_key_and_never_the_private_one(
+    emulator: Emulator,
+) -> None:
+    client(emulator).call("create_client_profile", body=profile("c@example.com"))
+    assert emulator.profiles()[0]["attributes"]["email"] == "c@example.com"
+    assert PRIVATE_KEY not in str(emulator.request_log())
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://a.klaviyo.com", True),
+        ("http://127.0.0.1:8765", True),
+        ("http://localhost:1", True),
+        ("http://klaviyo.example.com", False),
+        ("ftp://a.klaviyo.com", False),
+    ],
+)
+def test_keys_are_only_sent_in_clear_to_this_machine(url: str, allowed: bool) -> None:
+    if allowed:
+        assert check_base_url(url, allow_insecure=False) == url
+    else:
+        with pytest.raises(ConfigurationError):
+            check_base_url(url, allow_insecure=False)

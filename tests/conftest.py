@@ -1,0 +1,180 @@
+"""Shared fixtures: a built copy of integration_tests/, the emulator, and the real CLI.
+
+dbt takes seconds per invocation, so the demo project is copied and built once per session;
+each test that syncs gets its own copy of that built project (a few MB), so tests never see
+each other's state or data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from dbt_klaviyo_sync.cli import main
+from dbt_klaviyo_sync.emulator import Emulator
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PRIVATE_KEY = "pk_test_SECRET0000private0000key"
+PUBLIC_KEY = "PubK3y"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for dbt and the CLI: none of the caller's DBT_ or KLAVIYO_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_", "KLAVIYO_"))}
+    env.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DBT_VERSION_CHECK="false")
+    env.update(extra)
+    return env
+
+
+def run_dbt(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dbt"), *args, "--profiles-dir", str(project)],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def copy_integration_project(destination: Path) -> Path:
+    """integration_tests/ without build output, its package pointing at this checkout."""
+    shutil.copytree(
+        REPO / "integration_tests",
+        destination,
+        ignore=shutil.ignore_patterns(
+            "target",
+            "dbt_packages",
+            "logs",
+            "*.duckdb",
+            "*.duckdb.wal",
+            ".klaviyo_sync",
+            "package-lock.yml",
+            ".user.yml",
+        ),
+    )
+    # JSON strings are YAML strings: safe for any path.
+    (destination / "packages.yml").write_text(f"packages:\n  - local: {json.dumps(str(REPO))}\n")
+    return destination
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_integration_project(tmp_path_factory.mktemp("built") / "integration_tests")
+    for args in (("deps",), ("build",)):
+        done = run_dbt(project, *args)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return project
+
+
+@pytest.fixture
+def project(built_project: Path, tmp_path: Path) -> Path:
+    """A private copy of the built demo project (data, manifest and all)."""
+    return Path(shutil.copytree(built_project, tmp_path / "project", symlinks=True))
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=0.2) as emu:
+        yield emu
+
+
+@dataclass
+class Sync:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def row(self, model: str) -> dict[str, int]:
+        """The summary table's numbers for a model."""
+        for line in self.stdout.splitlines():
+            cells = [c.strip() for c in line.replace("│", "|").split("|") if c.strip()]
+            if cells and cells[0] == model:
+                names = [
+                    "added",
+                    "updated",
+                    "removed",
+                    "unchanged",
+                    "rejected",
+                    "failed",
+                    "requests",
+                ]
+                return dict(zip(names, (int(c.replace(",", "")) for c in cells[1:]), strict=True))
+        raise AssertionError(f"no summary row for {model} in:\n{self.output}")
+
+
+def sync(
+    project: Path,
+    emulator: Emulator | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    isolated: bool = False,
+) -> Sync:
+    """Run `dbt-klaviyo sync` from the project directory, as a user would.
+
+    By default the CLI's `main` runs in this process (dbt takes seconds to import, once);
+    `isolated=True` runs the installed console script in a fresh process instead, for tests
+    about exit statuses and what reaches the terminal.
+    """
+    settings = {
+        "KLAVIYO_PRIVATE_API_KEY": PRIVATE_KEY,
+        "KLAVIYO_PUBLIC_API_KEY": PUBLIC_KEY,
+        "KLAVIYO_BASE_URL": emulator.url if emulator else "http://127.0.0.1:9",
+        **(env or {}),
+    }
+    argv = ["sync", "--project-dir", ".", "--profiles-dir", ".", *args]
+    if isolated:
+        done = subprocess.run(
+            [str(BIN / "dbt-klaviyo"), *argv],
+            cwd=project,
+            env=clean_env(**settings),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return Sync(done.returncode, done.stdout, done.stderr)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in os.environ:
+            if name.startswith(("DBT_", "KLAVIYO_")):
+                patch.delenv(name)
+        for name, value in clean_env(**settings).items():
+            patch.setenv(name, value)
+        patch.chdir(project)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+                code = 0
+            except SystemExit as exit_:
+                code = int(exit_.code or 0)
+    return Sync(code, out.getvalue(), err.getvalue())
+
+
+def model_rows(project: Path, sql: str = "SELECT * FROM main.customers") -> list[dict[str, Any]]:
+    with duckdb.connect(str(project / "warehouse.duckdb"), read_only=True) as con:
+        cursor = con.execute(sql)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def change_model(project: Path, sql: str) -> None:
+    """Change the built model directly, for cases the demo's dbt vars do not cover."""
+    with duckdb.connect(str(project / "warehouse.duckdb")) as con:
+        con.execute(sql)

@@ -1,0 +1,310 @@
+"""Profile upsert end to end: real dbt, the real CLI, the emulator over HTTP on loopback."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import requests
+
+from dbt_klaviyo_sync.emulator import Emulator
+from tests.conftest import PRIVATE_KEY, PUBLIC_KEY, change_model, model_rows, run_dbt, sync
+
+
+def expected(row: dict[str, Any]) -> dict[str, Any]:
+    """What Klaviyo should hold for a row of the demo's customers model."""
+    properties = {
+        "lifetime_value": float(row["lifetime_value"]),
+        "is_vip": row["is_vip"],
+        "signup_date": row["signup_date"].isoformat(),
+    }
+    if row["last_order_at"] is not None:  # nulls: skip leaves it unset
+        properties["last_order_at"] = row["last_order_at"].replace(tzinfo=UTC).isoformat()
+    return {
+        "external_id": row["customer_id"],
+        "email": row["email"],
+        "phone_number": row["phone"],
+        "first_name": row["first_name"],
+        "last_name": row["last_name"],
+        "city": row["city"],
+        "country": row["country"],
+        "properties": properties,
+    }
+
+
+def held(emulator: Emulator) -> dict[str, dict[str, Any]]:
+    """The emulator's profiles, by external_id, in the same shape as `expected`."""
+    found = {}
+    for profile in emulator.profiles():
+        a = profile["attributes"]
+        location = a.get("location") or {}
+        found[a["external_id"]] = {
+            "external_id": a["external_id"],
+            "email": a.get("email"),
+            "phone_number": a.get("phone_number"),
+            "first_name": a.get("first_name"),
+            "last_name": a.get("last_name"),
+            "city": location.get("city"),
+            "country": location.get("country"),
+            "properties": {k: v for k, v in (a.get("properties") or {}).items()},
+        }
+    return found
+
+
+def assert_holds_model(project: Path, emulator: Emulator, also: set[str] = frozenset()) -> None:
+    rows = {r["customer_id"]: expected(r) for r in model_rows(project)}
+    klaviyo = held(emulator)
+    assert set(klaviyo) == set(rows) | also
+    for key, want in rows.items():
+        assert klaviyo[key] == want, key
+
+
+def test_first_sync_sends_everything_and_a_rerun_sends_nothing(
+    project: Path, emulator: Emulator
+) -> None:
+    first = sync(project, emulator)
+    assert first.returncode == 0, first.output
+    assert first.row("customers") | {"requests": 0} == {
+        "added": 1200,
+        "updated": 0,
+        "removed": 0,
+        "unchanged": 0,
+        "rejected": 0,
+        "failed": 0,
+        "requests": 0,
+    }
+    assert_holds_model(project, emulator)
+    stats = emulator.stats()
+    # 1,200 changed profiles go as one bulk import job, not 1,200 requests.
+    assert stats["requests_by_operation"]["bulk_import_profiles"] == 1
+    assert "create_or_update_profile" not in stats["requests_by_operation"]
+    assert stats["spec_violations"] == 0
+
+    writes_before = stats["writes"]
+    second = sync(project, emulator)
+    assert second.returncode == 0, second.output
+    assert second.row("customers")["unchanged"] == 1200
+    assert second.row("customers")["added"] == second.row("customers")["updated"] == 0
+    assert emulator.stats()["writes"] == writes_before
+
+
+def test_a_dbt_change_sends_exactly_the_changed_rows(project: Path, emulator: Emulator) -> None:
+    assert sync(project, emulator).returncode == 0
+    done = run_dbt(project, "run", "--vars", "{demo_step: 1}")
+    assert done.returncode == 0, done.stdout
+    before = emulator.stats()
+
+    second = sync(project, emulator)
+
+    assert second.returncode == 0, second.output
+    assert second.row("customers") | {"requests": 0} == {
+        "added": 1,
+        "updated": 3,
+        "removed": 1,
+        "unchanged": 1196,
+        "rejected": 0,
+        "failed": 0,
+        "requests": 0,
+    }
+    after = emulator.stats()
+    sent = after["requests_by_operation"].get("create_or_update_profile", 0) - before[
+        "requests_by_operation"
+    ].get("create_or_update_profile", 0)
+    assert sent == 4  # a few changes go one by one through profile-import
+    assert after["writes"] - before["writes"] == 4
+    # An upsert never deletes: the removed customer stays in Klaviyo, as in Census.
+    assert_holds_model(project, emulator, also={"C00013"})
+    assert after["spec_violations"] == 0
+
+
+def test_an_unmapped_column_change_sends_nothing(project: Path, emulator: Emulator) -> None:
+    assert sync(project, emulator).returncode == 0
+    change_model(project, "UPDATE main.customers SET internal_score = internal_score + 1")
+    writes = emulator.stats()["writes"]
+    again = sync(project, emulator)
+    assert again.returncode == 0 and again.row("customers")["unchanged"] == 1200
+    assert emulator.stats()["writes"] == writes
+
+
+def test_a_conflict_and_a_bad_phone_are_rejected_while_the_rest_sync(
+    project: Path, emulator: Emulator
+) -> None:
+    # Klaviyo already has C00005's external id and C00005's email on two different profiles.
+    c5 = model_rows(project, "SELECT * FROM main.customers WHERE customer_id = 'C00005'")[0]
+    session = requests.Session()
+    session.headers.update(
+        {
+            "Authorization": f"Klaviyo-API-Key {PRIVATE_KEY}",
+            "revision": "2026-07-15",
+            "Content-Type": "application/vnd.api+json",
+        }
+    )
+    for attributes in (
+        {"external_id": "C00005", "email": "old@example.com"},
+        {"email": c5["email"], "external_id": "SOMEONE-ELSE"},
+    ):
+        created = session.post(
+            f"{emulator.url}/api/profile-import",
+            json={"data": {"type": "profile", "attributes": attributes}},
+        )
+        assert created.status_code == 201, created.text
+    other_id = created.json()["data"]["id"]
+    change_model(project, "UPDATE main.customers SET phone = '+1 555' WHERE customer_id = 'C00007'")
+
+    first = sync(project, emulator)
+
+    assert first.returncode == 1, first.output
+    assert first.row("customers")["rejected"] == 2
+    assert first.row("customers")["added"] == 1198
+    assert "'C00007' phone" in first.stdout and "E.164" in first.stdout
+    assert "'C00005'" in first.stdout and other_id in first.stdout
+    assert "external_id 'C00005' on profile" in first.stdout
+    with duckdb.connect(str(project / ".klaviyo_sync" / "state.duckdb"), read_only=True) as con:
+        rejects = dict(con.execute("SELECT key, reason FROM rejects").fetchall())
+    assert set(rejects) == {"C00005", "C00007"}
+    assert other_id in rejects["C00005"]
+
+    # Unchanged, a rejected row is not sent again; once fixed, it is.
+    assert sync(project, emulator).row("customers")["rejected"] == 0
+    change_model(
+        project, "UPDATE main.customers SET phone = '+14155559999' WHERE customer_id = 'C00007'"
+    )
+    fixed = sync(project, emulator)
+    assert fixed.returncode == 0, fixed.output
+    assert fixed.row("customers")["added"] == 1
+    assert held(emulator)["C00007"]["phone_number"] == "+14155559999"
+
+
+def test_a_dry_run_sends_nothing_and_keeps_no_state(project: Path, emulator: Emulator) -> None:
+    dry = sync(project, emulator, "--dry-run")
+    assert dry.returncode == 0, dry.output
+    assert "Dry run" in dry.stdout
+    assert dry.row("customers")["added"] == 1200
+    assert sum(emulator.stats()["requests_by_operation"].values()) == 0
+    assert not (project / ".klaviyo_sync" / "state.duckdb").exists()
+
+    assert sync(project, emulator).returncode == 0
+    change_model(project, "UPDATE main.customers SET city = 'Oslo' WHERE customer_id = 'C00001'")
+    requests_before = sum(emulator.stats()["requests_by_operation"].values())
+    state_before = (project / ".klaviyo_sync" / "state.duckdb").read_bytes()
+    dry = sync(project, emulator, "--dry-run")
+    assert dry.row("customers")["updated"] == 1
+    assert sum(emulator.stats()["requests_by_operation"].values()) == requests_before
+    assert (project / ".klaviyo_sync" / "state.duckdb").read_bytes() == state_before
+
+
+def test_rate_limits_and_server_errors_are_survived(project: Path, emulator: Emulator) -> None:
+    emulator.set_rate_limit("bulk_import_profiles", burst=1, steady=2)
+    emulator.set_rate_limit("get_bulk_import_profiles_job", burst=1, steady=4)
+    emulator.inject(status=503, count=2, operation="bulk_import_profiles")
+    emulator.inject(status=500, count=1, operation="get_bulk_import_profiles_job")
+    emulator.inject(status=429, count=1, operation="get_profiles", retry_after=1)
+
+    done = sync(project, emulator)
+
+    assert done.returncode == 0, done.output
+    assert_holds_model(project, emulator)
+    stats = emulator.stats()
+    assert stats["retry_after_violations"] == 0
+    assert stats["throttled"] >= 1
+    assert stats["spec_violations"] == 0
+
+
+def test_full_refresh_sends_every_row_again(project: Path, emulator: Emulator) -> None:
+    assert sync(project, emulator).returncode == 0
+    again = sync(project, emulator, "--full-refresh")
+    assert again.returncode == 0
+    assert again.row("customers")["added"] == 1200
+    assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] == 2
+
+
+def test_select_limits_the_sync_and_an_unknown_name_is_an_error(
+    project: Path, emulator: Emulator
+) -> None:
+    unknown = sync(project, emulator, "--select", "nope")
+    assert unknown.returncode == 2
+    assert "nope" in unknown.stderr and "customers" in unknown.stderr
+    chosen = sync(project, emulator, "--select", "customers")
+    assert chosen.returncode == 0 and chosen.row("customers")["added"] == 1200
+
+
+def test_a_bad_annotation_stops_the_run_before_anything_is_sent(
+    project: Path, emulator: Emulator
+) -> None:
+    schema = project / "models" / "schema.yml"
+    schema.write_text(schema.read_text().replace("field: location.city", "field: location.town"))
+    done = sync(project, emulator)
+    assert done.returncode == 2
+    assert "model 'customers', column 'city'" in done.stderr
+    assert '"location.town"' in done.stderr and "location.city" in done.stderr
+    assert sum(emulator.stats()["requests_by_operation"].values()) == 0
+
+
+def test_a_wrong_key_or_an_unreachable_api_exits_2(project: Path, emulator: Emulator) -> None:
+    wrong = sync(
+        project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": "pk_wrong_0123456789"}, isolated=True
+    )
+    assert wrong.returncode == 2
+    assert "KLAVIYO_PRIVATE_API_KEY" in wrong.stderr and "pk_wrong_0123456789" not in wrong.output
+    gone = sync(project, None, isolated=True)
+    assert gone.returncode == 2
+    assert "cannot reach Klaviyo" in gone.stderr
+
+
+def test_the_client_api_uses_the_public_key_and_no_private_key(
+    project: Path, emulator: Emulator
+) -> None:
+    schema = project / "models" / "schema.yml"
+    schema.write_text(
+        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
+    )
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00020'")
+    done = sync(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
+    assert done.returncode == 0, done.output
+    assert emulator.stats()["requests_by_operation"] == {"create_client_profile": 20}
+    assert_holds_model(project, emulator)
+
+
+def test_nulls_clear_clears_klaviyo_values(project: Path, emulator: Emulator) -> None:
+    assert sync(project, emulator).returncode == 0
+    schema = project / "models" / "schema.yml"
+    schema.write_text(
+        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          nulls: clear")
+    )
+    change_model(
+        project, "UPDATE main.customers SET city = NULL, is_vip = NULL WHERE customer_id = 'C00002'"
+    )
+    done = sync(project, emulator, "--select", "customers")
+    assert done.returncode == 0, done.output
+    c2 = held(emulator)["C00002"]
+    assert c2["city"] is None
+    assert "is_vip" not in c2["properties"]
+
+
+def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: Emulator) -> None:
+    """Every path, good and bad, in real processes; then search everything they left."""
+    schema = project / "models" / "schema.yml"
+    change_model(project, "UPDATE main.customers SET phone = 'bad' WHERE customer_id = 'C00003'")
+    outputs = [
+        sync(project, emulator, isolated=True).output,
+        sync(
+            project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": PRIVATE_KEY + "x"}, isolated=True
+        ).output,
+        sync(project, None, isolated=True).output,
+    ]
+    schema.write_text(
+        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
+    )
+    emulator.inject(kind="reset", count=3)
+    emulator.inject(status=400, count=1, operation="create_client_profile")
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00030'")
+    outputs.append(sync(project, emulator, "--full-refresh", isolated=True).output)
+    haystacks = [*outputs, str(emulator.request_log()), str(emulator.state())]
+    for path in project.rglob("*"):
+        if path.is_file() and "dbt_packages" not in path.parts:
+            haystacks.append(path.read_bytes().decode("latin-1"))
+    assert "rejected customers" in outputs[0] and "cannot reach" in outputs[2]
+    for secret in (PRIVATE_KEY, PUBLIC_KEY):
+        assert not [h[:200] for h in haystacks if secret in h], secret

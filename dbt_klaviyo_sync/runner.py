@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 BULK_THRESHOLD = 100
 #: Profiles sent one by one are grouped so that each group is one state commit.
 SINGLES_PER_UNIT = 50
-#: After this many units in a row fail for passing reasons, stop sending for this model.
-MAX_FAILED_UNITS_IN_A_ROW = 3
 
 _SUPPORTED = {("profile", "upsert")}
 
@@ -216,7 +214,6 @@ class ModelSync:
         self.options = options
         self.result = ModelResult(spec.model)
         self.run_id = ""
-        self._failed_in_a_row = 0
 
     def run(self) -> ModelResult:
         dry = self.client is None
@@ -229,7 +226,8 @@ class ModelSync:
             )
         counts = diff.compute(self.state.con, self.spec, self.sid)
         log.info(
-            "%s: %d rows; %d to add, %d to update, %d removed, %d with a bad sync key",
+            "%s: %d rows; %d to add, %d to update, %d left the model (an upsert leaves "
+            "them in Klaviyo), %d with a NULL or duplicated sync key",
             self.spec.model,
             counts.model_rows,
             counts.add,
@@ -263,9 +261,6 @@ class ModelSync:
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
             for unit in self._units(bulk, kinds):
-                if self._failed_in_a_row >= MAX_FAILED_UNITS_IN_A_ROW:
-                    self._give_up(unit)
-                    continue
                 send = sender.send_job if bulk else _send_each(sender)
                 in_flight.add(pool.submit(send, unit))
                 while len(in_flight) >= self.options.concurrency * 2:
@@ -304,11 +299,7 @@ class ModelSync:
 
     def _commit_done(self, done: set[Future[Outcome]]) -> None:
         for future in done:
-            outcome = future.result()
-            self._failed_in_a_row = (
-                self._failed_in_a_row + 1 if outcome.failed and not outcome.accepted else 0
-            )
-            self._commit(outcome)
+            self._commit(future.result())
 
     def _commit(self, outcome: Outcome) -> None:
         rows = [
@@ -357,10 +348,6 @@ class ModelSync:
 
     def _count_dry(self, prepared: list[Prepared], rejects: list[Reject]) -> None:
         self._tally(Outcome(accepted=[(p.record, None) for p in prepared], rejected=rejects))
-
-    def _give_up(self, unit: list[Prepared]) -> None:
-        reason = "not sent: Klaviyo kept failing, so this run stopped sending; it is sent next run"
-        self._tally(Outcome(failed=[(p.record, reason) for p in unit]))
 
 
 def _send_each(sender: ProfileUpserter) -> Callable[[list[Prepared]], Outcome]:

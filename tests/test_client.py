@@ -92,6 +92,30 @@ def test_retries_are_bounded(emulator: Emulator) -> None:
     assert bounded.requests_made == 3
 
 
+def test_after_three_failed_requests_the_rest_of_the_run_fails_fast(emulator: Emulator) -> None:
+    emulator.inject(status=500, count=6, operation="get_profiles")
+    flaky = client(emulator, max_attempts=2, max_backoff=0.05)
+    for _ in range(3):
+        with pytest.raises(TransientApiError):
+            flaky.call("get_profiles")
+    assert flaky.requests_made == 6
+    with pytest.raises(TransientApiError, match="next run"):
+        flaky.call("get_lists")
+    assert flaky.requests_made == 6  # nothing more was sent
+
+
+def test_a_success_resets_the_count_of_failures(emulator: Emulator) -> None:
+    emulator.inject(status=500, count=6, operation="get_profiles")
+    flaky = client(emulator, max_attempts=2, max_backoff=0.05)
+    for _ in range(2):
+        with pytest.raises(TransientApiError):
+            flaky.call("get_profiles")
+    flaky.call("get_lists")
+    with pytest.raises(TransientApiError):
+        flaky.call("get_profiles")
+    assert flaky.call("get_profiles")["data"] == []
+
+
 def test_retry_after_is_never_violated_under_a_429_storm(emulator: Emulator) -> None:
     emulator.set_rate_limit("get_profiles", burst=2, steady=6)
     emulator.inject(status=429, count=3, operation="get_profiles", retry_after=1)

@@ -37,6 +37,9 @@ from dbt_klaviyo_sync.klaviyo.pacing import Pacer
 log = logging.getLogger(__name__)
 
 JSON_API = "application/vnd.api+json"
+#: After this many requests in a row fail even with retries, Klaviyo is taken to be down:
+#: the rest of the run fails fast, leaving its records pending for the next run.
+MAX_FAILURES_IN_A_ROW = 3
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class KlaviyoClient:
             {"Authorization": f"Klaviyo-API-Key {private_key}"} if private_key else {}
         )
         self._requests = 0
+        self._failures_in_a_row = 0
         self._count_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -172,13 +176,25 @@ class KlaviyoClient:
         path = op.path
         for value in path_params:
             path = path.replace(path[path.index("{") : path.index("}") + 1], value, 1)
+        if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise TransientApiError(
+                f"{operation_id}: not sent, because Klaviyo failed {MAX_FAILURES_IN_A_ROW} "
+                "requests in a row even after retries; it is sent on the next run"
+            )
         retrying = Retrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientApiError),
             reraise=True,
         )
-        return retrying(self._attempt, operation_id, op.method, path, params or {}, body)
+        try:
+            answer = retrying(self._attempt, operation_id, op.method, path, params or {}, body)
+        except TransientApiError:
+            with self._count_lock:
+                self._failures_in_a_row += 1
+            raise
+        self._failures_in_a_row = 0
+        return answer
 
     def pages(
         self, operation_id: str, *, path_params: tuple[str, ...] = (), params: dict[str, str]

@@ -3,7 +3,6 @@ to an exit status: 0 all synced, 1 some records rejected or failed, 2 could not 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
@@ -19,8 +18,6 @@ from dbt_klaviyo_sync.logs import configure, redact
 
 if TYPE_CHECKING:
     from dbt_klaviyo_sync.runner import ModelResult
-
-log = logging.getLogger("dbt_klaviyo_sync")
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 _MULTI_VALUE = {"--select", "-s"}

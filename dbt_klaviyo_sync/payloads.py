@@ -156,7 +156,10 @@ def _phone(value: Any) -> Any:
             "starting with + and the country code (e.g. +14155550123)"
         ) from exc
     if not phonenumbers.is_valid_number(number):
-        raise InvalidValue(f"{text!r} is not a valid phone number for its country code")
+        raise InvalidValue(
+            f"{text!r} is not a valid phone number for its country code; Klaviyo needs a "
+            "valid number in E.164 form (e.g. +14155550123)"
+        )
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 

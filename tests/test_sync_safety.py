@@ -1,0 +1,161 @@
+"""Nothing lost, nothing sent twice needlessly: kills, stale manifests, `dbt clean`."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from dbt_klaviyo_sync.emulator import Emulator
+from tests.conftest import (
+    BIN,
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    change_model,
+    clean_env,
+    model_rows,
+    run_dbt,
+    sync,
+)
+
+STATE = Path(".klaviyo_sync") / "state.duckdb"
+
+
+def committed(project: Path) -> int:
+    """How many rows the state says Klaviyo has accepted."""
+    with duckdb.connect(str(project / STATE), read_only=True) as con:
+        [(count,)] = con.execute(
+            "SELECT count(*) FROM snapshot WHERE fingerprint IS NOT NULL"
+        ).fetchall()
+    return int(count)
+
+
+def kill_when(project: Path, emulator: Emulator, ready: object) -> None:
+    """Start a real sync process and SIGKILL it once `ready(emulator)` holds."""
+    process = subprocess.Popen(
+        [str(BIN / "dbt-klaviyo"), "sync", "--project-dir", ".", "--profiles-dir", "."],
+        cwd=project,
+        env=clean_env(
+            KLAVIYO_PRIVATE_API_KEY=PRIVATE_KEY,
+            KLAVIYO_PUBLIC_API_KEY=PUBLIC_KEY,
+            KLAVIYO_BASE_URL=emulator.url,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not ready(emulator):  # type: ignore[operator]
+        assert process.poll() is None, "the sync finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_rerun_sends_only_the_rest(project: Path, emulator: Emulator) -> None:
+    total = len(model_rows(project))
+    done_before = committed(project)
+    rerun = sync(project, emulator)
+    assert rerun.returncode == 0, rerun.output
+    assert rerun.row("customers")["added"] == total - done_before
+    assert committed(project) == total
+    held = {p["attributes"]["external_id"] for p in emulator.profiles()}
+    assert held == {r["customer_id"] for r in model_rows(project)}
+
+
+def test_a_sync_killed_between_single_requests_resends_only_what_was_not_committed(
+    project: Path, emulator: Emulator
+) -> None:
+    schema = project / "models" / "schema.yml"
+    schema.write_text(
+        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
+    )
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00800'")
+    emulator.set_rate_limit("create_client_profile", burst=200, steady=100_000)
+    # Four workers send 50 profiles each between commits: by 450, several groups are in.
+    kill_when(project, emulator, lambda e: e.stats()["writes"] >= 450)
+    assert 0 < committed(project) < 800
+    assert_rerun_sends_only_the_rest(project, emulator)
+
+
+def test_a_sync_killed_while_a_bulk_job_runs_loses_nothing(
+    project: Path, emulator: Emulator
+) -> None:
+    # 12,000 customers: two bulk import jobs.
+    change_model(
+        project,
+        """INSERT INTO main.customers (customer_id, email, first_name, signup_date, lifetime_value)
+           SELECT 'X' || i, 'x' || i || '@example.com', 'X', DATE '2024-01-01', 1
+           FROM range(10800) t(i)""",
+    )
+    slow = Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=30)
+    with slow:
+        kill_when(
+            project,
+            slow,
+            lambda e: (
+                e.stats()["requests_by_operation"].get("get_bulk_import_profiles_job", 0) >= 1
+            ),
+        )
+        assert committed(project) == 0
+    assert_rerun_sends_only_the_rest(project, emulator)
+
+
+def test_a_missing_or_stale_manifest_is_rebuilt_with_dbt_parse(
+    project: Path, emulator: Emulator
+) -> None:
+    (project / "target" / "manifest.json").unlink()
+    first = sync(project, emulator)
+    assert first.returncode == 0, first.output
+    assert (project / "target" / "manifest.json").exists()
+
+    # A new annotation in the YAML reaches the sync without the user running dbt parse.
+    time.sleep(0.01)
+    schema = project / "models" / "schema.yml"
+    schema.write_text(
+        schema.read_text().replace("field: location.country", "field: location.region")
+    )
+    second = sync(project, emulator)
+    assert second.returncode == 0, second.output
+    assert second.row("customers")["updated"] == 1200
+    assert "region" in emulator.profiles()[0]["attributes"]["location"]
+
+
+def test_the_state_survives_dbt_clean(project: Path, emulator: Emulator) -> None:
+    assert sync(project, emulator).returncode == 0
+    cleaned = run_dbt(project, "clean")
+    assert cleaned.returncode == 0, cleaned.stdout
+    assert (project / STATE).exists()
+    assert run_dbt(project, "deps").returncode == 0
+    again = sync(project, emulator)
+    assert again.returncode == 0, again.output
+    assert again.row("customers")["unchanged"] == 1200
+
+
+def test_the_state_can_live_elsewhere(project: Path, emulator: Emulator, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "states" / "klaviyo.duckdb"
+    assert sync(project, emulator, "--state", str(elsewhere)).returncode == 0
+    assert elsewhere.exists() and not (project / STATE).exists()
+    again = sync(project, emulator, env={"DBT_KLAVIYO_STATE": str(elsewhere)})
+    assert again.row("customers")["unchanged"] == 1200
+
+
+@pytest.mark.parametrize("damage", ["garbage", "newer"])
+def test_a_damaged_or_newer_state_file_is_refused_clearly(
+    project: Path, emulator: Emulator, damage: str
+) -> None:
+    state = project / STATE
+    state.parent.mkdir(parents=True)
+    if damage == "garbage":
+        state.write_bytes(b"this is not a DuckDB file" * 100)
+    else:
+        with duckdb.connect(str(state)) as con:
+            con.execute("CREATE TABLE meta AS SELECT 'schema_version' AS key, '99' AS value")
+    done = sync(project, emulator)
+    assert done.returncode == 2
+    assert str(state) in done.stderr or "schema version 99" in done.stderr
+    assert sum(emulator.stats()["requests_by_operation"].values()) <= 1  # the key check only

@@ -27,7 +27,7 @@ from dbt_klaviyo_sync.errors import (
     ConfigurationError,
     TransientApiError,
 )
-from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient
+from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
 from dbt_klaviyo_sync.klaviyo.profiles import Outcome, Prepared, ProfileUpserter, pack_jobs, prepare
 from dbt_klaviyo_sync.manifest import ModelNode, read_models
 from dbt_klaviyo_sync.payloads import Reject
@@ -142,7 +142,6 @@ def run(
     project: DbtProject,
     names: Iterable[str],
     options: SyncOptions,
-    on_model: Callable[[ModelResult], None] | None = None,
 ) -> list[ModelResult]:
     """Sync the selected annotated models of a dbt project."""
     specs = build_specs(select(read_models(ensure_manifest(project)), names))
@@ -171,10 +170,7 @@ def run(
             for spec in specs:
                 diff.check_columns(state.con, spec)
             for spec in specs:
-                result = ModelSync(state, client, spec, warehouse.target_name, options).run()
-                results.append(result)
-                if on_model:
-                    on_model(result)
+                results.append(ModelSync(state, client, spec, warehouse.target_name, options).run())
     finally:
         if client:
             client.close()
@@ -188,7 +184,7 @@ def _preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
         return
     try:
         client.call("get_profiles", params={"page[size]": "1"})
-    except TransientApiError as exc:
+    except (TransientApiError, KlaviyoRejected) as exc:
         raise ApiUnavailableError(
             f"cannot reach Klaviyo at {client.base_url}: {exc}. Check KLAVIYO_BASE_URL and "
             "your network, then run again; nothing was sent."

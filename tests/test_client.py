@@ -135,6 +135,15 @@ def test_the_client_endpoint_sends_the_public_key_and_never_the_private_one(
     assert PRIVATE_KEY not in str(emulator.request_log())
 
 
+def test_a_wrong_public_key_stops_the_run_instead_of_rejecting_every_record(
+    emulator: Emulator,
+) -> None:
+    wrong = KlaviyoClient(emulator.url, None, "Wrong1")
+    with pytest.raises(CredentialsError) as caught:
+        wrong.call("create_client_profile", body=profile("c@example.com"))
+    assert "KLAVIYO_PUBLIC_API_KEY" in str(caught.value) and "Wrong1" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("url", "allowed"),
     [

@@ -50,6 +50,7 @@ class ApiError:
     code: str
     detail: str
     pointer: str | None = None
+    parameter: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +79,7 @@ def _parse_errors(status: int, body: bytes) -> list[ApiError]:
             code=str(e.get("code", "unknown")),
             detail=str(e.get("detail") or e.get("title") or ""),
             pointer=(e.get("source") or {}).get("pointer"),
+            parameter=(e.get("source") or {}).get("parameter"),
             meta=e.get("meta") or {},
         )
         for e in errors or []
@@ -272,7 +274,14 @@ class KlaviyoClient:
                 "and the key's scopes (profiles:write, lists:write)."
             )
         if status >= 400:
-            raise KlaviyoRejected(operation_id, status, _parse_errors(status, response.content))
+            errors = _parse_errors(status, response.content)
+            if any(e.parameter == "company_id" for e in errors):
+                # A refused public key is the run's problem, not each record's.
+                raise CredentialsError(
+                    f"Klaviyo refused the public key ({errors[0].detail}). Check "
+                    "KLAVIYO_PUBLIC_API_KEY: it is your 6-character site ID."
+                )
+            raise KlaviyoRejected(operation_id, status, errors)
         if response.headers.get("RateLimit-Remaining") == "0":
             pacer.block(_retry_after(response.headers.get("RateLimit-Reset")) or 1.0)
         if not response.content:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,36 +93,31 @@ def sync(
     project = DbtProject.locate(project_dir, profiles_dir, target)
     results = run(project, select, options)
     _print_summary(results, dry_run)
-    if any(r.rejected or r.failed for r in results):
+    if any(r.counts.rejected or r.counts.failed for r in results):
         sys.exit(1)
 
 
 def _print_summary(results: list[ModelResult], dry_run: bool) -> None:
+    from dbt_klaviyo_sync.state import RunCounts
+
     # Off a terminal (CI logs, pipes) rich would squeeze the table into 80 columns.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     title = "Dry run: nothing was sent" if dry_run else "Klaviyo sync"
     table = Table(title=title, title_justify="left")
-    headers = [
-        "model",
-        "added",
-        "updated",
-        "removed",
-        "unchanged",
-        "rejected",
-        "failed",
-        "requests",
-    ]
-    for header in headers:
-        table.add_column(header, justify="left" if header == "model" else "right")
+    columns = [f.name for f in fields(RunCounts)]
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r.model, *(f"{getattr(r, h):,}" for h in headers[1:]))
+        table.add_row(r.model, *(f"{getattr(r.counts, c):,}" for c in columns))
     console.print(table)
     for r in results:
         for reject in r.rejects:
             where = f" {reject.column}" if reject.column else ""
             console.print(f"  rejected {r.model} {reject.key!r}{where}: {reject.reason}")
-        if r.rejected > len(r.rejects):
-            console.print(f"  ... and {r.rejected - len(r.rejects):,} more in the rejects table")
+        if r.counts.rejected > len(r.rejects):
+            more = r.counts.rejected - len(r.rejects)
+            console.print(f"  ... and {more:,} more in the rejects table")
         for failure in r.failures:
             console.print(f"  failed {r.model} {failure} (sent again next run)")
 

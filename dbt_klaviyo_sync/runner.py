@@ -69,32 +69,15 @@ class ModelResult:
     """What happened to one model; the CLI prints it, and exit statuses derive from it."""
 
     model: str
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    rejected: int = 0
-    failed: int = 0
-    requests: int = 0
+    counts: RunCounts = field(default_factory=RunCounts)
     rejects: list[Reject] = field(default_factory=list)  # a sample, for the console
     failures: list[str] = field(default_factory=list)
 
-    def counts(self) -> RunCounts:
-        return RunCounts(
-            self.added,
-            self.updated,
-            self.removed,
-            self.unchanged,
-            self.rejected,
-            self.failed,
-            self.requests,
-        )
-
     @property
     def status(self) -> str:
-        if self.failed:
+        if self.counts.failed:
             return "failed"
-        return "rejects" if self.rejected else "ok"
+        return "rejects" if self.counts.rejected else "ok"
 
 
 def select(models: list[ModelNode], names: Iterable[str]) -> list[ModelNode]:
@@ -239,11 +222,12 @@ class ModelSync:
                 self.state.forget_removed(self.sid, diff.CHANGES)
             status = self.result.status
         finally:
-            self.result.removed = counts.remove
-            self.result.unchanged = counts.model_rows - counts.to_send - counts.invalid
+            tally = self.result.counts
+            tally.removed = counts.remove
+            tally.unchanged = counts.model_rows - counts.to_send - counts.invalid
             if self.client:
-                self.result.requests = self.client.requests_made - requests_before
-                self.state.finish_run(self.run_id, self.result.counts(), status)
+                tally.requests = self.client.requests_made - requests_before
+                self.state.finish_run(self.run_id, tally, status)
         return self.result
 
     def _send_changes(self, *, bulk: bool) -> None:
@@ -330,14 +314,14 @@ class ModelSync:
         self._tally(outcome)
 
     def _tally(self, outcome: Outcome) -> None:
-        result = self.result
+        result, tally = self.result, self.result.counts
         for record, _ in outcome.accepted:
             if record.change == "add":
-                result.added += 1
+                tally.added += 1
             else:
-                result.updated += 1
-        result.rejected += len(outcome.rejected)
-        result.failed += len(outcome.failed)
+                tally.updated += 1
+        tally.rejected += len(outcome.rejected)
+        tally.failed += len(outcome.failed)
         result.rejects += outcome.rejected[: max(0, 20 - len(result.rejects))]
         for record, reason in outcome.failed[: max(0, 20 - len(result.failures))]:
             result.failures.append(f"{record.key}: {reason}")

@@ -79,8 +79,10 @@ def sync_id(spec: SyncSpec, target: str, base_url: str) -> str:
     return hashlib.sha256("\x1f".join([*parts, spec.list_id or ""]).encode()).hexdigest()[:20]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunCounts:
+    """The numbers of one model's run, in the order the summary table shows them."""
+
     added: int = 0
     updated: int = 0
     removed: int = 0

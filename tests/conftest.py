@@ -8,6 +8,7 @@ each other's state or data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 
 from dbt_klaviyo_sync.cli import main
 from dbt_klaviyo_sync.emulator import Emulator
+from dbt_klaviyo_sync.state import RunCounts
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -88,8 +90,20 @@ def project(built_project: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
+    """The emulator every sync test talks to. Whatever the test, every request we sent
+    must have validated against Klaviyo's OpenAPI spec."""
     with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=0.2) as emu:
         yield emu
+        assert emu.stats()["spec_violations"] == 0, [
+            entry for entry in emu.request_log() if entry["status"] == 400
+        ][:5]
+
+
+def set_model_meta(project: Path, **meta: str) -> None:
+    """Add model-level `klaviyo` annotations to the demo's customers model."""
+    schema = project / "models" / "schema.yml"
+    lines = "".join(f"\n          {key}: {value}" for key, value in meta.items())
+    schema.write_text(schema.read_text().replace("behavior: upsert", "behavior: upsert" + lines))
 
 
 @dataclass
@@ -107,16 +121,9 @@ class Sync:
         for line in self.stdout.splitlines():
             cells = [c.strip() for c in line.replace("│", "|").split("|") if c.strip()]
             if cells and cells[0] == model:
-                names = [
-                    "added",
-                    "updated",
-                    "removed",
-                    "unchanged",
-                    "rejected",
-                    "failed",
-                    "requests",
-                ]
-                return dict(zip(names, (int(c.replace(",", "")) for c in cells[1:]), strict=True))
+                numbers = (int(c.replace(",", "")) for c in cells[1:])
+                columns = [f.name for f in dataclasses.fields(RunCounts)]
+                return dict(zip(columns, numbers, strict=True))
         raise AssertionError(f"no summary row for {model} in:\n{self.output}")
 
 

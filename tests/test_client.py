@@ -19,6 +19,7 @@ from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
 def emulator() -> Iterator[Emulator]:
     with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY) as emu:
         yield emu
+        assert emu.stats()["spec_violations"] == 0
 
 
 def client(emulator: Emulator, **options: object) -> KlaviyoClient:

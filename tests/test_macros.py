@@ -15,10 +15,7 @@ with DuckDB (after dbt has exited: dbt-duckdb locks the database file while it r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -29,8 +26,8 @@ import phonenumbers
 import pytest
 from email_validator import validate_email
 
-REPO = Path(__file__).resolve().parents[1]
-DBT = Path(sys.executable).parent / "dbt"
+from tests.conftest import copy_integration_project, run_dbt
+
 PROJECT = "klaviyo_sync_integration_tests"
 
 MAPPED = [
@@ -180,19 +177,6 @@ class Outcome:
     customers: dict[str, dict[str, Any]]  # customer_id -> row of the customers table
 
 
-def run_dbt(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBT_")}
-    env.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DBT_VERSION_CHECK="false")
-    return subprocess.run(
-        [str(DBT), *args, "--profiles-dir", str(project)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def outcome(project: Path, proc: subprocess.CompletedProcess[str]) -> Outcome:
     output = proc.stdout + proc.stderr
     results: dict[str, dict[str, Any]] = {}
@@ -221,23 +205,7 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    project = tmp_path_factory.mktemp("dbt") / "integration_tests"
-    shutil.copytree(
-        REPO / "integration_tests",
-        project,
-        ignore=shutil.ignore_patterns(
-            "target",
-            "dbt_packages",
-            "logs",
-            "*.duckdb",
-            "*.duckdb.wal",
-            ".klaviyo_sync",
-            "package-lock.yml",
-            ".user.yml",
-        ),
-    )
-    # JSON strings are YAML strings: safe for any path.
-    (project / "packages.yml").write_text(f"packages:\n  - local: {json.dumps(str(REPO))}\n")
+    project = copy_integration_project(tmp_path_factory.mktemp("dbt") / "integration_tests")
     deps = run_dbt(project, "deps")
     assert deps.returncode == 0, deps.stdout + deps.stderr
 

@@ -10,7 +10,15 @@ import duckdb
 import requests
 
 from dbt_klaviyo_sync.emulator import Emulator
-from tests.conftest import PRIVATE_KEY, PUBLIC_KEY, change_model, model_rows, run_dbt, sync
+from tests.conftest import (
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    change_model,
+    model_rows,
+    run_dbt,
+    set_model_meta,
+    sync,
+)
 
 
 def expected(row: dict[str, Any]) -> dict[str, Any]:
@@ -256,10 +264,7 @@ def test_a_wrong_key_or_an_unreachable_api_exits_2(project: Path, emulator: Emul
 def test_the_client_api_uses_the_public_key_and_no_private_key(
     project: Path, emulator: Emulator
 ) -> None:
-    schema = project / "models" / "schema.yml"
-    schema.write_text(
-        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
-    )
+    set_model_meta(project, api="client")
     change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00020'")
     done = sync(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
     assert done.returncode == 0, done.output
@@ -269,10 +274,7 @@ def test_the_client_api_uses_the_public_key_and_no_private_key(
 
 def test_nulls_clear_clears_klaviyo_values(project: Path, emulator: Emulator) -> None:
     assert sync(project, emulator).returncode == 0
-    schema = project / "models" / "schema.yml"
-    schema.write_text(
-        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          nulls: clear")
-    )
+    set_model_meta(project, nulls="clear")
     change_model(
         project, "UPDATE main.customers SET city = NULL, is_vip = NULL WHERE customer_id = 'C00002'"
     )
@@ -285,7 +287,6 @@ def test_nulls_clear_clears_klaviyo_values(project: Path, emulator: Emulator) ->
 
 def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: Emulator) -> None:
     """Every path, good and bad, in real processes; then search everything they left."""
-    schema = project / "models" / "schema.yml"
     change_model(project, "UPDATE main.customers SET phone = 'bad' WHERE customer_id = 'C00003'")
     outputs = [
         sync(project, emulator, isolated=True).output,
@@ -294,9 +295,7 @@ def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: 
         ).output,
         sync(project, None, isolated=True).output,
     ]
-    schema.write_text(
-        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
-    )
+    set_model_meta(project, api="client")
     emulator.inject(kind="reset", count=3)
     emulator.inject(status=400, count=1, operation="create_client_profile")
     change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00030'")

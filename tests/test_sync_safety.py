@@ -19,6 +19,7 @@ from tests.conftest import (
     clean_env,
     model_rows,
     run_dbt,
+    set_model_meta,
     sync,
 )
 
@@ -70,10 +71,7 @@ def assert_rerun_sends_only_the_rest(project: Path, emulator: Emulator) -> None:
 def test_a_sync_killed_between_single_requests_resends_only_what_was_not_committed(
     project: Path, emulator: Emulator
 ) -> None:
-    schema = project / "models" / "schema.yml"
-    schema.write_text(
-        schema.read_text().replace("behavior: upsert", "behavior: upsert\n          api: client")
-    )
+    set_model_meta(project, api="client")
     change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00800'")
     emulator.set_rate_limit("create_client_profile", burst=200, steady=100_000)
     # Four workers send 50 profiles each between commits: by 450, several groups are in.

@@ -79,6 +79,13 @@ def test_server_errors_resets_and_bad_bodies_are_retried(emulator: Emulator) -> 
     assert fast.requests_made == 4
 
 
+def test_a_read_timeout_is_retried(emulator: Emulator) -> None:
+    emulator.inject(kind="delay", seconds=1.0, count=1, operation="get_profiles")
+    impatient = client(emulator, timeout=(2.0, 0.3), max_backoff=0.1)
+    assert impatient.call("get_profiles")["data"] == []
+    assert impatient.requests_made == 2
+
+
 def test_a_lost_answer_is_retried_without_harm(emulator: Emulator) -> None:
     emulator.inject(status=503, count=1, operation="create_or_update_profile", after=True)
     client(emulator, max_backoff=0.2).call("create_or_update_profile", body=profile("a@x.com"))

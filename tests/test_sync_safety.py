@@ -103,6 +103,22 @@ def test_a_sync_killed_while_a_bulk_job_runs_loses_nothing(
     assert_rerun_sends_only_the_rest(project, emulator)
 
 
+def test_records_that_failed_for_a_passing_reason_are_sent_next_run(
+    project: Path, emulator: Emulator
+) -> None:
+    emulator.inject(status=503, count=6, operation="bulk_import_profiles")  # every retry
+    failed = sync(project, emulator)
+    assert failed.returncode == 1, failed.output
+    assert failed.row("customers")["failed"] == 1200
+    assert "sent again next run" in failed.stdout
+    assert emulator.profiles() == []
+
+    again = sync(project, emulator)
+    assert again.returncode == 0, again.output
+    assert again.row("customers")["added"] == 1200
+    assert len(emulator.profiles()) == 1200
+
+
 def test_a_missing_or_stale_manifest_is_rebuilt_with_dbt_parse(
     project: Path, emulator: Emulator
 ) -> None:

@@ -247,8 +247,8 @@ def test_validation_can_be_switched_off() -> None:
 
 
 def test_operations_and_parameters_not_implemented_answer_501(emu: Emulator) -> None:
-    event = call(emu, "POST", "/api/events", {"data": {}})
-    assert (event.status_code, error_of(event)["code"]) == (501, "not_implemented")
+    subscribe = call(emu, "POST", "/api/profile-subscription-bulk-create-jobs", {"data": {}})
+    assert (subscribe.status_code, error_of(subscribe)["code"]) == (501, "not_implemented")
     sort = call(emu, "GET", "/api/profiles", params={"sort": "email"})
     assert sort.status_code == 501
     assert error_of(sort)["source"] == {"parameter": "sort"}

@@ -1,7 +1,8 @@
 """A stand-in for Klaviyo's REST API on loopback, faithful to its documented behaviour.
 
-Requests are validated against the bundled OpenAPI spec; profiles, lists and bulk import
-jobs follow Klaviyo's semantics; rate limits, faults and a request log are there for tests.
+Requests are validated against the bundled OpenAPI spec; profiles, lists, bulk import jobs,
+events and profile deletions follow Klaviyo's semantics; rate limits, faults and a request
+log are there for tests.
 """
 
 from .server import Emulator, serve

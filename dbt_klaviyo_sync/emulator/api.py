@@ -18,20 +18,28 @@ from dbt_klaviyo_sync.klaviyo import openapi
 
 from . import filters
 from .errors import invalid, not_found
+from .events import Batch, Event, Submission, check_strings
+from .profiles import RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
-from .profiles import timestamp
-from .store import PROFILE_MAX_BYTES, Account, BulkJob, Failure, KlaviyoList
+from .store import DELETION_IDENTIFIERS, PROFILE_MAX_BYTES, Account, BulkJob, Failure, KlaviyoList
 
 #: "Accepts up to 10,000 profiles per request. The maximum allowed payload size is 5MB."
 BULK_MAX_PROFILES = 10_000
 BULK_MAX_BYTES = 5 * 1024 * 1024
 #: "This endpoint accepts a maximum of 1000 profiles per call." (list membership)
 MEMBERS_MAX = 1000
+#: "Accepts up to 1,000 events per request. Max payload 5MB." (API.md §2.9)
+EVENTS_MAX = 1000
+EVENTS_MAX_BYTES = 5 * 1024 * 1024
 
 _EQUALS_OR_ANY = frozenset({"equals", "any"})
 PROFILE_FILTERS = dict.fromkeys(("id", "email", "phone_number", "external_id"), _EQUALS_OR_ANY)
 LIST_FILTERS = dict.fromkeys(("id", "name"), _EQUALS_OR_ANY)
+EVENT_FILTERS = dict.fromkeys(("metric_id", "profile_id"), frozenset({"equals"}))
 _PAGE = ("page[size]", "page[cursor]")
+_EVENT_GROUPS = "/data/attributes/events-bulk-create/data"
+#: Where create_event and request_profile_deletion carry their profile resource.
+_PROFILE_RESOURCE = "/data/attributes/profile/data"
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,120 @@ def _list(item: KlaviyoList, base_url: str) -> dict[str, Any]:
         "relationships": {"profiles": {"links": _relationship_links(own, "profiles")}},
         "links": {"self": f"{own}/"},
     }
+
+
+# Events
+
+
+@handles("create_event", max_body=EVENTS_MAX_BYTES)
+def create_event(call: Call) -> Reply:
+    check_strings(call.body)
+    attributes = call.body["data"]["attributes"]
+    profile = attributes["profile"]["data"]
+    # Here the profile's `meta` sits among its attributes; in bulk jobs, beside them.
+    resource = {**profile, "meta": profile["attributes"].get("meta")}
+    batch = Batch(resource, _PROFILE_RESOURCE, [("/data", attributes)])
+    call.account.record_events([batch])
+    return Reply(202)
+
+
+@handles("bulk_create_events", max_body=EVENTS_MAX_BYTES)
+def bulk_create_events(call: Call) -> Reply:
+    groups = call.body["data"]["attributes"]["events-bulk-create"]["data"]
+    batches = [_event_group(index, group) for index, group in enumerate(groups)]
+    count = sum(len(batch.events) for batch in batches)
+    if count > EVENTS_MAX:
+        raise invalid(
+            f"A job accepts at most {EVENTS_MAX:,} events; {count:,} were given.",
+            pointer=_EVENT_GROUPS,
+        )
+    check_strings(call.body)
+    call.account.record_events(batches)
+    return Reply(202)
+
+
+def _event_group(index: int, group: dict[str, Any]) -> Batch:
+    """One profile's events in a bulk create job."""
+    at = f"{_EVENT_GROUPS}/{index}/attributes"
+    events = group["attributes"]["events"]["data"]
+    return Batch(
+        group["attributes"]["profile"]["data"],
+        f"{at}/profile/data",
+        [
+            (f"{at}/events/data/{number}", event["attributes"])
+            for number, event in enumerate(events)
+        ],
+    )
+
+
+@handles("get_events", params=("filter", "sort", *_PAGE))
+def get_events(call: Call) -> Reply:
+    # Oldest first unless `sort` says otherwise; `datetime` and `timestamp` are one time.
+    found = sorted(
+        call.account.events(_conditions(call, EVENT_FILTERS)),
+        key=lambda event: event.submission.time,
+        reverse=call.params.get("sort", "datetime").startswith("-"),
+    )
+    page, links = _page(call, found)
+    return Reply(200, {"data": [_event(event, call.base_url) for event in page], "links": links})
+
+
+def _event(event: Event, base_url: str) -> dict[str, Any]:
+    own = f"{base_url}/api/events/{event.id}"
+    given = event.submission
+    return {
+        "type": "event",
+        "id": event.id,
+        "attributes": {
+            "timestamp": given.time,
+            "event_properties": _event_properties(given),
+            "datetime": timestamp(given.time),
+            "uuid": event.uuid,
+        },
+        "relationships": {
+            "profile": {
+                "data": {"type": "profile", "id": event.profile_id},
+                "links": _relationship_links(own, "profile"),
+            },
+            "metric": {
+                "data": {"type": "metric", "id": event.metric_id},
+                "links": _relationship_links(own, "metric"),
+            },
+        },
+        "links": {"self": f"{own}/"},
+    }
+
+
+def _event_properties(given: Submission) -> dict[str, Any]:
+    """The properties as Klaviyo shows them, with the event's own fields under `$` names."""
+    shown = {**given.properties, "$event_id": given.dedup_id}
+    if given.value is not None:
+        shown["$value"] = given.value
+    if given.value_currency is not None:
+        shown["$value_currency"] = given.value_currency
+    return shown
+
+
+# Data privacy
+
+
+@handles("request_profile_deletion")
+def request_profile_deletion(call: Call) -> Reply:
+    resource = call.body["data"]["attributes"]["profile"]["data"]
+    try:
+        given = {"id": resource.get("id"), **checked_identifiers(resource["attributes"])}
+    except RecordError as error:
+        raise error.in_request(_PROFILE_RESOURCE) from None
+    named = [(n, v) for n, v in given.items() if n in DELETION_IDENTIFIERS and v is not None]
+    if len(named) != 1:
+        # "If multiple identifiers are provided, we will return an error." (API.md §2.6)
+        raise invalid(
+            f"Give exactly one of id, email or phone_number; {len(named)} were given.",
+            pointer=_PROFILE_RESOURCE,
+        )
+    ((identifier, value),) = named
+    call.account.request_deletion(identifier, value)
+    return Reply(202)
 
 
 # Shared pieces of JSON:API documents

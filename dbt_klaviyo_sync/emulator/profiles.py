@@ -58,10 +58,10 @@ class RecordError(Exception):
         self.pointer = pointer
         self.meta = meta or {}
 
-    def in_request(self) -> ApiError:
-        """This error as the answer to a request whose `data` is the record."""
+    def in_request(self, at: str = "/data") -> ApiError:
+        """This error as the answer to a request that holds the record at pointer `at`."""
         return ApiError(
-            self.status, self.code, self.title, self.detail, "/data" + self.pointer, None, self.meta
+            self.status, self.code, self.title, self.detail, at + self.pointer, None, self.meta
         )
 
 

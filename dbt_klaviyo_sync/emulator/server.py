@@ -29,11 +29,12 @@ from dbt_klaviyo_sync.klaviyo.openapi import Operation
 from . import validation
 from .api import ROUTES, Call, Route
 from .errors import ApiError, SpecViolation, from_status, invalid, not_found
+from .events import state as event_state
 from .faults import Fault, FaultKind, FaultQueue, make_fault
 from .profiles import RecordError
 from .profiles import render as render_profile
 from .ratelimit import RateLimiter
-from .store import Account
+from .store import Account, deletion_state
 from .telemetry import LogEntry, Telemetry
 
 CONTENT_TYPE = "application/vnd.api+json"
@@ -264,6 +265,14 @@ class App:
 
     # Control endpoints
 
+    def stats(self) -> dict[str, Any]:
+        """The request counters, and how many events arrived and were dropped as repeats."""
+        return {
+            **self.telemetry.stats(),
+            "events_received": self.account.events_received,
+            "events_repeated": self.account.events_repeated,
+        }
+
     def _control(self, request: Request) -> Response:
         name = request.path.removeprefix(CONTROL_PREFIX).strip("/")
         base_url = request.host_url.rstrip("/")
@@ -272,14 +281,15 @@ class App:
                 case "GET", "state":
                     return _control_json(self.account.state(base_url))
                 case "GET", "stats":
-                    return _control_json(self.telemetry.stats())
+                    return _control_json(self.stats())
                 case "GET", "requests":
                     return _control_json(self.telemetry.entries())
                 case "POST", "faults":
                     self.faults.add(make_fault(**_control_body(request)))
                     return Response(status=204)
                 case "POST", "lists":
-                    created = self.account.create_list(str(_control_body(request)["name"]))
+                    body = _control_body(request)
+                    created = self.account.create_list(str(body["name"]), list_id=body.get("id"))
                     return _control_json({"id": created.id}, 201)
                 case "POST", "reset":
                     self.reset()
@@ -362,8 +372,9 @@ class Emulator:
 
     # Test helpers: they talk to the account directly, not over HTTP.
 
-    def create_list(self, name: str) -> str:
-        return self.app.account.create_list(name).id
+    def create_list(self, name: str, list_id: str | None = None) -> str:
+        """A list for tests; `list_id` fixes its id, so a model's annotation can name it."""
+        return self.app.account.create_list(name, list_id=list_id).id
 
     def profiles(self) -> list[dict[str, Any]]:
         account = self.app.account
@@ -372,11 +383,19 @@ class Emulator:
     def list_members(self, list_id: str) -> set[str]:
         return set(self.app.account.members(list_id))
 
+    def events(self) -> list[dict[str, Any]]:
+        """The recorded events, in the order they were recorded."""
+        return [event_state(event) for event in self.app.account.events()]
+
+    def deletions(self) -> list[dict[str, Any]]:
+        """Every deletion request, in the order made; `completed_at` is None until it ran."""
+        return [deletion_state(deletion) for deletion in self.app.account.deletions()]
+
     def state(self) -> dict[str, Any]:
         return self.app.account.state(self.url)
 
     def stats(self) -> dict[str, Any]:
-        return self.app.telemetry.stats()
+        return self.app.stats()
 
     def request_log(self) -> list[LogEntry]:
         return self.app.telemetry.entries()

@@ -1,26 +1,32 @@
-"""The in-memory Klaviyo account: profiles, lists and bulk import jobs, behind one lock.
+"""The in-memory Klaviyo account: profiles, lists, bulk import jobs, events and deletion
+requests, behind one lock.
 
 Every public method takes the lock for its whole run, so concurrent requests see each
 other's effects whole, never half. Methods hand out snapshots, never the live records.
 
-Bulk jobs have no thread of their own: every call first advances the jobs that are due
-(`_advance`), so a job completes on time whether or not anybody polls it, and there is
-nothing running in the background to race with.
+Bulk jobs and deletions have no thread of their own: every call first advances the work
+that is due (`_advance`), so a job completes on time whether or not anybody polls it, and
+there is nothing running in the background to race with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import string
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from typing import Any, Literal
 
 import orjson
 
-from .errors import not_found
+from .errors import ApiError, invalid, not_found
+from .events import Batch, Event, Submission, checked_event
+from .events import state as event_state
 from .filters import Condition
 from .profiles import (
     IDENTIFIERS,
@@ -38,6 +44,10 @@ from .profiles import (
 PROFILE_MAX_BYTES = 100 * 1024
 #: How long a finished job stays readable. Klaviyo does not document it.
 JOB_RETENTION_SECONDS = 7 * 24 * 3600
+#: What a deletion request names a profile by, exactly one at a time (API.md §2.6).
+DELETION_IDENTIFIERS = ("id", "email", "phone_number")
+#: Identifiers an event's profile may carry that the emulator does not match on.
+_UNMATCHED_IDENTIFIERS = ("anonymous_id", "_kx")
 
 JobStatus = Literal["queued", "processing", "complete"]
 
@@ -96,8 +106,20 @@ class BulkJob:
         return None if self.completed_at is None else self.completed_at + JOB_RETENTION_SECONDS
 
 
+@dataclass
+class Deletion:
+    """A data-privacy deletion request. Like a job, it runs `job_seconds` after it was made."""
+
+    identifier: str  # one of DELETION_IDENTIFIERS
+    value: str
+    created_at: float
+    completed_at: float | None = None
+    profile_ids: tuple[str, ...] = ()  # the profiles it deleted
+
+
 class Account:
-    """One Klaviyo account with Klaviyo's semantics for profiles, lists and bulk jobs."""
+    """One Klaviyo account with Klaviyo's semantics for profiles, lists, bulk jobs, events
+    and deletions."""
 
     def __init__(self, job_seconds: float, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
@@ -111,13 +133,22 @@ class Account:
         self._lists: dict[str, KlaviyoList] = {}
         self._members: dict[str, dict[str, None]] = {}  # list id -> ordered set of profile ids
         self._jobs: dict[str, BulkJob] = {}
+        self._metrics: dict[str, str] = {}  # name -> id
+        self._events: dict[str, Event] = {}
+        # The (profile, metric, dedup id) of each recorded event, for finding repeats.
+        self._event_keys: set[tuple[str, str, str]] = set()
+        # Events accepted with a 202, and those of them dropped as repeats: a client that
+        # resends only what it must keeps the second number at zero.
+        self.events_received = 0
+        self.events_repeated = 0
+        self._deletions: list[Deletion] = []
 
     def reset(self) -> None:
         with self._lock:
             self._clear()
 
     def advance(self) -> None:
-        """Run the bulk jobs that are due."""
+        """Run the bulk jobs and deletions that are due."""
         with self._lock:
             self._advance()
 
@@ -186,21 +217,23 @@ class Account:
         owners = [self._owner(name, value) for name, value in given.items()]
         matched = list(dict.fromkeys(owner for owner in owners if owner is not None))
         profile_id = resource.get("id")
+        # An existing profile is changed on a copy, stored at the end: `_all_or_nothing`
+        # relies on profiles being replaced, never changed in place.
         if profile_id is not None:
-            profile = self._profiles.get(profile_id)
-            if profile is None:
+            found = self._profiles.get(profile_id)
+            if found is None:
                 raise RecordError(404, "not_found", "Not found.", _no_profile(profile_id), "/id")
             if any(owner != profile_id for owner in matched):
                 # Reported as 404 rather than 409 when the id is given (API.md §5).
                 detail = f"Another profile has one of the identifiers given for {profile_id}."
                 raise RecordError(404, "not_found", "Not found.", detail, "/id")
-            created = False
+            profile, created = replace(found), False
         elif len(matched) > 1:
             # The identifiers are tried in IDENTIFIERS order: the first match is the profile
             # meant, the next different one is the duplicate.
             raise _duplicate(matched[1])
         elif matched:
-            profile, created = self._profiles[matched[0]], False
+            profile, created = replace(self._profiles[matched[0]]), False
         elif not any(value is not None for value in given.values()):
             raise record_invalid(
                 "A profile needs at least one of email, phone_number or external_id.",
@@ -209,13 +242,28 @@ class Account:
         else:
             now = self._clock()
             profile, created = Profile(_ulid(now), now, now), True
-            self._profiles[profile.id] = profile
         before = profile.content()
         self._set_identifiers(profile, given, keep_existing=client and not created)
         merge(profile, attributes, resource.get("meta"))
         if not created and profile.content() != before:
             profile.updated = self._clock()
+        self._profiles[profile.id] = profile
         return profile, created
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Undo the profile changes made inside when it raises.
+
+        `_upsert`, the only change made inside, replaces a profile rather than changing it in
+        place, so copies of the maps are enough, and cheap.
+        """
+        profiles = dict(self._profiles)
+        index = {name: dict(owners) for name, owners in self._index.items()}
+        try:
+            yield
+        except BaseException:
+            self._profiles, self._index = profiles, index
+            raise
 
     def _set_identifiers(
         self, profile: Profile, given: dict[str, str | None], *, keep_existing: bool
@@ -240,12 +288,12 @@ class Account:
 
     # Lists
 
-    def create_list(self, name: str, opt_in_process: str | None = None) -> KlaviyoList:
+    def create_list(
+        self, name: str, opt_in_process: str | None = None, list_id: str | None = None
+    ) -> KlaviyoList:
         with self._lock:
             self._advance()
-            list_id = _list_id()
-            while list_id in self._lists:
-                list_id = _list_id()
+            list_id = list_id or _new_id(self._lists, 6)
             created = KlaviyoList(list_id, name, self._clock(), opt_in_process)
             self._lists[list_id] = created
             self._members[list_id] = {}
@@ -320,16 +368,30 @@ class Account:
             return None if job is None else replace(job)
 
     def _advance(self) -> None:
+        """Start the jobs that are half-way, then run the jobs and deletions that are due,
+        in the order they were made: a deletion must not undo a later import, nor miss an
+        earlier one."""
         now = self._clock()
         for job in self._jobs.values():
             if job.status == "queued" and now >= job.created_at + self._job_seconds / 2:
                 job.status, job.started_at = "processing", now
-            if (
-                job.status == "processing"
-                and not job.stuck
-                and now >= job.created_at + self._job_seconds
-            ):
-                self._run(job, now)
+        due: list[BulkJob | Deletion] = [
+            job
+            for job in self._jobs.values()
+            if job.status == "processing"
+            and not job.stuck
+            and now >= job.created_at + self._job_seconds
+        ]
+        due += [
+            deletion
+            for deletion in self._deletions
+            if deletion.completed_at is None and now >= deletion.created_at + self._job_seconds
+        ]
+        for work in sorted(due, key=attrgetter("created_at")):
+            if isinstance(work, BulkJob):
+                self._run(work, now)
+            else:
+                self._delete(work, now)
 
     def _run(self, job: BulkJob, now: float) -> None:
         """Upsert every record exactly as profile-import would; refused ones become failures."""
@@ -350,6 +412,108 @@ class Account:
         job.failures, job.profile_ids = failures, list(profile_ids)
         job.status, job.completed_at = "complete", now
 
+    # Events
+
+    def record_events(self, batches: Sequence[Batch]) -> None:
+        """Record the events of POST /api/events or of a bulk create job, all or none.
+
+        Each batch's profile is found or created as profile-import would. An event repeating
+        a recorded one (same profile, metric and unique_id) is dropped; a unique_id repeated
+        for one profile and metric within the request refuses it whole (API.md §2.9).
+        """
+        with self._lock:
+            self._advance()
+            now = self._clock()
+            given = [
+                (index, pointer, checked_event(attributes, pointer, now))
+                for index, batch in enumerate(batches)
+                for pointer, attributes in batch.events
+            ]
+            with self._all_or_nothing():
+                owners = [self._event_profile(batch) for batch in batches]
+                keyed = [(owners[index], pointer, event) for index, pointer, event in given]
+                _refuse_repeats(keyed)
+            for profile_id, _, submission in keyed:
+                self._record(profile_id, submission)
+
+    def events(self, conditions: Iterable[Condition] = ()) -> list[Event]:
+        """The recorded events meeting every condition, in the order they were recorded."""
+        with self._lock:
+            self._advance()
+            found = list(self._events.values())
+        for condition in conditions:
+            found = [
+                event for event in found if getattr(event, condition.field) in condition.values
+            ]
+        return found
+
+    def _event_profile(self, batch: Batch) -> str:
+        """The id of the profile that events name, found or created as profile-import would."""
+        resource = batch.profile
+        attributes = resource["attributes"]
+        if resource.get("id") is None and all(attributes.get(n) is None for n in IDENTIFIERS):
+            if any(attributes.get(name) is not None for name in _UNMATCHED_IDENTIFIERS):
+                raise ApiError(
+                    501,
+                    "not_implemented",
+                    "Not implemented.",
+                    "The emulator does not match profiles by anonymous_id or _kx yet; "
+                    "give id, email, phone_number or external_id.",
+                    pointer=batch.pointer + "/attributes",
+                )
+            raise invalid(
+                "An event's profile needs at least one of id, email, phone_number or external_id.",
+                pointer=batch.pointer + "/attributes",
+            )
+        try:
+            profile, _ = self._upsert(resource, client=False)
+        except RecordError as error:
+            raise error.in_request(batch.pointer) from None
+        return profile.id
+
+    def _record(self, profile_id: str, submission: Submission) -> None:
+        """Record one event, creating its metric by name, unless it repeats a recorded one."""
+        metric_id = self._metrics.get(submission.metric)
+        if metric_id is None:
+            metric_id = self._metrics[submission.metric] = _new_id(self._metrics.values(), 6)
+        key = (profile_id, metric_id, submission.dedup_id)
+        self.events_received += 1
+        if key in self._event_keys:
+            self.events_repeated += 1
+            return
+        self._event_keys.add(key)
+        event = Event(
+            _new_id(self._events, 11), str(uuid.uuid4()), profile_id, metric_id, submission
+        )
+        self._events[event.id] = event
+
+    # Deletion requests
+
+    def request_deletion(self, identifier: str, value: str) -> None:
+        """Queue the deletion of the profile that `identifier` (see DELETION_IDENTIFIERS) names."""
+        with self._lock:
+            self._advance()
+            self._deletions.append(Deletion(identifier, value, self._clock()))
+
+    def deletions(self) -> list[Deletion]:
+        with self._lock:
+            self._advance()
+            return [replace(deletion) for deletion in self._deletions]
+
+    def _delete(self, deletion: Deletion, now: float) -> None:
+        """Delete the profile a request named, if any, with its list memberships and events."""
+        owner = self._condition_owner(deletion.identifier, deletion.value)
+        if owner is not None:
+            profile = self._profiles.pop(owner)
+            cleared: dict[str, str | None] = dict.fromkeys(IDENTIFIERS)
+            self._set_identifiers(profile, cleared, keep_existing=False)
+            for members in self._members.values():
+                members.pop(owner, None)
+            self._events = {i: e for i, e in self._events.items() if e.profile_id != owner}
+            self._event_keys = {key for key in self._event_keys if key[0] != owner}
+        deletion.profile_ids = () if owner is None else (owner,)
+        deletion.completed_at = now
+
     # The whole account, for tests and the control endpoint
 
     def state(self, base_url: str) -> dict[str, Any]:
@@ -367,6 +531,8 @@ class Account:
                     for item in self._lists.values()
                 ],
                 "bulk_jobs": [_job_state(job) for job in self._jobs.values()],
+                "events": [event_state(event) for event in self._events.values()],
+                "deletions": [deletion_state(deletion) for deletion in self._deletions],
             }
 
 
@@ -387,6 +553,34 @@ def _job_state(job: BulkJob) -> dict[str, Any]:
     }
 
 
+def deletion_state(deletion: Deletion) -> dict[str, Any]:
+    """A deletion request as `Emulator.deletions()` and the account state show it."""
+    completed_at = deletion.completed_at
+    return {
+        "identifier": deletion.identifier,
+        "value": deletion.value,
+        "requested_at": timestamp(deletion.created_at),
+        "completed_at": None if completed_at is None else timestamp(completed_at),
+        "profile_ids": list(deletion.profile_ids),
+    }
+
+
+def _refuse_repeats(keyed: Sequence[tuple[str, str, Submission]]) -> None:
+    """Refuse a request that repeats a unique_id for one profile and metric (API.md §2.9)."""
+    seen: set[tuple[str, str, str]] = set()
+    for profile_id, pointer, submission in keyed:
+        if submission.unique_id is None:
+            continue
+        key = (profile_id, submission.metric, submission.unique_id)
+        if key in seen:
+            raise invalid(
+                f"The unique_id '{submission.unique_id}' is repeated for the same profile and "
+                f"the metric '{submission.metric}'; no events were processed.",
+                pointer=pointer + "/attributes/unique_id",
+            )
+        seen.add(key)
+
+
 def _duplicate(profile_id: str) -> RecordError:
     """Klaviyo's 409, exactly as API.md §3 shows it."""
     return RecordError(
@@ -404,7 +598,7 @@ def _no_profile(profile_id: str) -> str:
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_LIST_ID_ALPHABET = string.ascii_letters + string.digits
+_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 def _ulid(now: float) -> str:
@@ -413,6 +607,10 @@ def _ulid(now: float) -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
-def _list_id() -> str:
-    """Six letters and digits, the shape of Klaviyo's list ids (e.g. `Y6nRLr`)."""
-    return "".join(secrets.choice(_LIST_ID_ALPHABET) for _ in range(6))
+def _new_id(taken: Collection[str], length: int) -> str:
+    """Letters and digits not in `taken`: the shape of Klaviyo's list and metric ids (six,
+    e.g. `Y6nRLr`) and event ids (eleven, e.g. `4sDShKQjrdT`)."""
+    while True:
+        found = "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+        if found not in taken:
+            return found

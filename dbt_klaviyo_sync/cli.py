@@ -120,6 +120,8 @@ def _print_summary(results: list[ModelResult], dry_run: bool) -> None:
             console.print(f"  ... and {more:,} more in the rejects table")
         for failure in r.failures:
             console.print(f"  failed {r.model} {failure} (sent again next run)")
+        for key in r.planned:
+            console.print(f"  would delete {r.model} {key!r}")
 
 
 @cli.command()

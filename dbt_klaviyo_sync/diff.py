@@ -11,6 +11,8 @@ Each changed row gets a `__change`:
 - `remove`: in the snapshot but no longer in the model;
 - `null_key` / `duplicate_key`: cannot be synced until the model is fixed.
 A row whose current version Klaviyo already rejected is not sent again until it changes.
+For deletions and events (`spec.once`) a key Klaviyo accepted is done for good: it is
+never an `update` or a `remove`.
 """
 
 from __future__ import annotations
@@ -118,14 +120,15 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
         FROM counted AS m LEFT JOIN snap AS s ON s.key = m.__key
         WHERE m.__key IS NULL OR m.__copies > 1
            OR (m.__fingerprint IS DISTINCT FROM s.fingerprint
-               AND m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint)
+               AND m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint
+               AND (NOT $once OR s.fingerprint IS NULL))
         UNION ALL BY NAME
         SELECT 'remove' AS __change, TRUE AS __in_snapshot, s.klaviyo_id AS __klaviyo_id,
                s.accepted_values AS __old_values, s.key AS __key,
                s.fingerprint AS __fingerprint
         FROM snap AS s
-        WHERE NOT EXISTS (SELECT 1 FROM model AS m WHERE m.__key = s.key)""",
-        {"signature": spec.signature, "sid": sid},
+        WHERE NOT $once AND NOT EXISTS (SELECT 1 FROM model AS m WHERE m.__key = s.key)""",
+        {"signature": spec.signature, "sid": sid, "once": spec.once},
     )
     counts = dict(
         con.execute(

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,14 +22,18 @@ import pyarrow as pa
 from email_validator import EmailNotValidError, validate_email
 
 from dbt_klaviyo_sync.diff import field_column
-from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.spec import EVENT_FIELDS, SyncSpec
 
 #: Klaviyo's limits on what one profile may carry (API.md §2.1, §2.2).
 MAX_PROFILE_BYTES = 100 * 1024
 MAX_STRING_BYTES = 100 * 1024
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_NUMERIC_FIELDS = {"location.latitude", "location.longitude", "value"}
+#: Klaviyo's limits on events (API.md §2.9).
+EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
+MAX_METRIC_NAME = 128  # "fewer than 128 characters"
+MAX_EVENT_PROPERTIES = 400
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 class InvalidValue(ValueError):
@@ -163,16 +167,71 @@ def _phone(value: Any) -> Any:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _time(value: Any) -> Any:
+    """An event's time: ISO 8601 with a zone, within Klaviyo's window (API.md §2.9)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise InvalidValue(f"{value!r} is not an ISO 8601 time") from exc
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise InvalidValue(f"{value!r} is not a time; use a TIMESTAMP or DATE column")
+    when = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if when < EARLIEST_EVENT:
+        raise InvalidValue(f"{when.isoformat()} is before 1990; Klaviyo refuses such events")
+    if when > datetime.now(UTC) + timedelta(days=365):
+        raise InvalidValue(
+            f"{when.isoformat()} is more than a year ahead; Klaviyo refuses such events"
+        )
+    return when.isoformat()
+
+
+def _currency(value: Any) -> Any:
+    text = _text(value)
+    if text is not None and not _CURRENCY.match(text):
+        raise InvalidValue(f"{text!r} is not an ISO 4217 currency code such as USD")
+    return text
+
+
+def _metric(value: Any) -> Any:
+    text = _text(value)
+    if text is not None and not 0 < len(text) < MAX_METRIC_NAME:
+        raise InvalidValue(
+            f"the metric name has {len(text)} characters; Klaviyo needs 1 to {MAX_METRIC_NAME - 1}"
+        )
+    return text
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "email": _email,
+    "phone_number": _phone,
+    "location.latitude": _number,
+    "location.longitude": _number,
+    "value": _number,
+    "time": _time,
+    "value_currency": _currency,
+    "metric": _metric,
+}
+
+
 def _converter(field: str) -> Callable[[Any], Any]:
-    if field == "email":
-        return _email
-    if field == "phone_number":
-        return _phone
-    if field in _NUMERIC_FIELDS:
-        return _number
     if field.startswith("properties."):
         return _json_value
-    return _text
+    return _CONVERTERS.get(field, _text)
+
+
+def identifier(field: str, value: str) -> str | None:
+    """A sync key as Klaviyo stores it (an E.164 phone, a trimmed email), or None when
+    Klaviyo could not hold it."""
+    try:
+        converted = _converter(field)(value)
+    except InvalidValue:
+        return None
+    return None if converted is None else str(converted)
 
 
 def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[Reject]]:
@@ -225,20 +284,21 @@ def _shape_reject(spec: SyncSpec, key: str | None, change: str) -> Reject:
     return Reject(key, None, False, change, reason, spec.key_column, spec.key_field)
 
 
-def profile_resource(spec: SyncSpec, record: Record) -> dict[str, Any]:
-    """A `profile` resource object for profile-import, bulk jobs and the client endpoint.
-
-    With `nulls: skip` a NULL is left out (Klaviyo keeps its value); with `nulls: clear` it
-    is sent as null, and custom properties are unset through `meta.patch_properties`.
-    """
+def _profile_shape(values: dict[str, Any], clear: bool) -> dict[str, Any]:
+    """A `profile` resource from profile fields: standard attributes, `location.*`,
+    `properties.*`, and `klaviyo_id` as the resource id. A NULL is left out (Klaviyo keeps
+    its value) unless `clear`, which sends null and unsets custom properties."""
     attributes: dict[str, Any] = {}
     location: dict[str, Any] = {}
     properties: dict[str, Any] = {}
     unset: list[str] = []
-    for field, value in record.values.items():
-        if value is None and spec.nulls == "skip":
+    resource: dict[str, Any] = {"type": "profile"}
+    for field, value in values.items():
+        if value is None and not clear:
             continue
-        if field.startswith("location."):
+        if field == "klaviyo_id":
+            resource["id"] = value
+        elif field.startswith("location."):
             location[field.removeprefix("location.")] = value
         elif field.startswith("properties."):
             name = field.removeprefix("properties.")
@@ -252,10 +312,58 @@ def profile_resource(spec: SyncSpec, record: Record) -> dict[str, Any]:
         attributes["location"] = location
     if properties:
         attributes["properties"] = properties
-    resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
+    resource["attributes"] = attributes
     if unset:
         resource["meta"] = {"patch_properties": {"unset": unset}}
     return resource
+
+
+def profile_resource(spec: SyncSpec, record: Record) -> dict[str, Any]:
+    """A `profile` resource for profile-import, bulk jobs, the client endpoint and PATCH,
+    with NULLs handled as the model's `nulls` setting says."""
+    return _profile_shape(record.values, clear=spec.nulls == "clear")
+
+
+def event_resources(spec: SyncSpec, record: Record) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The profile and the event of one row, for a bulk create request.
+
+    `properties.*` are the event's properties here; the other fields describe its profile.
+    Klaviyo ties an event to a profile by email, Klaviyo id or external id; phone numbers
+    alone do not work reliably (the Census guide says so), so such rows are rejected.
+    """
+    values = record.values
+    if not any(values.get(f) for f in ("email", "external_id", "klaviyo_id")):
+        raise InvalidValue(
+            "the event has no email, external_id or klaviyo_id; Klaviyo ties events to a "
+            "profile by those, and a phone number alone does not work reliably"
+        )
+    properties = {
+        f.removeprefix("properties."): v
+        for f, v in values.items()
+        if f.startswith("properties.") and v is not None
+    }
+    if len(properties) > MAX_EVENT_PROPERTIES:
+        raise InvalidValue(
+            f"the event has {len(properties)} properties; Klaviyo accepts at most "
+            f"{MAX_EVENT_PROPERTIES}"
+        )
+    profile_fields = {
+        f: v
+        for f, v in values.items()
+        if not f.startswith("properties.") and f not in EVENT_FIELDS and f != "unique_id"
+    }
+    metric = spec.metric or values.get("metric")
+    if not metric:
+        raise InvalidValue("the metric column is NULL; every event needs a metric name")
+    attributes: dict[str, Any] = {
+        "properties": properties,
+        "metric": {"data": {"type": "metric", "attributes": {"name": metric}}},
+        "unique_id": record.key,
+    }
+    attributes.update(
+        {f: values[f] for f in ("time", "value", "value_currency") if values.get(f) is not None}
+    )
+    return _profile_shape(profile_fields, clear=False), {"type": "event", "attributes": attributes}
 
 
 def profile_size_reject(spec: SyncSpec, record: Record, body: bytes) -> Reject | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,11 @@ from dbt_klaviyo_sync.errors import (
     TransientApiError,
 )
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.profiles import Outcome, Prepared, ProfileUpserter, pack_jobs, prepare
+from dbt_klaviyo_sync.klaviyo.deletions import ProfileDeleter
+from dbt_klaviyo_sync.klaviyo.events import EventSender
+from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Sender
+from dbt_klaviyo_sync.klaviyo.profiles import ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.manifest import ModelNode, read_models
 from dbt_klaviyo_sync.payloads import Reject
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
@@ -45,10 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Above this many changed profiles, bulk import jobs are cheaper than one request each.
 BULK_THRESHOLD = 100
-#: Profiles sent one by one are grouped so that each group is one state commit.
-SINGLES_PER_UNIT = 50
-
-_SUPPORTED = {("profile", "upsert")}
+#: The rows a sync acts on first: new and changed ones, and rows it must report.
+_CHANGES = ("add", "update", "null_key", "duplicate_key")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class ModelResult:
     counts: RunCounts = field(default_factory=RunCounts)
     rejects: list[Reject] = field(default_factory=list)  # a sample, for the console
     failures: list[str] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)  # dry run: every key it would delete
 
     @property
     def status(self) -> str:
@@ -112,12 +115,6 @@ def build_specs(models: list[ModelNode]) -> list[SyncSpec]:
             problems += exc.problems
     if problems:
         raise AnnotationErrors(problems)
-    for spec in specs:
-        if (spec.object, spec.behavior) not in _SUPPORTED:
-            raise ConfigurationError(
-                f"model '{spec.model}': {spec.object} {spec.behavior} is not supported by "
-                "this version yet; profile upsert is."
-            )
     return specs
 
 
@@ -134,14 +131,14 @@ def run(
         state_path_or_none: Path | None = None  # nothing synced yet: diff against nothing
     else:
         state_path_or_none = state_path
-    client = None
+    # A dry run builds requests to show them, but never sends one.
+    client = KlaviyoClient(
+        options.base_url,
+        options.private_key,
+        options.public_key,
+        allow_insecure=options.allow_insecure_http,
+    )
     if not options.dry_run:
-        client = KlaviyoClient(
-            options.base_url,
-            options.private_key,
-            options.public_key,
-            allow_insecure=options.allow_insecure_http,
-        )
         _preflight(client, specs)
     results = []
     try:
@@ -155,23 +152,48 @@ def run(
             for spec in specs:
                 results.append(ModelSync(state, client, spec, warehouse.target_name, options).run())
     finally:
-        if client:
-            client.close()
+        client.close()
     return results
 
 
 def _preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
-    """One cheap authenticated read, so bad keys or an unreachable API stop the run
-    before any state changes."""
+    """Cheap reads before any state changes: the key works, the API answers, and every
+    list a model mirrors exists."""
     if not any(spec.api == "private" for spec in specs):
         return
     try:
         client.call("get_profiles", params={"page[size]": "1"})
-    except (TransientApiError, KlaviyoRejected) as exc:
+        for spec in specs:
+            if spec.mirrors:
+                check_list(client, spec)
+    except TransientApiError as exc:
         raise ApiUnavailableError(
             f"cannot reach Klaviyo at {client.base_url}: {exc}. Check KLAVIYO_BASE_URL and "
             "your network, then run again; nothing was sent."
         ) from exc
+    except KlaviyoRejected as exc:
+        raise ApiUnavailableError(f"Klaviyo refused a first, harmless read: {exc}") from exc
+
+
+def make_sender(
+    client: KlaviyoClient, spec: SyncSpec, *, bulk: bool, options: SyncOptions
+) -> Sender:
+    """The sender for a model's object and behaviour, Census's names for them."""
+    deadline = options.job_deadline
+    match (spec.object, spec.behavior):
+        case ("profile", "upsert"):
+            return ProfileUpserter(client, spec, bulk=bulk, job_deadline=deadline)
+        case ("profile", "update_only"):
+            return ProfileUpdater(client, spec, bulk=bulk, job_deadline=deadline)
+        case ("profile", "delete"):
+            return ProfileDeleter(client, spec)
+        case ("list", "mirror"):
+            return ProfileUpserter(
+                client, spec, bulk=bulk, job_deadline=deadline, list_id=spec.list_id
+            )
+        case ("event", "send"):
+            return EventSender(client, spec)
+    raise ConfigurationError(f"model '{spec.model}': no sender for {spec.object} {spec.behavior}")
 
 
 class ModelSync:
@@ -180,7 +202,7 @@ class ModelSync:
     def __init__(
         self,
         state: State,
-        client: KlaviyoClient | None,
+        client: KlaviyoClient,
         spec: SyncSpec,
         target: str,
         options: SyncOptions,
@@ -191,22 +213,22 @@ class ModelSync:
         self.spec = spec
         self.sid = sync_id(spec, target, options.base_url)
         self.options = options
+        self.dry_run = options.dry_run
         self.result = ModelResult(spec.model)
         self.run_id = ""
 
     def run(self) -> ModelResult:
-        dry = self.client is None
-        if not dry:
+        if not self.dry_run:
             self.state.register(self.sid, self.spec, self.target, self.options.base_url)
             if self.options.full_refresh:
-                self.state.forget(self.sid)
+                self.state.forget(self.sid, keep_accepted=self.spec.once)
             self.run_id = self.state.start_run(
                 self.sid, self.spec.model, dry_run=False, full_refresh=self.options.full_refresh
             )
         counts = diff.compute(self.state.con, self.spec, self.sid)
         log.info(
-            "%s: %d rows; %d to add, %d to update, %d left the model (an upsert leaves "
-            "them in Klaviyo), %d with a NULL or duplicated sync key",
+            "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
+            "duplicated sync key",
             self.spec.model,
             counts.model_rows,
             counts.add,
@@ -214,35 +236,46 @@ class ModelSync:
             counts.remove,
             counts.invalid,
         )
-        requests_before = self.client.requests_made if self.client else 0
+        requests_before = self.client.requests_made
         status = "error"
+        tally = self.result.counts
         try:
-            self._send_changes(bulk=self.spec.api == "private" and counts.to_send > BULK_THRESHOLD)
-            if not dry:
-                self.state.forget_removed(self.sid, diff.CHANGES)
+            bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
+            self._send(
+                make_sender(self.client, self.spec, bulk=bulk, options=self.options), _CHANGES
+            )
+            if self.spec.mirrors:
+                self._send(ListRemover(self.client, self.spec), ("remove",))
+            elif not self.spec.once:
+                # Upserts and updates leave Klaviyo alone when a row leaves the model; the
+                # row is forgotten, so it is sent again if it comes back.
+                tally.removed = counts.remove
+                if not self.dry_run:
+                    self.state.forget_removed(self.sid, diff.CHANGES)
             status = self.result.status
         finally:
-            tally = self.result.counts
-            tally.removed = counts.remove
             tally.unchanged = counts.model_rows - counts.to_send - counts.invalid
-            if self.client:
-                tally.requests = self.client.requests_made - requests_before
+            tally.requests = self.client.requests_made - requests_before
+            if not self.dry_run:
                 self.state.finish_run(self.run_id, tally, status)
         return self.result
 
-    def _send_changes(self, *, bulk: bool) -> None:
-        kinds = ("add", "update", "null_key", "duplicate_key")
-        if self.client is None:
-            for batch in diff.batches(self.state.con, kinds):
-                prepared, rejects = self._prepare(batch)
-                self._count_dry(prepared, rejects)
+    def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:
+        """Stream the rows of these kinds through the sender, a few units in flight, and
+        commit each unit's answer as it arrives. A dry run stops after preparing."""
+        units = sender.units(self._prepared(sender, kinds))
+        if self.dry_run:
+            for unit in units:
+                records = [p.record for p in unit]
+                if kinds == ("remove",):
+                    self._tally(Outcome(removed=records))
+                else:
+                    self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
             return
-        sender = ProfileUpserter(self.client, self.spec, job_deadline=self.options.job_deadline)
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
-            for unit in self._units(bulk, kinds):
-                send = sender.send_job if bulk else _send_each(sender)
-                in_flight.add(pool.submit(send, unit))
+            for unit in units:
+                in_flight.add(pool.submit(sender.send, unit))
                 while len(in_flight) >= self.options.concurrency * 2:
                     done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     self._commit_done(done)
@@ -250,91 +283,70 @@ class ModelSync:
                 done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                 self._commit_done(done)
 
-    def _prepare(self, batch: pa.RecordBatch) -> tuple[list[Prepared], list[Reject]]:
-        records, rejects = payloads.records(self.spec, batch)
-        prepared, too_large = prepare(self.spec, records)
-        return prepared, rejects + too_large
-
-    def _units(self, bulk: bool, kinds: tuple[str, ...]) -> Iterator[list[Prepared]]:
-        """Requests' worth of records: bulk jobs, or small groups of single upserts.
-        Rejects found while preparing are committed straight away."""
-
-        def prepared() -> Iterator[Prepared]:
-            for batch in diff.batches(self.state.con, kinds):
-                ready, rejects = self._prepare(batch)
-                self._commit(Outcome(rejected=rejects))
-                yield from ready
-
-        if bulk:
-            yield from pack_jobs(prepared())
-            return
-        unit: list[Prepared] = []
-        for item in prepared():
-            unit.append(item)
-            if len(unit) == SINGLES_PER_UNIT:
-                yield unit
-                unit = []
-        if unit:
-            yield unit
+    def _prepared(self, sender: Sender, kinds: tuple[str, ...]) -> Iterator[Prepared]:
+        """Changed rows, converted and shaped; rejects found on the way are committed
+        (or, in a dry run, counted) straight away."""
+        for batch in diff.batches(self.state.con, kinds):
+            records, rejects = payloads.records(self.spec, batch)
+            ready, refused = sender.prepare(records)
+            self._commit(Outcome(rejected=rejects + refused))
+            yield from ready
 
     def _commit_done(self, done: set[Future[Outcome]]) -> None:
         for future in done:
             self._commit(future.result())
 
     def _commit(self, outcome: Outcome) -> None:
-        rows = [
-            {
-                "key": r.key,
-                "outcome": "accepted",
-                "fingerprint": r.fingerprint,
-                "accepted_values": payloads.dumps(r.values).decode(),
-                "klaviyo_id": klaviyo_id,
-                "in_snapshot": r.in_snapshot,
-            }
-            for r, klaviyo_id in outcome.accepted
-        ] + [
-            {
-                "key": j.key,
-                "outcome": "invalid" if j.invalid_row else "rejected",
-                "fingerprint": j.fingerprint,
-                "in_snapshot": j.in_snapshot,
-                "column_name": j.column,
-                "field": j.field,
-                "code": j.code,
-                "reason": j.reason,
-            }
-            for j in outcome.rejected
-        ]
-        self.state.commit_batch(
-            self.sid,
-            self.run_id,
-            self.spec.model,
-            pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA),
-        )
+        if not self.dry_run:
+            self.state.commit_batch(self.sid, self.run_id, self.spec.model, _outcome_table(outcome))
         self._tally(outcome)
 
-    def _tally(self, outcome: Outcome) -> None:
+    def _tally(self, outcome: Outcome, planned: bool = False) -> None:
+        """Count as the summary table shows it: an accepted record is added, updated or
+        removed in Klaviyo depending on the behaviour and on whether it was sent before."""
         result, tally = self.result, self.result.counts
         for record, _ in outcome.accepted:
-            if record.change == "add":
-                tally.added += 1
-            else:
+            if self.spec.behavior == "delete":
+                tally.removed += 1
+            elif record.change == "update" or self.spec.behavior == "update_only":
                 tally.updated += 1
+            else:
+                tally.added += 1
+            if planned and self.spec.behavior == "delete":
+                result.planned.append(record.key)
+        tally.removed += len(outcome.removed)
         tally.rejected += len(outcome.rejected)
         tally.failed += len(outcome.failed)
         result.rejects += outcome.rejected[: max(0, 20 - len(result.rejects))]
         for record, reason in outcome.failed[: max(0, 20 - len(result.failures))]:
             result.failures.append(f"{record.key}: {reason}")
 
-    def _count_dry(self, prepared: list[Prepared], rejects: list[Reject]) -> None:
-        self._tally(Outcome(accepted=[(p.record, None) for p in prepared], rejected=rejects))
 
-
-def _send_each(sender: ProfileUpserter) -> Callable[[list[Prepared]], Outcome]:
-    def send(unit: list[Prepared]) -> Outcome:
-        outcome = Outcome()
-        for item in unit:
-            outcome.merge(sender.send_one(item))
-        return outcome
-
-    return send
+def _outcome_table(outcome: Outcome) -> pa.Table:
+    """A batch's answers in the shape `State.commit_batch` takes."""
+    rows = [
+        {
+            "key": r.key,
+            "outcome": "accepted",
+            "fingerprint": r.fingerprint,
+            "accepted_values": payloads.dumps(r.values).decode(),
+            "klaviyo_id": klaviyo_id,
+            "in_snapshot": r.in_snapshot,
+        }
+        for r, klaviyo_id in outcome.accepted
+    ]
+    rows += [
+        {
+            "key": j.key,
+            "outcome": "invalid" if j.invalid_row else "rejected",
+            "fingerprint": j.fingerprint,
+            "in_snapshot": j.in_snapshot,
+            "column_name": j.column,
+            "field": j.field,
+            "code": j.code,
+            "reason": j.reason,
+        }
+        for j in outcome.rejected
+    ]
+    rows += [{"key": r.key, "outcome": "removed", "in_snapshot": True} for r in outcome.removed]
+    return pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)

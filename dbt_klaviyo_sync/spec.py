@@ -60,6 +60,17 @@ class SyncSpec:
     metric: str | None = None
 
     @property
+    def once(self) -> bool:
+        """Deletions and events act once per key, ever: a key Klaviyo accepted is done,
+        whatever happens to its row later, and `--full-refresh` does not undo that."""
+        return self.behavior in ("delete", "send")
+
+    @property
+    def mirrors(self) -> bool:
+        """A list mirror removes, in Klaviyo, the rows that left the model."""
+        return self.object == "list"
+
+    @property
     def signature(self) -> str:
         """A digest of everything that shapes the payload; part of each row's fingerprint,
         so changing the mapping re-sends the rows it affects."""
@@ -167,6 +178,7 @@ def build_spec(node: ModelNode) -> SyncSpec:
     problems += _model_rules(node, obj, behavior, meta)
     fields = _field_maps(node, keys)
     problems += _field_rules(node, obj, behavior, fields)
+    problems += _object_rules(node, obj, behavior, meta, fields)
     if problems:
         raise AnnotationErrors(problems)
     key_column, key_field = keys[0]
@@ -200,6 +212,41 @@ def _model_rules(
         problems.append(AnnotationError(node.name, "list_id applies only to `object: list`"))
     if "metric" in meta and obj != "event":
         problems.append(AnnotationError(node.name, "metric applies only to `object: event`"))
+    return problems
+
+
+def _object_rules(
+    node: ModelNode, obj: str, behavior: str, meta: dict[str, Any], fields: tuple[FieldMap, ...]
+) -> list[AnnotationError]:
+    """What events and deletions need beyond the schema."""
+    mapped = {f.field: f.column for f in fields}
+    problems = []
+    if obj == "event":
+        if ("metric" in meta) == ("metric" in mapped):
+            problems.append(
+                AnnotationError(
+                    node.name,
+                    "an event model needs its metric from exactly one place: `metric: <name>` "
+                    "on the model, or one column with `field: metric`",
+                )
+            )
+        if not {"email", "external_id", "klaviyo_id"} & set(mapped):
+            problems.append(
+                AnnotationError(
+                    node.name,
+                    "an event model must map email, external_id or klaviyo_id: Klaviyo ties "
+                    "events to a profile by those, and phone numbers alone are not reliable",
+                )
+            )
+    if behavior == "delete":
+        problems += [
+            AnnotationError(
+                node.name,
+                f"behavior: delete sends only the sync key; remove `field: {f.field}`",
+                f.column,
+            )
+            for f in fields[1:]
+        ]
     return problems
 
 

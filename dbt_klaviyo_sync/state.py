@@ -57,8 +57,9 @@ _MIGRATIONS: dict[int, list[str]] = {
 OUTCOME_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
-        # accepted | rejected | invalid (a reject with no record to remember it by, such
-        # as a NULL or duplicated sync key: reported on every run until the data is fixed)
+        # accepted | rejected | removed (left the model, and Klaviyo was told) | invalid (a
+        # reject with no record to remember it by, such as a NULL or duplicated sync key:
+        # reported on every run until the data is fixed)
         ("outcome", pa.string()),
         ("fingerprint", pa.string()),
         ("accepted_values", pa.string()),  # JSON text of the values sent, when accepted
@@ -141,13 +142,17 @@ class State:
             ],
         )
 
-    def forget(self, sid: str) -> None:
-        """`--full-refresh`: every row counts as never sent; known Klaviyo ids are kept."""
+    def forget(self, sid: str, *, keep_accepted: bool) -> None:
+        """`--full-refresh`: every row counts as never sent, and rejected rows are tried
+        again; known Klaviyo ids are kept. With `keep_accepted` (deletions, events) what
+        Klaviyo accepted stays done: only the rejects are tried again."""
         self._writer.execute(
             f"""UPDATE {CATALOG}.snapshot
-                SET fingerprint = NULL, accepted_values = NULL, rejected_fingerprint = NULL
+                SET fingerprint = CASE WHEN $2 THEN fingerprint END,
+                    accepted_values = CASE WHEN $2 THEN accepted_values END,
+                    rejected_fingerprint = NULL
                 WHERE sync_id = $1""",
-            [sid],
+            [sid, keep_accepted],
         )
 
     def start_run(self, sid: str, model: str, *, dry_run: bool, full_refresh: bool) -> str:
@@ -195,7 +200,8 @@ class State:
                         klaviyo_id,
                         CASE WHEN outcome = 'rejected' THEN fingerprint END,
                         current_timestamp
-                    FROM batch_outcomes WHERE NOT in_snapshot AND outcome <> 'invalid'""",
+                    FROM batch_outcomes
+                    WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')""",
                 [sid],
             )
             w.execute(
@@ -210,7 +216,12 @@ class State:
                         updated_at = current_timestamp
                     FROM batch_outcomes AS b
                     WHERE s.sync_id = $1 AND s.key = b.key AND b.in_snapshot
-                        AND b.outcome <> 'invalid'""",
+                        AND b.outcome IN ('accepted', 'rejected')""",
+                [sid],
+            )
+            w.execute(
+                f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
+                    (SELECT key FROM batch_outcomes WHERE outcome = 'removed')""",
                 [sid],
             )
             w.execute(

@@ -160,7 +160,7 @@ def test_full_refresh_forgets_fingerprints_but_keeps_klaviyo_ids(
     with open_state(state_path, {"wh": warehouse}) as state:
         changes(state)
         accept_all(state)
-        state.forget(SID)
+        state.forget(SID, keep_accepted=False)
         assert set(changes(state).values()) == {"add"}
 
 

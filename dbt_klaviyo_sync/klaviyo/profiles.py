@@ -1,9 +1,10 @@
-"""Profile upserts: one at a time through profile-import, or many through bulk import jobs.
+"""Profiles: upserts (Update or Create) and updates of existing profiles (Update Only).
 
 Klaviyo's bulk import takes up to 10,000 profiles and 5 MB per job and reports failures per
 profile, asynchronously; it is meant for volume, not for a handful of changes, so small
-change sets go through `/api/profile-import` (or `/client/profiles` with `api: client`),
-which answers per profile at once and tells us the profile's Klaviyo id.
+change sets go one request per profile: `/api/profile-import` (or `/client/profiles` with
+`api: client`), or `PATCH /api/profiles/{id}` for updates, which answer at once and tell us
+the profile's Klaviyo id.
 """
 
 from __future__ import annotations
@@ -11,43 +12,25 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
+
+import orjson
 
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks, isolate
 from dbt_klaviyo_sync.payloads import Record, Reject, dumps, profile_resource, profile_size_reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_JOB_PROFILES = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5MB"; decimal, to stay under however Klaviyo counts it
+#: Profiles sent one request each are grouped so that each group is one state commit.
+SINGLES_PER_UNIT = 50
 _JOB_HEAD = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
-_JOB_TAIL = b"]}}}}"
 _INDEX = re.compile(r"^/data/attributes/profiles/data/(\d+)")
-
-
-@dataclass
-class Outcome:
-    """Klaviyo's answer for a group of records."""
-
-    accepted: list[tuple[Record, str | None]] = field(default_factory=list)  # with Klaviyo id
-    rejected: list[Reject] = field(default_factory=list)
-    failed: list[tuple[Record, str]] = field(default_factory=list)  # with the passing reason
-
-    def merge(self, other: Outcome) -> Outcome:
-        self.accepted += other.accepted
-        self.rejected += other.rejected
-        self.failed += other.failed
-        return self
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A record and its serialized `profile` resource."""
-
-    record: Record
-    body: bytes
+_IDENTIFIERS = ("email", "phone_number", "external_id")
 
 
 def prepare(spec: SyncSpec, records: Iterable[Record]) -> tuple[list[Prepared], list[Reject]]:
@@ -63,16 +46,30 @@ def prepare(spec: SyncSpec, records: Iterable[Record]) -> tuple[list[Prepared], 
     return ready, too_large
 
 
-def pack_jobs(prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+def with_id(body: bytes, klaviyo_id: str) -> bytes:
+    """A serialized profile resource, targeted at one Klaviyo profile."""
+    return b'{"id":' + orjson.dumps(klaviyo_id) + b"," + body[1:]
+
+
+def _job_tail(list_id: str | None) -> bytes:
+    if list_id is None:
+        return b"]}}}}"
+    lists = {"lists": {"data": [{"type": "list", "id": list_id}]}}
+    return b']}},"relationships":' + orjson.dumps(lists) + b"}}"
+
+
+def pack_jobs(prepared: Iterable[Prepared], list_id: str | None = None) -> Iterator[list[Prepared]]:
     """Group records into jobs as full as Klaviyo allows: 10,000 profiles and 5 MB."""
+    empty = len(_JOB_HEAD) + len(_job_tail(list_id)) + 64  # room for an id per profile
     job: list[Prepared] = []
-    size = len(_JOB_HEAD) + len(_JOB_TAIL)
+    size = empty
     for item in prepared:
-        if job and (len(job) == MAX_JOB_PROFILES or size + len(item.body) + 1 > MAX_JOB_BYTES):
+        cost = len(item.body) + 40  # a comma, and an id if the job targets profiles by id
+        if job and (len(job) == MAX_JOB_PROFILES or size + cost > MAX_JOB_BYTES):
             yield job
-            job, size = [], len(_JOB_HEAD) + len(_JOB_TAIL)
+            job, size = [], empty
         job.append(item)
-        size += len(item.body) + 1
+        size += cost
     if job:
         yield job
 
@@ -152,33 +149,21 @@ def name_conflicts(client: KlaviyoClient, records: list[Record], outcome: Outcom
             outcome.rejected[i] = replace(outcome.rejected[i], reason=reason + _CONFLICT_ADVICE)
 
 
-class ProfileUpserter:
-    """Sends profile upserts for one sync spec and reports per record."""
+class BulkImport:
+    """One bulk import job: create it, wait for it, and map its import errors to rows."""
 
-    def __init__(self, client: KlaviyoClient, spec: SyncSpec, *, job_deadline: float = 1800.0):
+    def __init__(
+        self, client: KlaviyoClient, spec: SyncSpec, job_deadline: float, list_id: str | None
+    ) -> None:
         self.client = client
         self.spec = spec
         self.job_deadline = job_deadline
+        self.list_id = list_id
 
-    def send_one(self, item: Prepared) -> Outcome:
-        """profile-import (or the client endpoint): an immediate answer for one profile."""
-        client_api = self.spec.api == "client"
-        operation_id = "create_client_profile" if client_api else "create_or_update_profile"
-        body = b'{"data":' + item.body + b"}"
-        try:
-            answer = self.client.call(operation_id, body=body)
-        except KlaviyoRejected as exc:
-            outcome = Outcome(rejected=[_reject(self.spec, item.record, exc.errors[0])])
-            name_conflicts(self.client, [item.record], outcome)
-            return outcome
-        except TransientApiError as exc:
-            return Outcome(failed=[(item.record, str(exc))])
-        klaviyo_id = None if client_api else (answer or {}).get("data", {}).get("id")
-        return Outcome(accepted=[(item.record, klaviyo_id)])
-
-    def send_job(self, job: list[Prepared]) -> Outcome:
-        """One bulk import job: create it, wait for it, map its import errors to rows."""
-        body = _JOB_HEAD + b",".join(p.body for p in job) + _JOB_TAIL
+    def send(self, job: list[Prepared], ids: dict[str, str] | None = None) -> Outcome:
+        """Import `job`; with `ids`, each profile is updated by its Klaviyo id (a key's id)."""
+        parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
+        body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
         records = [p.record for p in job]
         try:
             created = self.client.call("bulk_import_profiles", body=body)
@@ -188,39 +173,26 @@ class ProfileUpserter:
                 reason = (
                     f"bulk import job {job_id} ended {status}"
                     if status
-                    else (
-                        f"bulk import job {job_id} did not finish within {self.job_deadline:.0f} s"
-                    )
+                    else f"bulk import job {job_id} did not finish within {self.job_deadline:.0f} s"
                 )
                 return Outcome(failed=[(r, reason) for r in records])
-            errors = self._import_errors(job_id)
+            errors = list(
+                self.client.pages(
+                    "get_errors_for_bulk_import_profiles_job",
+                    path_params=(job_id,),
+                    params={"page[size]": "100"},
+                )
+            )
         except KlaviyoRejected as exc:
-            return self._split(job, exc)
+            return isolate(job, exc, lambda rest: self.send(rest, ids), _locate, self._reject)
         except TransientApiError as exc:
             return Outcome(failed=[(r, str(exc)) for r in records])
-        outcome = self._map_errors(job_id, records, errors)
+        outcome = self._map_errors(job_id, records, errors, ids or {})
         name_conflicts(self.client, records, outcome)
         return outcome
 
-    def _split(self, job: list[Prepared], refusal: KlaviyoRejected) -> Outcome:
-        """Klaviyo refused the whole job, which imports nothing. Reject the profiles its
-        errors point at and send the rest again; when the errors point at none, halve the
-        job until the bad profile stands alone, so one bad row never sinks its neighbours."""
-        named = {
-            int(m.group(1)): e
-            for e in refusal.errors
-            if (m := _INDEX.match(e.pointer or "")) and int(m.group(1)) < len(job)
-        }
-        if len(job) == 1 and not named:
-            named = {0: refusal.errors[0]}
-        if named:
-            outcome = Outcome(
-                rejected=[_reject(self.spec, job[i].record, e) for i, e in named.items()]
-            )
-            rest = [p for i, p in enumerate(job) if i not in named]
-            return outcome.merge(self.send_job(rest)) if rest else outcome
-        half = len(job) // 2
-        return self.send_job(job[:half]).merge(self.send_job(job[half:]))
+    def _reject(self, record: Record, error: ApiError) -> Reject:
+        return _reject(self.spec, record, error)
 
     def _wait_for(self, job_id: str) -> str | None:
         """Poll the job until it ends; None when the deadline passes first."""
@@ -236,17 +208,12 @@ class ProfileUpserter:
             time.sleep(interval)
             interval = min(interval * 1.5, 5.0)
 
-    def _import_errors(self, job_id: str) -> list[dict[str, Any]]:
-        return list(
-            self.client.pages(
-                "get_errors_for_bulk_import_profiles_job",
-                path_params=(job_id,),
-                params={"page[size]": "100"},
-            )
-        )
-
     def _map_errors(
-        self, job_id: str, records: list[Record], errors: list[dict[str, Any]]
+        self,
+        job_id: str,
+        records: list[Record],
+        errors: list[dict[str, Any]],
+        ids: dict[str, str],
     ) -> Outcome:
         """Each import error names its profile by index (or by its payload); every other
         profile was imported. An error we cannot place makes the unplaced profiles pending,
@@ -263,31 +230,22 @@ class ProfileUpserter:
                 unplaced += record is None
                 continue
             rejected.add(record.key)
+            detail = str(attributes.get("detail") or attributes.get("title") or "")
+            code = str(attributes.get("code", "invalid"))
             outcome.rejected.append(
-                _reject(
-                    self.spec,
-                    record,
-                    ApiError(
-                        400,
-                        str(attributes.get("code", "invalid")),
-                        str(attributes.get("detail") or attributes.get("title") or ""),
-                        source.get("pointer"),
-                    ),
-                )
+                self._reject(record, ApiError(400, code, detail, source.get("pointer")))
             )
         for record in records:
             if record.key in rejected:
                 continue
             if unplaced:
-                outcome.failed.append(
-                    (
-                        record,
-                        f"bulk import job {job_id} reported errors that could not be "
-                        "matched to rows; sending again next run",
-                    )
+                reason = (
+                    f"bulk import job {job_id} reported errors that could not be matched to "
+                    "rows; sending again next run"
                 )
+                outcome.failed.append((record, reason))
             else:
-                outcome.accepted.append((record, None))
+                outcome.accepted.append((record, ids.get(record.key)))
         return outcome
 
     def _place(
@@ -297,10 +255,193 @@ class ProfileUpserter:
         pointer: str | None,
         attributes: dict[str, Any],
     ) -> Record | None:
-        match = _INDEX.match(pointer or "")
-        if match and int(match.group(1)) < len(records):
-            return records[int(match.group(1))]
+        index = _locate(ApiError(400, "", "", pointer))
+        if index is not None and index < len(records):
+            return records[index]
         payload = attributes.get("original_payload") or {}
         payload = payload.get("attributes", payload) if isinstance(payload, dict) else {}
         key = payload.get(self.spec.key_field) if isinstance(payload, dict) else None
         return by_key.get(str(key)) if key is not None else None
+
+
+def _locate(error: ApiError) -> int | None:
+    match = _INDEX.match(error.pointer or "")
+    return int(match.group(1)) if match else None
+
+
+class ProfileUpserter:
+    """Update or Create: upsert each changed row's profile; for a list mirror, also make
+    it a member of the list (a bulk job adds to the list in the same request)."""
+
+    def __init__(
+        self,
+        client: KlaviyoClient,
+        spec: SyncSpec,
+        *,
+        bulk: bool,
+        job_deadline: float,
+        list_id: str | None = None,
+    ) -> None:
+        self.client = client
+        self.spec = spec
+        self.bulk = bulk
+        self.list_id = list_id
+        self.jobs = BulkImport(client, spec, job_deadline, list_id)
+
+    def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
+        return prepare(self.spec, records)
+
+    def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+        if self.bulk:
+            return pack_jobs(prepared, self.list_id)
+        return chunks(prepared, SINGLES_PER_UNIT)
+
+    def send(self, unit: list[Prepared]) -> Outcome:
+        if self.bulk:
+            return self.jobs.send(unit)
+        outcome = Outcome()
+        for item in unit:
+            outcome.merge(self._send_one(item))
+        if self.list_id and outcome.accepted:
+            outcome = self._add_to_list(outcome)
+        return outcome
+
+    def _send_one(self, item: Prepared) -> Outcome:
+        """profile-import (or the client endpoint): an immediate answer for one profile."""
+        client_api = self.spec.api == "client"
+        operation_id = "create_client_profile" if client_api else "create_or_update_profile"
+        try:
+            answer = self.client.call(operation_id, body=b'{"data":' + item.body + b"}")
+        except KlaviyoRejected as exc:
+            outcome = Outcome(rejected=[_reject(self.spec, item.record, exc.errors[0])])
+            name_conflicts(self.client, [item.record], outcome)
+            return outcome
+        except TransientApiError as exc:
+            return Outcome(failed=[(item.record, str(exc))])
+        klaviyo_id = None if client_api else (answer or {}).get("data", {}).get("id")
+        return Outcome(accepted=[(item.record, klaviyo_id)])
+
+    def _add_to_list(self, outcome: Outcome) -> Outcome:
+        """Add the upserted profiles to the list by id (a unit is far below 1,000). If that
+        fails, they count as failed and are sent again: both steps are idempotent."""
+        ids = [{"type": "profile", "id": klaviyo_id} for _, klaviyo_id in outcome.accepted]
+        try:
+            self.client.call(
+                "add_profiles_to_list",
+                path_params=(str(self.list_id),),
+                body=orjson.dumps({"data": ids}),
+            )
+        except (TransientApiError, KlaviyoRejected) as exc:
+            reason = f"upserted, but not added to list {self.list_id}: {exc}"
+            outcome.failed += [(record, reason) for record, _ in outcome.accepted]
+            outcome.accepted = []
+        return outcome
+
+
+class ProfileUpdater:
+    """Update Only: change profiles Klaviyo already has, never create one.
+
+    Each unit looks its profiles up in bulk (by the Klaviyo id when the model maps one, as
+    it wins over other identifiers, else by the sync key). A key with no profile is
+    rejected as not found. A row whose email, phone or external id differs from Klaviyo's
+    is sent with `PATCH /api/profiles/{id}`, the only way to change an identifier; the
+    rest go the same way when few changed, or as bulk import jobs targeted by id.
+    """
+
+    #: Records looked up and updated together: ten lookup pages.
+    UNIT = 1000
+
+    def __init__(self, client: KlaviyoClient, spec: SyncSpec, *, bulk: bool, job_deadline: float):
+        self.client = client
+        self.spec = spec
+        self.bulk = bulk
+        self.jobs = BulkImport(client, spec, job_deadline, None)
+
+    def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
+        return prepare(self.spec, records)
+
+    def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+        return chunks(prepared, self.UNIT)
+
+    def send(self, unit: list[Prepared]) -> Outcome:
+        try:
+            found = self._find(unit)
+        except (TransientApiError, KlaviyoRejected) as exc:
+            return Outcome(
+                failed=[(p.record, f"looking the profile up failed: {exc}") for p in unit]
+            )
+        outcome = Outcome()
+        patch, job = [], []
+        for item in unit:
+            profile = found.get(item.record.key)
+            if profile is None:
+                outcome.rejected.append(self._not_found(item.record))
+            elif self._changes_identifiers(item.record, profile) or not self.bulk:
+                patch.append((item, profile["id"]))
+            else:
+                job.append(item)
+        for item, klaviyo_id in patch:
+            outcome.merge(self._patch(item, klaviyo_id))
+        if job:
+            ids = {p.record.key: found[p.record.key]["id"] for p in job}
+            outcome.merge(self.jobs.send(job, ids))
+        return outcome
+
+    def _find(self, unit: list[Prepared]) -> dict[str, dict[str, Any]]:
+        """Each record's current Klaviyo profile, by record key."""
+        by_id = [p.record for p in unit if p.record.values.get("klaviyo_id")]
+        by_key = [p.record for p in unit if not p.record.values.get("klaviyo_id")]
+        found: dict[str, dict[str, Any]] = {}
+        if by_id:
+            profiles = lookup.profiles_by(
+                self.client, "id", [str(r.values["klaviyo_id"]) for r in by_id]
+            )
+            found |= {
+                r.key: profiles[str(r.values["klaviyo_id"])]
+                for r in by_id
+                if str(r.values["klaviyo_id"]) in profiles
+            }
+        if by_key:
+            field = "id" if self.spec.key_field == "klaviyo_id" else self.spec.key_field
+            values = {r.key: str(r.values[self.spec.key_field]) for r in by_key}
+            profiles = lookup.profiles_by(self.client, field, values.values())
+            found |= {
+                key: profiles[lookup.normalise(field, value)]
+                for key, value in values.items()
+                if lookup.normalise(field, value) in profiles
+            }
+        return found
+
+    def _changes_identifiers(self, record: Record, profile: dict[str, Any]) -> bool:
+        current = profile.get("attributes") or {}
+        return any(
+            record.values.get(f) is not None
+            and lookup.normalise(f, str(record.values[f]))
+            != lookup.normalise(f, str(current.get(f) or ""))
+            for f in _IDENTIFIERS
+        )
+
+    def _not_found(self, record: Record) -> Reject:
+        return Reject(
+            record.key,
+            record.fingerprint,
+            record.in_snapshot,
+            "not_found",
+            f"Klaviyo has no profile with this {self.spec.key_field}; update_only never "
+            "creates one (use behavior: upsert to create it)",
+        )
+
+    def _patch(self, item: Prepared, klaviyo_id: str) -> Outcome:
+        body = b'{"data":' + with_id(item.body, klaviyo_id) + b"}"
+        try:
+            self.client.call("update_profile", path_params=(klaviyo_id,), body=body)
+        except KlaviyoRejected as exc:
+            error = exc.errors[0]
+            if exc.status == 404:
+                return Outcome(rejected=[self._not_found(item.record)])
+            outcome = Outcome(rejected=[_reject(self.spec, item.record, error)])
+            name_conflicts(self.client, [item.record], outcome)
+            return outcome
+        except TransientApiError as exc:
+            return Outcome(failed=[(item.record, str(exc))])
+        return Outcome(accepted=[(item.record, klaviyo_id)])

@@ -1,0 +1,123 @@
+"""Events (Send): each `unique_id` reaches Klaviyo once.
+
+Events go through the bulk create endpoint: at most 1,000 events and 5 MB per request,
+grouped per profile (API.md §2.9). Each carries its `unique_id`, so Klaviyo drops a repeat
+for the same profile and metric; that makes a resend after a crash harmless, while the state
+makes sure nothing accepted is ever sent again, not even by `--full-refresh`. A request must
+never hold one `unique_id` twice for a profile and metric (Klaviyo then refuses all of it);
+sync keys are unique, so it cannot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from dbt_klaviyo_sync.errors import TransientApiError
+from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, isolate
+from dbt_klaviyo_sync.payloads import InvalidValue, Record, Reject, dumps, event_resources
+from dbt_klaviyo_sync.spec import SyncSpec
+
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_REQUEST_BYTES = 5_000_000  # "5MB"; decimal, to stay under however Klaviyo counts it
+# An error points at an event of a group, or at the group's profile (its first event then).
+_POINTER = re.compile(
+    r"^/data/attributes/events-bulk-create/data/(\d+)(?:/attributes/events/data/(\d+))?"
+)
+_HEAD = b'{"data":{"type":"event-bulk-create-job","attributes":{"events-bulk-create":{"data":['
+_TAIL = b"]}}}}"
+
+
+@dataclass(frozen=True)
+class PreparedEvent(Prepared):
+    """An event with its serialized profile; events of one profile share a group."""
+
+    profile: bytes = b""
+
+
+class EventSender:
+    def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
+        self.client = client
+        self.spec = spec
+
+    def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
+        ready: list[Prepared] = []
+        rejects = []
+        for record in records:
+            try:
+                profile, event = event_resources(self.spec, record)
+            except InvalidValue as exc:
+                rejects.append(
+                    Reject(
+                        record.key,
+                        record.fingerprint,
+                        record.in_snapshot,
+                        "invalid_value",
+                        str(exc),
+                    )
+                )
+                continue
+            ready.append(PreparedEvent(record, dumps(event), dumps(profile)))
+        return ready, rejects
+
+    def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+        """Requests as full as Klaviyo allows: 1,000 events and 5 MB."""
+        unit: list[Prepared] = []
+        size = len(_HEAD) + len(_TAIL)
+        for item in prepared:
+            assert isinstance(item, PreparedEvent)
+            cost = len(item.body) + len(item.profile) + 120  # the group's envelope, at worst
+            if unit and (len(unit) == MAX_EVENTS_PER_REQUEST or size + cost > MAX_REQUEST_BYTES):
+                yield unit
+                unit, size = [], len(_HEAD) + len(_TAIL)
+            unit.append(item)
+            size += cost
+        if unit:
+            yield unit
+
+    def send(self, unit: list[Prepared]) -> Outcome:
+        body, positions = self._request(unit)
+        records = [p.record for p in unit]
+        try:
+            self.client.call("bulk_create_events", body=body)
+        except KlaviyoRejected as exc:
+            return isolate(unit, exc, self.send, lambda e: _locate(e, positions), self._reject)
+        except TransientApiError as exc:
+            return Outcome(failed=[(r, str(exc)) for r in records])
+        return Outcome(accepted=[(r, None) for r in records])
+
+    def _request(self, unit: list[Prepared]) -> tuple[bytes, dict[tuple[int, int], int]]:
+        """The request body, and where each event of the unit sits in it."""
+        groups: dict[bytes, list[int]] = {}
+        for index, item in enumerate(unit):
+            assert isinstance(item, PreparedEvent)
+            groups.setdefault(item.profile, []).append(index)
+        parts: list[bytes] = []
+        positions: dict[tuple[int, int], int] = {}
+        for g, (profile, members) in enumerate(groups.items()):
+            events = b",".join(unit[i].body for i in members)
+            parts.append(
+                b'{"type":"event-bulk-create","attributes":{"profile":{"data":'
+                + profile
+                + b'},"events":{"data":['
+                + events
+                + b"]}}}"
+            )
+            positions |= {(g, e): i for e, i in enumerate(members)}
+        return _HEAD + b",".join(parts) + _TAIL, positions
+
+    def _reject(self, record: Record, error: ApiError) -> Reject:
+        return Reject(
+            record.key,
+            record.fingerprint,
+            record.in_snapshot,
+            error.code or "rejected",
+            error.detail,
+        )
+
+
+def _locate(error: ApiError, positions: dict[tuple[int, int], int]) -> int | None:
+    match = _POINTER.match(error.pointer or "")
+    return positions.get((int(match.group(1)), int(match.group(2) or 0))) if match else None

@@ -13,9 +13,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,44 @@ def sync(
             except SystemExit as exit_:
                 code = int(exit_.code or 0)
     return Sync(code, out.getvalue(), err.getvalue())
+
+
+def sync_customers(project: Path, emulator: Emulator | None, *args: str, **options: Any) -> Sync:
+    """Sync only the demo's customers model (profile upsert)."""
+    return sync(project, emulator, "--select", "customers", *args, **options)
+
+
+def kill_when(
+    project: Path, emulator: Emulator, ready: Callable[[Emulator], bool], select: str = "customers"
+) -> None:
+    """Start a real sync process and SIGKILL it once `ready(emulator)` holds."""
+    process = subprocess.Popen(
+        [
+            str(BIN / "dbt-klaviyo"),
+            "sync",
+            "--project-dir",
+            ".",
+            "--profiles-dir",
+            ".",
+            "-s",
+            select,
+        ],
+        cwd=project,
+        env=clean_env(
+            KLAVIYO_PRIVATE_API_KEY=PRIVATE_KEY,
+            KLAVIYO_PUBLIC_API_KEY=PUBLIC_KEY,
+            KLAVIYO_BASE_URL=emulator.url,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not ready(emulator):
+        assert process.poll() is None, "the sync finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def model_rows(project: Path, sql: str = "SELECT * FROM main.customers") -> list[dict[str, Any]]:

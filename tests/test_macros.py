@@ -228,6 +228,11 @@ def test_demo_project_builds(runs: Runs) -> None:
         "customers": "success",
         "not_null_customers_customer_id": "pass",
         "unique_customers_customer_id": "pass",
+        # one model for each of the other Census objects and behaviours, checked too
+        "vip_audience": "success",
+        "loyalty_updates": "success",
+        "erasure_requests": "success",
+        "order_events": "success",
     }
     assert len(step0.customers) == 1200
     assert min(step0.customers) == "C00001"

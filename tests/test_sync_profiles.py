@@ -18,6 +18,7 @@ from tests.conftest import (
     run_dbt,
     set_model_meta,
     sync,
+    sync_customers,
 )
 
 
@@ -72,7 +73,7 @@ def assert_holds_model(project: Path, emulator: Emulator, also: set[str] = froze
 def test_first_sync_sends_everything_and_a_rerun_sends_nothing(
     project: Path, emulator: Emulator
 ) -> None:
-    first = sync(project, emulator)
+    first = sync_customers(project, emulator)
     assert first.returncode == 0, first.output
     assert first.row("customers") | {"requests": 0} == {
         "added": 1200,
@@ -91,7 +92,7 @@ def test_first_sync_sends_everything_and_a_rerun_sends_nothing(
     assert stats["spec_violations"] == 0
 
     writes_before = stats["writes"]
-    second = sync(project, emulator)
+    second = sync_customers(project, emulator)
     assert second.returncode == 0, second.output
     assert second.row("customers")["unchanged"] == 1200
     assert second.row("customers")["added"] == second.row("customers")["updated"] == 0
@@ -99,12 +100,12 @@ def test_first_sync_sends_everything_and_a_rerun_sends_nothing(
 
 
 def test_a_dbt_change_sends_exactly_the_changed_rows(project: Path, emulator: Emulator) -> None:
-    assert sync(project, emulator).returncode == 0
+    assert sync_customers(project, emulator).returncode == 0
     done = run_dbt(project, "run", "--vars", "{demo_step: 1}")
     assert done.returncode == 0, done.stdout
     before = emulator.stats()
 
-    second = sync(project, emulator)
+    second = sync_customers(project, emulator)
 
     assert second.returncode == 0, second.output
     assert second.row("customers") | {"requests": 0} == {
@@ -128,10 +129,10 @@ def test_a_dbt_change_sends_exactly_the_changed_rows(project: Path, emulator: Em
 
 
 def test_an_unmapped_column_change_sends_nothing(project: Path, emulator: Emulator) -> None:
-    assert sync(project, emulator).returncode == 0
+    assert sync_customers(project, emulator).returncode == 0
     change_model(project, "UPDATE main.customers SET internal_score = internal_score + 1")
     writes = emulator.stats()["writes"]
-    again = sync(project, emulator)
+    again = sync_customers(project, emulator)
     assert again.returncode == 0 and again.row("customers")["unchanged"] == 1200
     assert emulator.stats()["writes"] == writes
 
@@ -161,7 +162,7 @@ def test_a_conflict_and_a_bad_phone_are_rejected_while_the_rest_sync(
     other_id = created.json()["data"]["id"]
     change_model(project, "UPDATE main.customers SET phone = '+1 555' WHERE customer_id = 'C00007'")
 
-    first = sync(project, emulator)
+    first = sync_customers(project, emulator)
 
     assert first.returncode == 1, first.output
     assert first.row("customers")["rejected"] == 2
@@ -175,29 +176,29 @@ def test_a_conflict_and_a_bad_phone_are_rejected_while_the_rest_sync(
     assert other_id in rejects["C00005"]
 
     # Unchanged, a rejected row is not sent again; once fixed, it is.
-    assert sync(project, emulator).row("customers")["rejected"] == 0
+    assert sync_customers(project, emulator).row("customers")["rejected"] == 0
     change_model(
         project, "UPDATE main.customers SET phone = '+14155559999' WHERE customer_id = 'C00007'"
     )
-    fixed = sync(project, emulator)
+    fixed = sync_customers(project, emulator)
     assert fixed.returncode == 0, fixed.output
     assert fixed.row("customers")["added"] == 1
     assert held(emulator)["C00007"]["phone_number"] == "+14155559999"
 
 
 def test_a_dry_run_sends_nothing_and_keeps_no_state(project: Path, emulator: Emulator) -> None:
-    dry = sync(project, emulator, "--dry-run")
+    dry = sync_customers(project, emulator, "--dry-run")
     assert dry.returncode == 0, dry.output
     assert "Dry run" in dry.stdout
     assert dry.row("customers")["added"] == 1200
     assert sum(emulator.stats()["requests_by_operation"].values()) == 0
     assert not (project / ".klaviyo_sync" / "state.duckdb").exists()
 
-    assert sync(project, emulator).returncode == 0
+    assert sync_customers(project, emulator).returncode == 0
     change_model(project, "UPDATE main.customers SET city = 'Oslo' WHERE customer_id = 'C00001'")
     requests_before = sum(emulator.stats()["requests_by_operation"].values())
     state_before = (project / ".klaviyo_sync" / "state.duckdb").read_bytes()
-    dry = sync(project, emulator, "--dry-run")
+    dry = sync_customers(project, emulator, "--dry-run")
     assert dry.row("customers")["updated"] == 1
     assert sum(emulator.stats()["requests_by_operation"].values()) == requests_before
     assert (project / ".klaviyo_sync" / "state.duckdb").read_bytes() == state_before
@@ -210,7 +211,7 @@ def test_rate_limits_and_server_errors_are_survived(project: Path, emulator: Emu
     emulator.inject(status=500, count=1, operation="get_bulk_import_profiles_job")
     emulator.inject(status=429, count=1, operation="get_profiles", retry_after=1)
 
-    done = sync(project, emulator)
+    done = sync_customers(project, emulator)
 
     assert done.returncode == 0, done.output
     assert_holds_model(project, emulator)
@@ -221,8 +222,8 @@ def test_rate_limits_and_server_errors_are_survived(project: Path, emulator: Emu
 
 
 def test_full_refresh_sends_every_row_again(project: Path, emulator: Emulator) -> None:
-    assert sync(project, emulator).returncode == 0
-    again = sync(project, emulator, "--full-refresh")
+    assert sync_customers(project, emulator).returncode == 0
+    again = sync_customers(project, emulator, "--full-refresh")
     assert again.returncode == 0
     assert again.row("customers")["added"] == 1200
     assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] == 2
@@ -231,10 +232,10 @@ def test_full_refresh_sends_every_row_again(project: Path, emulator: Emulator) -
 def test_select_limits_the_sync_and_an_unknown_name_is_an_error(
     project: Path, emulator: Emulator
 ) -> None:
-    unknown = sync(project, emulator, "--select", "nope")
+    unknown = sync_customers(project, emulator, "--select", "nope")
     assert unknown.returncode == 2
     assert "nope" in unknown.stderr and "customers" in unknown.stderr
-    chosen = sync(project, emulator, "--select", "customers")
+    chosen = sync_customers(project, emulator, "--select", "customers")
     assert chosen.returncode == 0 and chosen.row("customers")["added"] == 1200
 
 
@@ -243,7 +244,7 @@ def test_a_bad_annotation_stops_the_run_before_anything_is_sent(
 ) -> None:
     schema = project / "models" / "schema.yml"
     schema.write_text(schema.read_text().replace("field: location.city", "field: location.town"))
-    done = sync(project, emulator)
+    done = sync_customers(project, emulator)
     assert done.returncode == 2
     assert "model 'customers', column 'city'" in done.stderr
     assert '"location.town"' in done.stderr and "location.city" in done.stderr
@@ -256,7 +257,7 @@ def test_a_wrong_key_or_an_unreachable_api_exits_2(project: Path, emulator: Emul
     )
     assert wrong.returncode == 2
     assert "KLAVIYO_PRIVATE_API_KEY" in wrong.stderr and "pk_wrong_0123456789" not in wrong.output
-    gone = sync(project, None, isolated=True)
+    gone = sync_customers(project, None, isolated=True)
     assert gone.returncode == 2
     assert "cannot reach Klaviyo" in gone.stderr
 
@@ -266,19 +267,19 @@ def test_the_client_api_uses_the_public_key_and_no_private_key(
 ) -> None:
     set_model_meta(project, api="client")
     change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00020'")
-    done = sync(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
+    done = sync_customers(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
     assert done.returncode == 0, done.output
     assert emulator.stats()["requests_by_operation"] == {"create_client_profile": 20}
     assert_holds_model(project, emulator)
 
 
 def test_nulls_clear_clears_klaviyo_values(project: Path, emulator: Emulator) -> None:
-    assert sync(project, emulator).returncode == 0
+    assert sync_customers(project, emulator).returncode == 0
     set_model_meta(project, nulls="clear")
     change_model(
         project, "UPDATE main.customers SET city = NULL, is_vip = NULL WHERE customer_id = 'C00002'"
     )
-    done = sync(project, emulator, "--select", "customers")
+    done = sync_customers(project, emulator, "--select", "customers")
     assert done.returncode == 0, done.output
     c2 = held(emulator)["C00002"]
     assert c2["city"] is None
@@ -289,17 +290,17 @@ def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: 
     """Every path, good and bad, in real processes; then search everything they left."""
     change_model(project, "UPDATE main.customers SET phone = 'bad' WHERE customer_id = 'C00003'")
     outputs = [
-        sync(project, emulator, isolated=True).output,
+        sync_customers(project, emulator, isolated=True).output,
         sync(
             project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": PRIVATE_KEY + "x"}, isolated=True
         ).output,
-        sync(project, None, isolated=True).output,
+        sync_customers(project, None, isolated=True).output,
     ]
     set_model_meta(project, api="client")
     emulator.inject(kind="reset", count=3)
     emulator.inject(status=400, count=1, operation="create_client_profile")
     change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00030'")
-    outputs.append(sync(project, emulator, "--full-refresh", isolated=True).output)
+    outputs.append(sync_customers(project, emulator, "--full-refresh", isolated=True).output)
     haystacks = [*outputs, str(emulator.request_log()), str(emulator.state())]
     for path in project.rglob("*"):
         if path.is_file() and "dbt_packages" not in path.parts:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,15 +10,14 @@ import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
 from tests.conftest import (
-    BIN,
     PRIVATE_KEY,
     PUBLIC_KEY,
     change_model,
-    clean_env,
+    kill_when,
     model_rows,
     run_dbt,
     set_model_meta,
-    sync,
+    sync_customers,
 )
 
 STATE = Path(".klaviyo_sync") / "state.duckdb"
@@ -35,32 +32,10 @@ def committed(project: Path) -> int:
     return int(count)
 
 
-def kill_when(project: Path, emulator: Emulator, ready: object) -> None:
-    """Start a real sync process and SIGKILL it once `ready(emulator)` holds."""
-    process = subprocess.Popen(
-        [str(BIN / "dbt-klaviyo"), "sync", "--project-dir", ".", "--profiles-dir", "."],
-        cwd=project,
-        env=clean_env(
-            KLAVIYO_PRIVATE_API_KEY=PRIVATE_KEY,
-            KLAVIYO_PUBLIC_API_KEY=PUBLIC_KEY,
-            KLAVIYO_BASE_URL=emulator.url,
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not ready(emulator):  # type: ignore[operator]
-        assert process.poll() is None, "the sync finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def assert_rerun_sends_only_the_rest(project: Path, emulator: Emulator) -> None:
     total = len(model_rows(project))
     done_before = committed(project)
-    rerun = sync(project, emulator)
+    rerun = sync_customers(project, emulator)
     assert rerun.returncode == 0, rerun.output
     assert rerun.row("customers")["added"] == total - done_before
     assert committed(project) == total
@@ -107,13 +82,13 @@ def test_records_that_failed_for_a_passing_reason_are_sent_next_run(
     project: Path, emulator: Emulator
 ) -> None:
     emulator.inject(status=503, count=6, operation="bulk_import_profiles")  # every retry
-    failed = sync(project, emulator)
+    failed = sync_customers(project, emulator)
     assert failed.returncode == 1, failed.output
     assert failed.row("customers")["failed"] == 1200
     assert "sent again next run" in failed.stdout
     assert emulator.profiles() == []
 
-    again = sync(project, emulator)
+    again = sync_customers(project, emulator)
     assert again.returncode == 0, again.output
     assert again.row("customers")["added"] == 1200
     assert len(emulator.profiles()) == 1200
@@ -123,7 +98,7 @@ def test_a_missing_or_stale_manifest_is_rebuilt_with_dbt_parse(
     project: Path, emulator: Emulator
 ) -> None:
     (project / "target" / "manifest.json").unlink()
-    first = sync(project, emulator)
+    first = sync_customers(project, emulator)
     assert first.returncode == 0, first.output
     assert (project / "target" / "manifest.json").exists()
 
@@ -133,28 +108,28 @@ def test_a_missing_or_stale_manifest_is_rebuilt_with_dbt_parse(
     schema.write_text(
         schema.read_text().replace("field: location.country", "field: location.region")
     )
-    second = sync(project, emulator)
+    second = sync_customers(project, emulator)
     assert second.returncode == 0, second.output
     assert second.row("customers")["updated"] == 1200
     assert "region" in emulator.profiles()[0]["attributes"]["location"]
 
 
 def test_the_state_survives_dbt_clean(project: Path, emulator: Emulator) -> None:
-    assert sync(project, emulator).returncode == 0
+    assert sync_customers(project, emulator).returncode == 0
     cleaned = run_dbt(project, "clean")
     assert cleaned.returncode == 0, cleaned.stdout
     assert (project / STATE).exists()
     assert run_dbt(project, "deps").returncode == 0
-    again = sync(project, emulator)
+    again = sync_customers(project, emulator)
     assert again.returncode == 0, again.output
     assert again.row("customers")["unchanged"] == 1200
 
 
 def test_the_state_can_live_elsewhere(project: Path, emulator: Emulator, tmp_path: Path) -> None:
     elsewhere = tmp_path / "states" / "klaviyo.duckdb"
-    assert sync(project, emulator, "--state", str(elsewhere)).returncode == 0
+    assert sync_customers(project, emulator, "--state", str(elsewhere)).returncode == 0
     assert elsewhere.exists() and not (project / STATE).exists()
-    again = sync(project, emulator, env={"DBT_KLAVIYO_STATE": str(elsewhere)})
+    again = sync_customers(project, emulator, env={"DBT_KLAVIYO_STATE": str(elsewhere)})
     assert again.row("customers")["unchanged"] == 1200
 
 
@@ -169,7 +144,7 @@ def test_a_damaged_or_newer_state_file_is_refused_clearly(
     else:
         with duckdb.connect(str(state)) as con:
             con.execute("CREATE TABLE meta AS SELECT 'schema_version' AS key, '99' AS value")
-    done = sync(project, emulator)
+    done = sync_customers(project, emulator)
     assert done.returncode == 2
     assert str(state) in done.stderr or "schema version 99" in done.stderr
     assert sum(emulator.stats()["requests_by_operation"].values()) <= 1  # the key check only

@@ -9,7 +9,14 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from dbt_klaviyo_sync.payloads import Record, profile_resource, records
+from dbt_klaviyo_sync.payloads import (
+    InvalidValue,
+    Record,
+    _converter,
+    event_resources,
+    profile_resource,
+    records,
+)
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
 
 FIELDS = (
@@ -175,3 +182,82 @@ def test_numbers_for_text_attributes_are_sent_as_text() -> None:
     assert profile_resource(spec(), record)["attributes"] == {"external_id": "7"}
     [converted], _ = records(spec(), batch({**GOOD, "id": "C3", "first": 42}))
     assert converted.values["first_name"] == "42"
+
+
+EVENT_FIELDS = (
+    FieldMap("order_id", "unique_id"),
+    FieldMap("email", "email"),
+    FieldMap("phone", "phone_number"),
+    FieldMap("at", "time"),
+    FieldMap("amount", "value"),
+    FieldMap("sku", "properties.sku"),
+)
+EVENT_SPEC = SyncSpec(
+    model="orders",
+    unique_id="model.x.orders",
+    relation='"wh"."main"."orders"',
+    object="event",
+    behavior="send",
+    key_column="order_id",
+    key_field="unique_id",
+    fields=EVENT_FIELDS,
+    metric="Placed Order",
+)
+
+
+def event_record(**values: Any) -> Record:
+    base = {
+        "unique_id": "O1",
+        "email": "a@example.com",
+        "phone_number": None,
+        "time": "2024-01-01T00:00:00+00:00",
+        "value": 9.5,
+        "properties.sku": "S1",
+    }
+    return Record("O1", "fp", "add", False, None, {**base, **values})
+
+
+def test_an_event_carries_its_profile_metric_unique_id_and_properties() -> None:
+    profile, event = event_resources(EVENT_SPEC, event_record())
+    assert profile == {"type": "profile", "attributes": {"email": "a@example.com"}}
+    assert event["attributes"] == {
+        "properties": {"sku": "S1"},
+        "metric": {"data": {"type": "metric", "attributes": {"name": "Placed Order"}}},
+        "unique_id": "O1",
+        "time": "2024-01-01T00:00:00+00:00",
+        "value": 9.5,
+    }
+
+
+def test_an_event_with_only_a_phone_number_is_refused() -> None:
+    with pytest.raises(InvalidValue, match="phone number alone"):
+        event_resources(EVENT_SPEC, event_record(email=None, phone_number="+14155550123"))
+
+
+def test_an_event_with_more_than_400_properties_is_refused() -> None:
+    at_limit = {f"properties.p{i}": i for i in range(399)}  # with sku: 400
+    assert (
+        len(event_resources(EVENT_SPEC, event_record(**at_limit))[1]["attributes"]["properties"])
+        == 400
+    )
+    with pytest.raises(InvalidValue, match="401 properties"):
+        event_resources(EVENT_SPEC, event_record(**at_limit, **{"properties.p399": 1}))
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (datetime(1989, 12, 31, tzinfo=UTC), "before 1990"),
+        (datetime(2999, 1, 1, tzinfo=UTC), "more than a year ahead"),
+        ("yesterday", "not an ISO 8601 time"),
+    ],
+)
+def test_event_times_outside_klaviyos_window_are_refused(value: Any, reason: str) -> None:
+    with pytest.raises(InvalidValue, match=reason):
+        _converter("time")(value)
+
+
+def test_a_date_becomes_midnight_utc_and_a_metric_name_must_be_short() -> None:
+    assert _converter("time")(date(2024, 5, 1)) == "2024-05-01T00:00:00+00:00"
+    with pytest.raises(InvalidValue, match="128"):
+        _converter("metric")("m" * 128)

@@ -85,6 +85,24 @@ def test_the_list_mirrors_the_model(project: Path, emulator: Emulator, vip_list:
     assert set(leaving) <= emails
 
 
+def test_a_bad_member_is_rejected_and_the_rest_join_the_list(
+    project: Path, emulator: Emulator, vip_list: str
+) -> None:
+    change_model(
+        project,
+        """INSERT INTO main.vip_audience VALUES ('not-an-email', 'C09000', 'Bad');
+           DELETE FROM main.vip_audience WHERE customer_id NOT IN
+               (SELECT customer_id FROM main.vip_audience ORDER BY customer_id LIMIT 10)
+               AND customer_id <> 'C09000'""",
+    )
+    done = only(project, emulator, "vip_audience")
+    assert done.returncode == 1
+    assert done.row("vip_audience")["rejected"] == 1
+    assert done.row("vip_audience")["added"] == 10
+    assert "'not-an-email' email" in done.stdout and "not a valid email" in done.stdout
+    assert len(emulator.list_members(LIST_ID)) == 10
+
+
 def test_a_missing_list_stops_the_run_before_anything_is_sent(
     project: Path, emulator: Emulator
 ) -> None:
@@ -192,6 +210,7 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
     assert len(emulator.deletions()) == 2  # never twice, not even with --full-refresh
 
     change_model(project, "INSERT INTO main.erasure_requests VALUES ('C00008'), ('C77777')")
+    assert emulator.stats()["throttled"] == 0
     plan = only(project, emulator, "erasure_requests", "--dry-run")
     assert plan.returncode == 0
     assert sorted(line.strip() for line in plan.stdout.splitlines() if "would delete" in line) == [
@@ -207,6 +226,15 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
     deletions_done(emulator)
     assert "C00008" not in by_external_id(emulator)
     assert len(emulator.deletions()) == 3
+
+    # The deletion endpoint allows 3 requests a second: 6 deletions in one run are paced.
+    change_model(
+        project,
+        "INSERT INTO main.erasure_requests SELECT 'C0003' || i FROM range(6) t(i)",
+    )
+    paced = only(project, emulator, "erasure_requests")
+    assert paced.row("erasure_requests")["removed"] == 6
+    assert emulator.stats()["throttled"] == 0
 
 
 # -- Event: Send -------------------------------------------------------------------------

@@ -4,4 +4,5 @@
 
 select email, customer_id, first_name
 from {{ ref('customers') }}
-where is_vip
+-- customers who asked to be forgotten join no list
+where is_vip and customer_id not in (select customer_id from {{ ref('erasure_requests') }})

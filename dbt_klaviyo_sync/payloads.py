@@ -17,11 +17,10 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-import phonenumbers
 import pyarrow as pa
-from email_validator import EmailNotValidError, validate_email
 
 from dbt_klaviyo_sync.diff import field_column
+from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164
 from dbt_klaviyo_sync.spec import EVENT_FIELDS, SyncSpec
 
 #: Klaviyo's limits on what one profile may carry (API.md §2.1, §2.2).
@@ -34,10 +33,6 @@ EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
 MAX_METRIC_NAME = 128  # "fewer than 128 characters"
 MAX_EVENT_PROPERTIES = 400
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-class InvalidValue(ValueError):
-    """A value that cannot be sent; the message is the reason shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -138,33 +133,12 @@ def _number(value: Any) -> Any:
 
 def _email(value: Any) -> Any:
     text = _text(value)
-    if text is None:
-        return None
-    text = text.strip()
-    try:
-        validate_email(text, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise InvalidValue(f"{text!r} is not a valid email address: {exc}") from exc
-    return text
+    return None if text is None else checked_email(text)
 
 
 def _phone(value: Any) -> Any:
     text = _text(value)
-    if text is None:
-        return None
-    try:
-        number = phonenumbers.parse(text, None)
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidValue(
-            f"{text!r} is not a phone number Klaviyo accepts: it must be in E.164 form, "
-            "starting with + and the country code (e.g. +14155550123)"
-        ) from exc
-    if not phonenumbers.is_valid_number(number):
-        raise InvalidValue(
-            f"{text!r} is not a valid phone number for its country code; Klaviyo needs a "
-            "valid number in E.164 form (e.g. +14155550123)"
-        )
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return None if text is None else e164(text)
 
 
 def _time(value: Any) -> Any:

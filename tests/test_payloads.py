@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.payloads import (
-    InvalidValue,
     Record,
     _converter,
     event_resources,

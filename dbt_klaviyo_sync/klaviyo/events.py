@@ -15,9 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dbt_klaviyo_sync.errors import TransientApiError
+from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, isolate
-from dbt_klaviyo_sync.payloads import InvalidValue, Record, Reject, dumps, event_resources
+from dbt_klaviyo_sync.payloads import Record, Reject, dumps, event_resources
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_EVENTS_PER_REQUEST = 1000

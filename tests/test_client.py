@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -34,17 +35,48 @@ def test_the_pacer_keeps_to_the_burst_limit() -> None:
     pacer = EndpointPacer(burst=5, steady=1000)
     started = time.monotonic()
     for _ in range(11):
-        pacer.acquire()
+        with pacer.slot():
+            pass
     # 5 in the first window, 5 in the second, the 11th in the third.
     assert time.monotonic() - started >= 2.0
+
+
+def test_the_pacer_counts_a_request_until_a_window_after_its_answer() -> None:
+    """Klaviyo counts a request when it arrives, which may be as late as our receipt of
+    the answer: the next window starts from there."""
+    pacer = EndpointPacer(burst=1, steady=1000)
+    with pacer.slot():
+        time.sleep(0.5)  # a slow answer
+    answered = time.monotonic()
+    with pacer.slot():
+        assert time.monotonic() - answered >= 1.0
+
+
+def test_requests_in_flight_hold_their_places() -> None:
+    pacer = EndpointPacer(burst=2, steady=1000)
+    entered = []
+
+    def request() -> None:
+        with pacer.slot():
+            entered.append(time.monotonic())
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    entered.sort()
+    # The third waits for a window after the first two answers (at about 0.3 s).
+    assert entered[2] - entered[0] >= 1.25
 
 
 def test_the_pacer_holds_every_caller_until_a_block_passes() -> None:
     pacer = EndpointPacer(burst=100, steady=1000)
     pacer.block(0.6)
     started = time.monotonic()
-    pacer.acquire()
-    assert time.monotonic() - started >= 0.6
+    with pacer.slot():
+        assert time.monotonic() - started >= 0.6
 
 
 def test_a_created_profile_comes_back_with_its_id(emulator: Emulator) -> None:

@@ -32,7 +32,7 @@ from tenacity.wait import wait_random_exponential
 
 from dbt_klaviyo_sync.errors import ConfigurationError, CredentialsError, TransientApiError
 from dbt_klaviyo_sync.klaviyo.openapi import REVISION, operation
-from dbt_klaviyo_sync.klaviyo.pacing import Pacer
+from dbt_klaviyo_sync.klaviyo.pacing import EndpointPacer, Pacer
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,10 @@ class KlaviyoClient:
         path_params: tuple[str, ...] = (),
         params: dict[str, str] | None = None,
         body: bytes | None = None,
+        attempts: int | None = None,
     ) -> Any:
-        """Send one request, with pacing and retries; return the parsed JSON body or None."""
+        """Send one request, with pacing and retries; return the parsed JSON body or None.
+        `attempts` lowers the number of tries, for calls where waiting long is worse."""
         op = operation(operation_id)
         path = op.path
         for value in path_params:
@@ -184,7 +186,7 @@ class KlaviyoClient:
                 "requests in a row even after retries; it is sent on the next run"
             )
         retrying = Retrying(
-            stop=stop_after_attempt(self._max_attempts),
+            stop=stop_after_attempt(attempts or self._max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientApiError),
             reraise=True,
@@ -237,27 +239,27 @@ class KlaviyoClient:
                 )
             headers.update(self._private_headers)
         pacer = self._pacer.endpoint(operation(operation_id))
-        pacer.acquire()
-        with self._count_lock:
-            self._requests += 1
-        try:
-            response = self._session.request(
-                method,
-                self.base_url + path,
-                params=params,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-            )
-        except requests.Timeout:
-            raise TransientApiError(f"{operation_id}: no answer within the timeout") from None
-        except requests.ConnectionError as exc:
-            raise TransientApiError(
-                f"{operation_id}: connection failed ({type(exc).__name__})"
-            ) from None
+        with pacer.slot():
+            with self._count_lock:
+                self._requests += 1
+            try:
+                response = self._session.request(
+                    method,
+                    self.base_url + path,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                )
+            except requests.Timeout:
+                raise TransientApiError(f"{operation_id}: no answer within the timeout") from None
+            except requests.ConnectionError as exc:
+                raise TransientApiError(
+                    f"{operation_id}: connection failed ({type(exc).__name__})"
+                ) from None
         return self._answer(operation_id, response, pacer)
 
-    def _answer(self, operation_id: str, response: requests.Response, pacer: Any) -> Any:
+    def _answer(self, operation_id: str, response: requests.Response, pacer: EndpointPacer) -> Any:
         status = response.status_code
         if status == 429:
             wait = _retry_after(response.headers.get("Retry-After"))

@@ -1,11 +1,12 @@
 """Pace requests per endpoint within Klaviyo's burst and steady limits.
 
 Klaviyo limits each operation per account with a burst window (per second) and a steady
-window (per minute). We keep a sliding log of send times per operation: a sliding window
-never exceeds a fixed window of the same length, wherever the server aligns it. A
-`Retry-After` blocks the operation until it has passed, for every thread, and the
-`RateLimit-*` headers on successful answers pull us back when the server counts more
-requests than we do (another process on the same account, say).
+window (per minute), counting requests when they arrive. We cannot see arrival times, but
+each one lies between our send and our receipt of the answer. So a request counts in a
+window from the moment it is sent until a full window after its answer came back: then
+however late the previous requests arrived, and however early this one does, at most the
+limit can land in any window, wherever the server aligns it. A `Retry-After` blocks the
+operation for every thread until it has passed.
 """
 
 from __future__ import annotations
@@ -13,52 +14,69 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dbt_klaviyo_sync.klaviyo.openapi import Operation
-
-# A little slack on each window absorbs network jitter between our clock and the server's.
-_BURST_WINDOW = 1.05
-_STEADY_WINDOW = 60.5
 
 
 @dataclass
 class _Window:
     limit: int
     seconds: float
-    sent: deque[float] = field(default_factory=deque)
+    answered: deque[float] = field(default_factory=deque)  # when answers came, oldest first
+    in_flight: int = 0
 
-    def wait(self, now: float) -> float:
-        while self.sent and self.sent[0] <= now - self.seconds:
-            self.sent.popleft()
-        return 0.0 if len(self.sent) < self.limit else self.sent[0] + self.seconds - now
+    def wait(self, now: float) -> float | None:
+        """0 when a request may go now; else seconds to wait, or None to wait for an answer."""
+        while self.answered and self.answered[0] <= now - self.seconds:
+            self.answered.popleft()
+        if len(self.answered) + self.in_flight < self.limit:
+            return 0.0
+        return self.answered[0] + self.seconds - now if self.answered else None
 
 
 class EndpointPacer:
     """The pace of one operation; thread-safe."""
 
     def __init__(self, burst: int, steady: int) -> None:
-        self._windows = (_Window(burst, _BURST_WINDOW), _Window(steady, _STEADY_WINDOW))
+        self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
         self._blocked_until = 0.0
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
-    def acquire(self) -> float:
-        """Wait for a free slot and take it; returns the seconds spent waiting."""
-        waited = 0.0
-        while True:
-            with self._lock:
+    @contextmanager
+    def slot(self) -> Iterator[float]:
+        """Hold a place in the windows for one request; yields the seconds spent waiting."""
+        waited = self._acquire()
+        try:
+            yield waited
+        finally:
+            with self._changed:
                 now = time.monotonic()
-                delay = max(self._blocked_until - now, *(w.wait(now) for w in self._windows))
-                if delay <= 0:
+                for window in self._windows:
+                    window.in_flight -= 1
+                    window.answered.append(now)
+                self._changed.notify_all()
+
+    def _acquire(self) -> float:
+        started = time.monotonic()
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                waits = [w.wait(now) for w in self._windows]
+                blocked = self._blocked_until - now
+                if blocked <= 0 and all(w == 0 for w in waits):
                     for window in self._windows:
-                        window.sent.append(now)
-                    return waited
-            time.sleep(delay)
-            waited += delay
+                        window.in_flight += 1
+                    return now - started
+                known = [w for w in waits if w] + ([blocked] if blocked > 0 else [])
+                # With only answers to wait for, a release wakes us; else sleep until due.
+                self._changed.wait(max(known) if known else None)
 
     def block(self, seconds: float) -> None:
         """No request before `seconds` from now (a Retry-After, or an exhausted window)."""
-        with self._lock:
+        with self._changed:
             self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
 
 
@@ -74,8 +92,9 @@ class Pacer:
         with self._lock:
             pacer = self._pacers.get(op.operation_id)
             if pacer is None:
-                limits = (
-                    (op.burst_per_second, op.steady_per_minute) if self._enabled else (10**9, 10**9)
-                )
+                if self._enabled:
+                    limits = (op.burst_per_second, op.steady_per_minute)
+                else:
+                    limits = (10**9, 10**9)
                 pacer = self._pacers[op.operation_id] = EndpointPacer(*limits)
             return pacer

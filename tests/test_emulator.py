@@ -367,6 +367,20 @@ def test_status_fault_hits_the_next_matching_requests_only(emu: Emulator) -> Non
     assert upsert(emu, email="a@example.com").status_code == 201
 
 
+def test_a_fault_can_strike_only_requests_carrying_a_record_and_point_at_it(
+    emu: Emulator,
+) -> None:
+    emu.inject(
+        status=400, count=2, body_contains="poison@example.com", pointer="/data/attributes/email"
+    )
+    assert upsert(emu, email="fine@example.com").status_code == 201
+    refused = upsert(emu, email="poison@example.com")
+    assert refused.status_code == 400
+    assert error_of(refused)["source"] == {"pointer": "/data/attributes/email"}
+    assert upsert(emu, email="poison@example.com").status_code == 400
+    assert upsert(emu, email="poison@example.com").status_code == 201  # count used up
+
+
 def test_injected_429_carries_retry_after_and_counts(emu: Emulator) -> None:
     emu.inject(status=429, retry_after=3)
     response = call(emu, "GET", "/api/profiles")

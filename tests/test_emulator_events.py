@@ -219,6 +219,7 @@ def test_without_unique_id_one_event_per_profile_metric_and_second(emu: Emulator
         (datetime.now(UTC) + timedelta(days=366)).isoformat(),
         "2024-13-01T00:00:00+00:00",
     ],
+    ids=["before-1990", "over-a-year-ahead", "not-a-date"],
 )
 def test_a_time_outside_klaviyos_window_is_refused(emu: Emulator, moment: str) -> None:
     refused(create(emu, {"email": "a@example.com"}, time=moment), 400, "/data/attributes/time")

@@ -29,6 +29,9 @@ class Fault:
     - `job_stuck`: the bulk job the request creates never leaves `processing`.
 
     With `after`, the request is processed for real first, and only the answer is lost.
+    A `status` fault's error points at `pointer` when given (a record of a bulk request,
+    say). With `body_contains`, the fault strikes only requests whose body contains that
+    text: a record Klaviyo refuses whatever request it travels in.
     """
 
     kind: FaultKind
@@ -38,6 +41,8 @@ class Fault:
     retry_after: int = 1
     seconds: float = 0.0
     after: bool = False
+    pointer: str | None = None
+    body_contains: bytes | None = None
 
 
 def make_fault(
@@ -49,6 +54,8 @@ def make_fault(
     retry_after: int = 1,
     seconds: float = 0.0,
     after: bool = False,
+    pointer: str | None = None,
+    body_contains: str | None = None,
 ) -> Fault:
     """Check the options of `Emulator.inject` and build the fault; ValueError if wrong."""
     if kind is None:
@@ -67,7 +74,8 @@ def make_fault(
         raise ValueError(f"unknown operation {operation!r}")
     if count < 1 or retry_after < 0 or seconds < 0:
         raise ValueError("count must be positive, retry_after and seconds not negative")
-    return Fault(kind, operation, count, status or 0, retry_after, seconds, after)
+    needle = body_contains.encode() if body_contains else None
+    return Fault(kind, operation, count, status or 0, retry_after, seconds, after, pointer, needle)
 
 
 class FaultQueue:
@@ -81,11 +89,13 @@ class FaultQueue:
         with self._lock:
             self._faults.append(fault)
 
-    def take(self, operation_id: str) -> Fault | None:
+    def take(self, operation_id: str, body: bytes) -> Fault | None:
         """The fault this request suffers, if any, using up one of its count."""
         with self._lock:
             for fault in self._faults:
-                if fault.operation in (None, operation_id):
+                if fault.operation in (None, operation_id) and (
+                    fault.body_contains is None or fault.body_contains in body
+                ):
                     fault.remaining -= 1
                     if fault.remaining == 0:
                         self._faults.remove(fault)

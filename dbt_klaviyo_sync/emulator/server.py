@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import date
 from types import TracebackType
 from typing import Any
@@ -105,7 +106,7 @@ class App:
         self.account.advance()
         if self.limiter.arrived_early(operation_id):
             self.telemetry.count("retry_after_violations")
-        fault = self.faults.take(operation_id)
+        fault = self.faults.take(operation_id, request.get_data(cache=True))
         answer = self._faulted(request, operation, path_params, fault)
         self._log(request, operation_id, None if answer is None else answer.status_code)
         return answer
@@ -142,7 +143,8 @@ class App:
             return Response(MALFORMED_BODY, 200, content_type=CONTENT_TYPE)
         if fault.status == 429:
             return _error(self._throttled(operation, fault.retry_after))
-        return _error(from_status(fault.status, "Injected by the emulator."))
+        injected = from_status(fault.status, "Injected by the emulator.")
+        return _error(replace(injected, pointer=fault.pointer) if fault.pointer else injected)
 
     def _answer(
         self,
@@ -410,6 +412,8 @@ class Emulator:
         retry_after: int = 1,
         seconds: float = 0.0,
         after: bool = False,
+        pointer: str | None = None,
+        body_contains: str | None = None,
     ) -> None:
         """Make the next `count` requests to `operation` (None: any) fail; see `Fault`."""
         self.app.faults.add(
@@ -421,6 +425,8 @@ class Emulator:
                 retry_after=retry_after,
                 seconds=seconds,
                 after=after,
+                pointer=pointer,
+                body_contains=body_contains,
             )
         )
 

@@ -66,6 +66,28 @@ def cli() -> None:
     show_default=True,
     help="Requests in flight at once.",
 )
+@click.option(
+    "--fail-on-rejects",
+    "reject_rate",
+    type=click.FloatRange(0, 1),
+    help="Exit 1 for rejects only when a model rejects more than this share of the rows it "
+    "sent (0.05 = 5%). By default any reject exits 1. Failed records always exit 1.",
+)
+@click.option(
+    "--job-timeout",
+    type=click.FloatRange(min=1),
+    default=1800,
+    show_default=True,
+    help="Seconds to wait for a bulk import job before leaving its rows for the next run.",
+)
+@click.option(
+    "--timeout",
+    "read_timeout",
+    type=click.FloatRange(min=0.1),
+    default=60,
+    show_default=True,
+    help="Seconds to wait for Klaviyo's answer before retrying the request.",
+)
 def sync(
     project_dir: str | None,
     profiles_dir: str | None,
@@ -75,6 +97,9 @@ def sync(
     full_refresh: bool,
     state_path: Path | None,
     concurrency: int,
+    reject_rate: float | None,
+    job_timeout: float,
+    read_timeout: float,
 ) -> None:
     """Diff each annotated model against its last sync and send the changes to Klaviyo."""
     from dbt_klaviyo_sync.dbt import DbtProject
@@ -88,12 +113,14 @@ def sync(
         full_refresh=full_refresh,
         state_path=state_path,
         concurrency=concurrency,
+        job_deadline=job_timeout,
+        read_timeout=read_timeout,
         allow_insecure_http=os.environ.get("DBT_KLAVIYO_ALLOW_INSECURE_HTTP") == "1",
     )
     project = DbtProject.locate(project_dir, profiles_dir, target)
     results = run(project, select, options)
     _print_summary(results, dry_run)
-    if any(r.counts.rejected or r.counts.failed for r in results):
+    if any(r.counts.failed or r.rejects_too_many(reject_rate) for r in results):
         sys.exit(1)
 
 

@@ -33,6 +33,7 @@ from dbt_klaviyo_sync.klaviyo.events import EventSender
 from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Sender
 from dbt_klaviyo_sync.klaviyo.profiles import ProfileUpdater, ProfileUpserter
+from dbt_klaviyo_sync.logs import redact
 from dbt_klaviyo_sync.manifest import ModelNode, read_models
 from dbt_klaviyo_sync.payloads import Reject
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
@@ -63,6 +64,7 @@ class SyncOptions:
     state_path: Path | None = None
     concurrency: int = 4
     job_deadline: float = 1800.0
+    read_timeout: float = 60.0
     allow_insecure_http: bool = False
 
 
@@ -75,6 +77,14 @@ class ModelResult:
     rejects: list[Reject] = field(default_factory=list)  # a sample, for the console
     failures: list[str] = field(default_factory=list)
     planned: list[str] = field(default_factory=list)  # dry run: every key it would delete
+
+    def rejects_too_many(self, rate: float | None) -> bool:
+        """Whether the rejects should fail the run: any at all, or more than `rate` of
+        the records this run sent (or tried to)."""
+        tried = self.counts.added + self.counts.updated + self.counts.removed + self.counts.rejected
+        if rate is None:
+            return self.counts.rejected > 0
+        return self.counts.rejected > rate * tried
 
     @property
     def status(self) -> str:
@@ -127,33 +137,48 @@ def run(
     specs = build_specs(select(read_models(ensure_manifest(project)), names))
     warehouse = load_warehouse(project)
     state_path = options.state_path or default_path(project.project_dir)
-    if options.dry_run and not state_path.exists():
-        state_path_or_none: Path | None = None  # nothing synced yet: diff against nothing
-    else:
-        state_path_or_none = state_path
+    fresh = not state_path.exists()
+    if fresh and not options.dry_run:
+        _warn_fresh_state(specs, state_path)
     # A dry run builds requests to show them, but never sends one.
     client = KlaviyoClient(
         options.base_url,
         options.private_key,
         options.public_key,
+        timeout=(10.0, options.read_timeout),
         allow_insecure=options.allow_insecure_http,
     )
-    if not options.dry_run:
-        _preflight(client, specs)
     results = []
     try:
         with open_state(
-            state_path_or_none,
+            None if options.dry_run and fresh else state_path,  # None: an empty state in memory
             warehouse.databases,
-            read_only=options.dry_run and state_path_or_none is not None,
+            read_only=options.dry_run,
         ) as state:
             for spec in specs:
                 diff.check_columns(state.con, spec)
+            if not options.dry_run:
+                _preflight(client, specs)
             for spec in specs:
                 results.append(ModelSync(state, client, spec, warehouse.target_name, options).run())
     finally:
         client.close()
     return results
+
+
+def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
+    """Without a state file nothing looks sent: fine for a first sync, but if the state was
+    lost, events and deletions are requested again. Say so, loudly, before sending."""
+    once = ", ".join(spec.model for spec in specs if spec.once)
+    log.warning(
+        "no sync state at %s: every row counts as new and is sent.%s If you moved or lost "
+        "the state, stop now and point --state (or DBT_KLAVIYO_STATE) at it.",
+        path,
+        f" {once} will send every event and deletion again (Klaviyo drops events it already "
+        "has by unique_id)."
+        if once
+        else "",
+    )
 
 
 def _preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
@@ -162,7 +187,8 @@ def _preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
     if not any(spec.api == "private" for spec in specs):
         return
     try:
-        client.call("get_profiles", params={"page[size]": "1"})
+        # Three tries: a user at the terminal should hear soon that Klaviyo is out of reach.
+        client.call("get_profiles", params={"page[size]": "1"}, attempts=3)
         for spec in specs:
             if spec.mirrors:
                 check_list(client, spec)
@@ -237,7 +263,7 @@ class ModelSync:
             counts.invalid,
         )
         requests_before = self.client.requests_made
-        status = "error"
+        status, error = "error", None
         tally = self.result.counts
         try:
             bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
@@ -253,11 +279,14 @@ class ModelSync:
                 if not self.dry_run:
                     self.state.forget_removed(self.sid, diff.CHANGES)
             status = self.result.status
+        except Exception as exc:
+            error = redact(f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             tally.unchanged = counts.model_rows - counts.to_send - counts.invalid
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
-                self.state.finish_run(self.run_id, tally, status)
+                self.state.finish_run(self.run_id, tally, status, error)
         return self.result
 
     def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from dbt_klaviyo_sync.errors import StateError
 from dbt_klaviyo_sync.spec import SyncSpec
 
 CATALOG = "klaviyo_sync_state"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migration N brings a state file from version N-1 to N. Append; never edit a shipped step.
 _MIGRATIONS: dict[int, list[str]] = {
@@ -51,6 +51,8 @@ _MIGRATIONS: dict[int, list[str]] = {
             key VARCHAR, column_name VARCHAR, field VARCHAR, code VARCHAR NOT NULL,
             reason VARCHAR NOT NULL, fingerprint VARCHAR, rejected_at TIMESTAMPTZ NOT NULL)""",
     ],
+    # Why a run ended in error, so the run history says more than "error".
+    2: ["ALTER TABLE runs ADD COLUMN error VARCHAR"],
 }
 
 #: The columns of a batch's outcome table, as `commit_batch` expects them.
@@ -164,11 +166,13 @@ class State:
         )
         return run_id
 
-    def finish_run(self, run_id: str, counts: RunCounts, status: str) -> None:
+    def finish_run(
+        self, run_id: str, counts: RunCounts, status: str, error: str | None = None
+    ) -> None:
         self._writer.execute(
             f"""UPDATE {CATALOG}.runs SET finished_at = current_timestamp, added = $2,
                 updated = $3, removed = $4, unchanged = $5, rejected = $6, failed = $7,
-                requests = $8, status = $9 WHERE run_id = $1""",
+                requests = $8, status = $9, error = $10 WHERE run_id = $1""",
             [
                 run_id,
                 counts.added,
@@ -179,6 +183,7 @@ class State:
                 counts.failed,
                 counts.requests,
                 status,
+                error,
             ],
         )
 
@@ -264,6 +269,7 @@ def open_state(
     message instead of corrupting it.
     """
     con = duckdb.connect()
+    read_only = read_only and path is not None
     try:
         if path is None:
             con.execute(f"ATTACH ':memory:' AS {CATALOG}")
@@ -273,11 +279,8 @@ def open_state(
             mode = " (READ_ONLY)" if read_only else ""
             try:
                 con.execute(f"ATTACH '{_sql_str(str(path))}' AS {CATALOG}{mode}")
-            except duckdb.IOException as exc:
-                raise StateError(
-                    f"cannot open the state file {path}: {exc}. If another dbt-klaviyo sync "
-                    "is running on this project, wait for it to finish."
-                ) from exc
+            except duckdb.Error as exc:
+                raise _unopenable(path, exc) from exc
         for catalog, file in warehouse.items():
             if not file.is_file():
                 raise StateError(
@@ -298,6 +301,20 @@ def open_state(
         yield state
     finally:
         con.close()
+
+
+def _unopenable(path: Path, error: duckdb.Error) -> StateError:
+    if "lock" in str(error).lower():
+        return StateError(
+            f"the state file {path} is in use by another dbt-klaviyo sync ({error}); wait "
+            "for it to finish. Two syncs on one state never run at once."
+        )
+    return StateError(
+        f"the state file {path} cannot be read ({error}). Move it aside (keep it: it may "
+        "be recoverable) and run again with --full-refresh, which sends every row again; "
+        "Klaviyo drops events it already has by unique_id, but deletions already made are "
+        "requested again."
+    )
 
 
 def _sql_str(text: str) -> str:

@@ -50,7 +50,7 @@ def test(pytest_args: list[str]) -> None:
     run(str(BIN / "ruff"), "check", ".")
     run(str(BIN / "ruff"), "format", "--check", ".")
     run(str(BIN / "mypy"), "dbt_klaviyo_sync")
-    run(str(BIN / "pytest"), "-q", *pytest_args)
+    run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args)
 
 
 def main() -> None:

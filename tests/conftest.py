@@ -181,37 +181,39 @@ def sync_customers(project: Path, emulator: Emulator | None, *args: str, **optio
     return sync(project, emulator, "--select", "customers", *args, **options)
 
 
-def kill_when(
-    project: Path, emulator: Emulator, ready: Callable[[Emulator], bool], select: str = "customers"
-) -> None:
-    """Start a real sync process and SIGKILL it once `ready(emulator)` holds."""
-    process = subprocess.Popen(
-        [
-            str(BIN / "dbt-klaviyo"),
-            "sync",
-            "--project-dir",
-            ".",
-            "--profiles-dir",
-            ".",
-            "-s",
-            select,
-        ],
+def start_sync(project: Path, emulator: Emulator, select: str) -> subprocess.Popen[str]:
+    """A real `dbt-klaviyo sync` process in the background."""
+    command = ["sync", "--project-dir", ".", "--profiles-dir", ".", "--select", select]
+    return subprocess.Popen(
+        [str(BIN / "dbt-klaviyo"), *command],
         cwd=project,
         env=clean_env(
             KLAVIYO_PRIVATE_API_KEY=PRIVATE_KEY,
             KLAVIYO_PUBLIC_API_KEY=PUBLIC_KEY,
             KLAVIYO_BASE_URL=emulator.url,
         ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+def wait_for(ready: Callable[[], bool], process: subprocess.Popen[str] | None = None) -> None:
     deadline = time.monotonic() + 60
-    while not ready(emulator):
-        assert process.poll() is None, "the sync finished before it could be killed"
-        assert time.monotonic() < deadline
+    while not ready():
+        assert process is None or process.poll() is None, "the sync finished too soon"
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def kill_when(
+    project: Path, emulator: Emulator, ready: Callable[[Emulator], bool], select: str = "customers"
+) -> None:
+    """Start a real sync process and SIGKILL it once `ready(emulator)` holds."""
+    process = start_sync(project, emulator, select)
+    wait_for(lambda: ready(emulator), process)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
 
 
 def model_rows(project: Path, sql: str = "SELECT * FROM main.customers") -> list[dict[str, Any]]:

@@ -190,4 +190,4 @@ def test_a_second_writer_is_refused_with_a_clear_message(state_path: Path, wareh
             text=True,
         )
     assert probe.returncode != 0
-    assert "another dbt-klaviyo sync is running" in probe.stderr
+    assert "in use by another dbt-klaviyo sync" in probe.stderr

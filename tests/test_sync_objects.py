@@ -228,13 +228,16 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
     assert len(emulator.deletions()) == 3
 
     # The deletion endpoint allows 3 requests a second: 6 deletions in one run are paced.
+    # (A new run's pacer knows nothing of the last run's requests: let their second pass.)
     change_model(
         project,
         "INSERT INTO main.erasure_requests SELECT 'C0003' || i FROM range(6) t(i)",
     )
+    time.sleep(1.1)
+    throttled = emulator.stats()["throttled"]
     paced = only(project, emulator, "erasure_requests")
     assert paced.row("erasure_requests")["removed"] == 6
-    assert emulator.stats()["throttled"] == 0
+    assert emulator.stats()["throttled"] == throttled
 
 
 # -- Event: Send -------------------------------------------------------------------------

@@ -239,18 +239,6 @@ def test_select_limits_the_sync_and_an_unknown_name_is_an_error(
     assert chosen.returncode == 0 and chosen.row("customers")["added"] == 1200
 
 
-def test_a_bad_annotation_stops_the_run_before_anything_is_sent(
-    project: Path, emulator: Emulator
-) -> None:
-    schema = project / "models" / "schema.yml"
-    schema.write_text(schema.read_text().replace("field: location.city", "field: location.town"))
-    done = sync_customers(project, emulator)
-    assert done.returncode == 2
-    assert "model 'customers', column 'city'" in done.stderr
-    assert '"location.town"' in done.stderr and "location.city" in done.stderr
-    assert sum(emulator.stats()["requests_by_operation"].values()) == 0
-
-
 def test_a_wrong_key_or_an_unreachable_api_exits_2(project: Path, emulator: Emulator) -> None:
     wrong = sync(
         project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": "pk_wrong_0123456789"}, isolated=True

@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
+from dbt_klaviyo_sync.state import SCHEMA_VERSION
 from tests.conftest import (
     PRIVATE_KEY,
     PUBLIC_KEY,
@@ -17,7 +18,10 @@ from tests.conftest import (
     model_rows,
     run_dbt,
     set_model_meta,
+    start_sync,
+    sync,
     sync_customers,
+    wait_for,
 )
 
 STATE = Path(".klaviyo_sync") / "state.duckdb"
@@ -81,10 +85,13 @@ def test_a_sync_killed_while_a_bulk_job_runs_loses_nothing(
 def test_records_that_failed_for_a_passing_reason_are_sent_next_run(
     project: Path, emulator: Emulator
 ) -> None:
-    emulator.inject(status=503, count=6, operation="bulk_import_profiles")  # every retry
+    emulator.inject(status=503, count=100, operation="bulk_import_profiles")
     failed = sync_customers(project, emulator)
     assert failed.returncode == 1, failed.output
     assert failed.row("customers")["failed"] == 1200
+    # Attempts are bounded: six for the job, then it is left for the next run.
+    assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] == 6
+    emulator.reset()
     assert "sent again next run" in failed.stdout
     assert emulator.profiles() == []
 
@@ -148,3 +155,48 @@ def test_a_damaged_or_newer_state_file_is_refused_clearly(
     assert done.returncode == 2
     assert str(state) in done.stderr or "schema version 99" in done.stderr
     assert sum(emulator.stats()["requests_by_operation"].values()) <= 1  # the key check only
+
+
+def test_two_syncs_at_once_the_second_refuses_and_nothing_is_corrupted(
+    project: Path, emulator: Emulator
+) -> None:
+    with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=3) as slow:
+        first = start_sync(project, slow, "customers")
+        wait_for(lambda: bool(slow.stats()["requests_by_operation"].get("bulk_import_profiles")))
+        second = sync_customers(project, slow)
+        out, err = first.communicate(timeout=120)
+        assert second.returncode == 2
+        assert "in use by another dbt-klaviyo sync" in second.stderr
+        assert first.returncode == 0, out + err
+        # The state the first sync left is whole: a re-run has nothing to do.
+        assert sync_customers(project, slow).row("customers")["unchanged"] == 1200
+
+
+def test_an_older_state_file_is_migrated_in_place(project: Path, emulator: Emulator) -> None:
+    assert sync_customers(project, emulator).returncode == 0
+    with duckdb.connect(str(project / STATE)) as con:  # make it a version 1 file
+        con.execute("ALTER TABLE runs DROP COLUMN error")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    again = sync_customers(project, emulator)
+    assert again.returncode == 0, again.output
+    assert again.row("customers")["unchanged"] == 1200  # the snapshot survived
+    with duckdb.connect(str(project / STATE), read_only=True) as con:
+        assert con.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
+        assert "error" in [c[0] for c in con.execute("DESCRIBE runs").fetchall()]
+
+
+def test_a_missing_state_is_said_out_loud_before_events_are_sent(
+    project: Path, emulator: Emulator
+) -> None:
+    done = sync(project, emulator, "--select", "order_events")
+    assert done.returncode == 0, done.output
+    assert "no sync state at" in done.stderr
+    assert "order_events will send every event and deletion again" in done.stderr
+    again = sync(project, emulator, "--select", "order_events")
+    assert "no sync state" not in again.stderr
+
+
+def test_keys_are_not_sent_in_clear_to_another_machine(project: Path) -> None:
+    done = sync(project, None, env={"KLAVIYO_BASE_URL": "http://klaviyo.example.com"})
+    assert done.returncode == 2
+    assert "plain HTTP" in done.stderr and "DBT_KLAVIYO_ALLOW_INSECURE_HTTP" in done.stderr

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.identifiers import InvalidValue
-from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, isolate
+from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, send_isolating
 from dbt_klaviyo_sync.payloads import Record, Reject, dumps, event_resources
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -79,15 +79,22 @@ class EventSender:
             yield unit
 
     def send(self, unit: list[Prepared]) -> Outcome:
-        body, positions = self._request(unit)
+        return send_isolating(unit, self._attempt, self._locate, self._reject)
+
+    def _attempt(self, unit: list[Prepared]) -> Outcome:
         records = [p.record for p in unit]
         try:
-            self.client.call("bulk_create_events", body=body)
-        except KlaviyoRejected as exc:
-            return isolate(unit, exc, self.send, lambda e: _locate(e, positions), self._reject)
+            self.client.call("bulk_create_events", body=self._request(unit)[0])
         except TransientApiError as exc:
             return Outcome(failed=[(r, str(exc)) for r in records])
         return Outcome(accepted=[(r, None) for r in records])
+
+    def _locate(self, unit: list[Prepared], error: ApiError) -> int | None:
+        """The unit's event an error points at: by group and event, or a group's first."""
+        match = _POINTER.match(error.pointer or "")
+        if not match:
+            return None
+        return self._request(unit)[1].get((int(match.group(1)), int(match.group(2) or 0)))
 
     def _request(self, unit: list[Prepared]) -> tuple[bytes, dict[tuple[int, int], int]]:
         """The request body, and where each event of the unit sits in it."""
@@ -117,8 +124,3 @@ class EventSender:
             error.code or "rejected",
             error.detail,
         )
-
-
-def _locate(error: ApiError, positions: dict[tuple[int, int], int]) -> int | None:
-    match = _POINTER.match(error.pointer or "")
-    return positions.get((int(match.group(1)), int(match.group(2) or 0))) if match else None

@@ -60,26 +60,36 @@ def chunks(items: Iterable[Prepared], size: int) -> Iterator[list[Prepared]]:
         yield chunk
 
 
-def isolate(
+def send_isolating(
     unit: list[Prepared],
-    refusal: KlaviyoRejected,
-    send: Callable[[list[Prepared]], Outcome],
-    locate: Callable[[ApiError], int | None],
+    attempt: Callable[[list[Prepared]], Outcome],
+    locate: Callable[[list[Prepared], ApiError], int | None],
     reject: Callable[[Record, ApiError], Reject],
 ) -> Outcome:
-    """Klaviyo refused a whole request, so nothing in it was taken. Reject the records its
-    errors point at and send the rest again; when they point at none, halve the request
-    until the bad record stands alone. One bad row never sinks its neighbours."""
-    named = {
-        index: error
-        for error in refusal.errors
-        if (index := locate(error)) is not None and index < len(unit)
-    }
-    if len(unit) == 1 and not named:
-        named = {0: refusal.errors[0]}
-    if named:
-        outcome = Outcome(rejected=[reject(unit[i].record, e) for i, e in named.items()])
-        rest = [p for i, p in enumerate(unit) if i not in named]
-        return outcome.merge(send(rest)) if rest else outcome
-    half = len(unit) // 2
-    return send(unit[:half]).merge(send(unit[half:]))
+    """Send a unit with `attempt`, which raises KlaviyoRejected when Klaviyo refuses the
+    whole request (so nothing in it was taken). Then reject the records the errors point
+    at and send the rest again; when they point at none, halve the request until the bad
+    record stands alone. One bad row never sinks its neighbours. A loop, not recursion:
+    Klaviyo may name one bad record per answer, and there may be many."""
+    outcome = Outcome()
+    parts = [unit]
+    while parts:
+        part = parts.pop()
+        try:
+            outcome.merge(attempt(part))
+        except KlaviyoRejected as refusal:
+            named = {
+                index: error
+                for error in refusal.errors
+                if (index := locate(part, error)) is not None and index < len(part)
+            }
+            if len(part) == 1 and not named:
+                named = {0: refusal.errors[0]}
+            if named:
+                outcome.rejected += [reject(part[i].record, e) for i, e in named.items()]
+                rest = [p for i, p in enumerate(part) if i not in named]
+                parts += [rest] if rest else []
+            else:
+                half = len(part) // 2
+                parts += [part[half:], part[:half]]
+    return outcome

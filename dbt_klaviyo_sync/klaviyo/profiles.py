@@ -20,7 +20,7 @@ import orjson
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks, isolate
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks, send_isolating
 from dbt_klaviyo_sync.payloads import Record, Reject, dumps, profile_resource, profile_size_reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -161,13 +161,23 @@ class BulkImport:
         self.list_id = list_id
 
     def send(self, job: list[Prepared], ids: dict[str, str] | None = None) -> Outcome:
-        """Import `job`; with `ids`, each profile is updated by its Klaviyo id (a key's id)."""
+        """Import `job`; with `ids`, each profile is updated by its Klaviyo id (a key's id).
+        A job Klaviyo refuses whole is split until the bad profile stands alone."""
+        return send_isolating(
+            job, lambda part: self._attempt(part, ids), lambda _, e: _locate(e), self._reject
+        )
+
+    def _attempt(self, job: list[Prepared], ids: dict[str, str] | None) -> Outcome:
+        """Create the job (a refusal of it propagates), wait for it, collect its errors."""
         parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
         body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
         records = [p.record for p in job]
         try:
             created = self.client.call("bulk_import_profiles", body=body)
-            job_id = created["data"]["id"]
+        except TransientApiError as exc:
+            return Outcome(failed=[(r, str(exc)) for r in records])
+        job_id = created["data"]["id"]
+        try:
             status = self._wait_for(job_id)
             if status != "complete":
                 reason = (
@@ -183,10 +193,9 @@ class BulkImport:
                     params={"page[size]": "100"},
                 )
             )
-        except KlaviyoRejected as exc:
-            return isolate(job, exc, lambda rest: self.send(rest, ids), _locate, self._reject)
-        except TransientApiError as exc:
-            return Outcome(failed=[(r, str(exc)) for r in records])
+        except (TransientApiError, KlaviyoRejected) as exc:
+            reason = f"bulk import job {job_id} could not be followed: {exc}"
+            return Outcome(failed=[(r, reason) for r in records])
         outcome = self._map_errors(job_id, records, errors, ids or {})
         name_conflicts(self.client, records, outcome)
         return outcome

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.diff import field_column
-from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164
+from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164, maybe_invalid_emails
 from dbt_klaviyo_sync.spec import EVENT_FIELDS, SyncSpec
 
 #: Klaviyo's limits on what one profile may carry (API.md §2.1, §2.2).
@@ -40,7 +42,7 @@ class Record:
     """One row, converted and ready to be shaped into a request."""
 
     key: str
-    fingerprint: str
+    fingerprint: int
     change: str
     in_snapshot: bool
     klaviyo_id: str | None
@@ -52,7 +54,7 @@ class Reject:
     """A row that will not be sent, and why. Stored in the rejects table."""
 
     key: str | None
-    fingerprint: str | None
+    fingerprint: int | None
     in_snapshot: bool
     code: str
     reason: str
@@ -83,11 +85,7 @@ def _json_value(value: Any) -> Any:
             raise InvalidValue(
                 f"{value} is not a number JSON can carry; use NULL or a finite value"
             )
-        return (
-            int(value)
-            if isinstance(value, Decimal) and value == value.to_integral()
-            else float(value)
-        )
+        return float(value)
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
     if isinstance(value, date | time):
@@ -137,8 +135,10 @@ def _email(value: Any) -> Any:
 
 
 def _phone(value: Any) -> Any:
+    """E.164, or a reject; whether the number exists for its country is Klaviyo's to say
+    (checking costs more than all the rest of a row)."""
     text = _text(value)
-    return None if text is None else e164(text)
+    return None if text is None else e164(text, strict=False)
 
 
 def _time(value: Any) -> Any:
@@ -192,6 +192,10 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+#: Fields whose every value goes through its converter, whatever the column type.
+_PER_VALUE = frozenset({"phone_number", "time", "value_currency", "metric"})
+
+
 def _converter(field: str) -> Callable[[Any], Any]:
     if field.startswith("properties."):
         return _json_value
@@ -208,39 +212,93 @@ def identifier(field: str, value: str) -> str | None:
     return None if converted is None else str(converted)
 
 
+def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
+    """Convert one column of a batch: its values, and the reason of each row that fails.
+
+    Whole columns are checked at once with Arrow compute where the type allows (lengths,
+    control characters, finite numbers, the plain-email shape); only the rows those checks
+    cannot clear go through the per-value converter. That keeps the common case to a few
+    vectorised passes instead of a Python call per value.
+    """
+    convert = _converter(field)
+    kind = array.type
+    suspects: Iterable[int]
+    if field in _PER_VALUE or (pa.types.is_temporal(kind) and not pa.types.is_date(kind)):
+        values, suspects = array.to_pylist(), range(len(array))
+    elif (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and convert in (
+        _text,
+        _json_value,
+        _email,
+    ):
+        values = array.to_pylist()
+        odd = pc.or_kleene(
+            pc.greater(pc.binary_length(array), MAX_STRING_BYTES),
+            pc.match_substring_regex(array, _CONTROL.pattern),
+        )
+        if field == "email":
+            odd = pc.or_kleene(odd, maybe_invalid_emails(array))
+        suspects = _true_rows(odd)
+    elif pa.types.is_date(kind):
+        values, suspects = pc.strftime(array, "%Y-%m-%d").to_pylist(), ()
+    elif pa.types.is_decimal(kind):
+        # Arrow's decimal-to-float cast is not correctly rounded (51.5072 -> 51.50720..05).
+        values, suspects = [None if v is None else float(v) for v in array.to_pylist()], ()
+    elif pa.types.is_floating(kind):
+        values, suspects = array.to_pylist(), _true_rows(pc.invert(pc.is_finite(array)))
+    elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        values, suspects = array.to_pylist(), () if convert is _json_value else range(len(array))
+    else:
+        values, suspects = array.to_pylist(), range(len(array))
+    errors: dict[int, str] = {}
+    for i in suspects:
+        try:
+            values[i] = convert(values[i])
+        except InvalidValue as exc:
+            errors[i] = str(exc)
+    return values, errors
+
+
+def _true_rows(mask: pa.Array) -> list[int]:
+    return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()  # type: ignore[no-any-return]
+
+
 def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[Reject]]:
     """Convert a batch of changed rows; rows with any bad value become rejects."""
-    columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-    converters = [_converter(f.field) for f in spec.fields]
+    meta = {
+        name: batch.column(name).to_pylist()
+        for name in ("__key", "__fingerprint", "__in_snapshot", "__change", "__klaviyo_id")
+    }
+    converted = [_column(f.field, batch.column(field_column(i))) for i, f in enumerate(spec.fields)]
+    names = [f.field for f in spec.fields]
+    first_failure: dict[int, int] = {}  # row -> the first field that failed in it
+    for j, (_, errors) in reversed(list(enumerate(converted))):
+        first_failure |= dict.fromkeys(errors, j)
     good: list[Record] = []
     bad: list[Reject] = []
     for i in range(batch.num_rows):
-        key, fingerprint = columns["__key"][i], columns["__fingerprint"][i]
-        in_snapshot, change = bool(columns["__in_snapshot"][i]), columns["__change"][i]
+        key, fingerprint = meta["__key"][i], meta["__fingerprint"][i]
+        in_snapshot, change = bool(meta["__in_snapshot"][i]), meta["__change"][i]
         if change in ("null_key", "duplicate_key"):
             bad.append(_shape_reject(spec, key, change))
             continue
-        values: dict[str, Any] = {}
-        for index, (mapping, convert) in enumerate(zip(spec.fields, converters, strict=True)):
-            try:
-                values[mapping.field] = convert(columns[field_column(index)][i])
-            except InvalidValue as exc:
-                bad.append(
-                    Reject(
-                        key,
-                        fingerprint,
-                        in_snapshot,
-                        "invalid_value",
-                        str(exc),
-                        mapping.column,
-                        mapping.field,
-                    )
+        failed = first_failure.get(i)
+        if failed is not None:
+            mapping = spec.fields[failed]
+            reason = converted[failed][1][i]
+            bad.append(
+                Reject(
+                    key,
+                    fingerprint,
+                    in_snapshot,
+                    "invalid_value",
+                    reason,
+                    mapping.column,
+                    mapping.field,
                 )
-                break
-        else:
-            good.append(
-                Record(key, fingerprint, change, in_snapshot, columns["__klaviyo_id"][i], values)
             )
+            continue
+        values = {name: column[i] for name, (column, _) in zip(names, converted, strict=True)}
+        good.append(Record(key, fingerprint, change, in_snapshot, meta["__klaviyo_id"][i], values))
     return good, bad
 
 
@@ -258,34 +316,39 @@ def _shape_reject(spec: SyncSpec, key: str | None, change: str) -> Reject:
     return Reject(key, None, False, change, reason, spec.key_column, spec.key_field)
 
 
+@cache
+def _placement(field: str) -> tuple[str, str]:
+    """Where a field goes in a profile resource: ("id" | "attributes" | "location" |
+    "properties", its name there)."""
+    if field == "klaviyo_id":
+        return "id", "id"
+    for part in ("location", "properties"):
+        if field.startswith(part + "."):
+            return part, field.removeprefix(part + ".")
+    return "attributes", field
+
+
 def _profile_shape(values: dict[str, Any], clear: bool) -> dict[str, Any]:
     """A `profile` resource from profile fields: standard attributes, `location.*`,
     `properties.*`, and `klaviyo_id` as the resource id. A NULL is left out (Klaviyo keeps
     its value) unless `clear`, which sends null and unsets custom properties."""
     attributes: dict[str, Any] = {}
-    location: dict[str, Any] = {}
-    properties: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {"location": {}, "properties": {}, "attributes": attributes}
     unset: list[str] = []
     resource: dict[str, Any] = {"type": "profile"}
     for field, value in values.items():
         if value is None and not clear:
             continue
-        if field == "klaviyo_id":
+        part, name = _placement(field)
+        if part == "id":
             resource["id"] = value
-        elif field.startswith("location."):
-            location[field.removeprefix("location.")] = value
-        elif field.startswith("properties."):
-            name = field.removeprefix("properties.")
-            if value is None:
-                unset.append(name)
-            else:
-                properties[name] = value
+        elif part == "properties" and value is None:
+            unset.append(name)
         else:
-            attributes[field] = value
-    if location:
-        attributes["location"] = location
-    if properties:
-        attributes["properties"] = properties
+            parts[part][name] = value
+    for part in ("location", "properties"):
+        if parts[part]:
+            attributes[part] = parts[part]
     resource["attributes"] = attributes
     if unset:
         resource["meta"] = {"patch_properties": {"unset": unset}}

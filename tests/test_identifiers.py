@@ -89,3 +89,19 @@ def test_phone_numbers_become_e164_or_are_refused() -> None:
         e164("415 555 0123")
     with pytest.raises(InvalidValue, match="not a valid phone number"):
         e164("+1415555012")
+
+
+@pytest.mark.parametrize(
+    "text", ["+14155550123", "+442071838750", "+390612345678", "+819012345678", "+1 415 555 0123"]
+)
+def test_the_shortcut_for_e164_input_agrees_with_the_full_parser(text: str) -> None:
+    import phonenumbers
+
+    full = phonenumbers.parse(text, None)
+    assert e164(text) == phonenumbers.format_number(full, phonenumbers.PhoneNumberFormat.E164)
+
+
+def test_a_possible_but_unassigned_number_passes_only_when_not_strict() -> None:
+    assert e164("+15551234567", strict=False) == "+15551234567"
+    with pytest.raises(InvalidValue):
+        e164("+15551234567")

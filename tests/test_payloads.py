@@ -58,7 +58,7 @@ def batch(*rows: dict[str, Any]) -> pa.RecordBatch:
                 "__in_snapshot": False,
                 "__klaviyo_id": None,
                 "__key": row.get("id"),
-                "__fingerprint": "fp",
+                "__fingerprint": 7,
                 **values,
             }
         )
@@ -98,7 +98,7 @@ def test_values_are_converted_to_json_types() -> None:
     }
 
 
-def test_aware_timestamps_keep_their_offset_and_integral_decimals_stay_integers() -> None:
+def test_aware_timestamps_keep_their_offset_and_decimals_become_numbers() -> None:
     row = {
         **GOOD,
         "seen": datetime(2024, 2, 1, 12, 30, tzinfo=UTC),
@@ -106,9 +106,8 @@ def test_aware_timestamps_keep_their_offset_and_integral_decimals_stay_integers(
     }
     [record], _ = records(spec(), batch(row))
     assert record.values["properties.seen"] == "2024-02-01T12:30:00+00:00"
-    assert record.values["properties.ltv"] == 12 and isinstance(
-        record.values["properties.ltv"], int
-    )
+    assert record.values["properties.ltv"] == 12.0
+    assert isinstance(record.values["properties.ltv"], float)
 
 
 def test_the_resource_nests_location_and_properties() -> None:
@@ -178,7 +177,7 @@ def test_nulls_clear_sends_null_and_unsets_properties() -> None:
 
 
 def test_numbers_for_text_attributes_are_sent_as_text() -> None:
-    record = Record("7", "fp", "add", False, None, {"external_id": "7", "first_name": None})
+    record = Record("7", 7, "add", False, None, {"external_id": "7", "first_name": None})
     assert profile_resource(spec(), record)["attributes"] == {"external_id": "7"}
     [converted], _ = records(spec(), batch({**GOOD, "id": "C3", "first": 42}))
     assert converted.values["first_name"] == "42"
@@ -214,7 +213,7 @@ def event_record(**values: Any) -> Record:
         "value": 9.5,
         "properties.sku": "S1",
     }
-    return Record("O1", "fp", "add", False, None, {**base, **values})
+    return Record("O1", 7, "add", False, None, {**base, **values})
 
 
 def test_an_event_carries_its_profile_metric_unique_id_and_properties() -> None:

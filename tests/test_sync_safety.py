@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
-from dbt_klaviyo_sync.state import SCHEMA_VERSION
+from dbt_klaviyo_sync.state import _MIGRATIONS, SCHEMA_VERSION
 from tests.conftest import (
     PRIVATE_KEY,
     PUBLIC_KEY,
@@ -173,13 +173,29 @@ def test_two_syncs_at_once_the_second_refuses_and_nothing_is_corrupted(
 
 
 def test_an_older_state_file_is_migrated_in_place(project: Path, emulator: Emulator) -> None:
-    assert sync_customers(project, emulator).returncode == 0
-    with duckdb.connect(str(project / STATE)) as con:  # make it a version 1 file
-        con.execute("ALTER TABLE runs DROP COLUMN error")
-        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    again = sync_customers(project, emulator)
+    """A version 1 file (md5 fingerprints, no error column) from before the upgrade: the
+    events it records as sent stay sent."""
+    assert sync(project, emulator, "--select", "order_events").returncode == 0
+    with duckdb.connect(str(project / STATE), read_only=True) as con:
+        syncs = con.execute("SELECT * EXCLUDE (created_at) FROM syncs").fetchall()
+        keys = [k for (k,) in con.execute("SELECT key FROM snapshot").fetchall()]
+    (project / STATE).unlink()
+    with duckdb.connect(str(project / STATE)) as con:
+        for ddl in _MIGRATIONS[1]:
+            con.execute(ddl)
+        con.execute("CREATE TABLE meta AS SELECT 'schema_version' AS key, '1' AS value")
+        con.executemany("INSERT INTO syncs VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())", syncs)
+        con.executemany(
+            "INSERT INTO snapshot VALUES (?, ?, md5(?), '{}', NULL, NULL, now())",
+            [(syncs[0][0], key, key) for key in keys],
+        )
+    events = len(emulator.events())
+
+    again = sync(project, emulator, "--select", "order_events")
+
     assert again.returncode == 0, again.output
-    assert again.row("customers")["unchanged"] == 1200  # the snapshot survived
+    assert again.row("order_events")["added"] == 0
+    assert len(emulator.events()) == events
     with duckdb.connect(str(project / STATE), read_only=True) as con:
         assert con.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
         assert "error" in [c[0] for c in con.execute("DESCRIBE runs").fetchall()]

@@ -60,8 +60,9 @@ class App:
         rate_limits: bool | float,
         job_seconds: float,
         validate: bool,
+        sink: bool = False,
     ) -> None:
-        self.account = Account(job_seconds)
+        self.account = Account(job_seconds, sink=sink)
         self.limiter = RateLimiter(_scale(rate_limits))
         self.faults = FaultQueue()
         self.telemetry = Telemetry()
@@ -312,7 +313,9 @@ class Emulator:
     """Klaviyo's REST API on loopback, for tests and CI.
 
     The socket is bound on construction (so `url` is known at once); `start()` or `with`
-    serves it on a background thread until `close()`.
+    serves it on a background thread until `close()`. With `sink`, bulk import jobs count
+    their profiles and complete without storing them: for benchmarks of the client alone,
+    where a million stored profiles would make the emulator the thing measured.
     """
 
     def __init__(
@@ -325,6 +328,7 @@ class Emulator:
         rate_limits: bool | float = True,
         job_seconds: float = 0.0,
         validate: bool = True,
+        sink: bool = False,
     ) -> None:
         self.app = App(
             private_key=private_key,
@@ -332,6 +336,7 @@ class Emulator:
             rate_limits=rate_limits,
             job_seconds=job_seconds,
             validate=validate,
+            sink=sink,
         )
         self._server = make_server(
             host, port, self.app, threaded=True, request_handler=_QuietHandler

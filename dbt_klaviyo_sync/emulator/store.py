@@ -79,7 +79,7 @@ class BulkJob:
     """
 
     id: str
-    records: Sequence[dict[str, Any]]
+    records: Sequence[dict[str, Any]] | range  # a range in a sink: the count, not the data
     list_ids: tuple[str, ...]
     created_at: float
     stuck: bool
@@ -121,9 +121,12 @@ class Account:
     """One Klaviyo account with Klaviyo's semantics for profiles, lists, bulk jobs, events
     and deletions."""
 
-    def __init__(self, job_seconds: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, job_seconds: float, clock: Callable[[], float] = time.time, *, sink: bool = False
+    ) -> None:
         self._lock = threading.Lock()
         self._job_seconds = job_seconds
+        self._sink = sink
         self._clock = clock
         self._clear()
 
@@ -357,7 +360,8 @@ class Account:
                         pointer=f"/data/relationships/lists/data/{index}/id",
                     )
             now = self._clock()
-            job = BulkJob(_ulid(now), records, tuple(list_ids), now, stuck)
+            kept = range(len(records)) if self._sink else records  # a sink keeps the count
+            job = BulkJob(_ulid(now), kept, tuple(list_ids), now, stuck)
             self._jobs[job.id] = job
             return replace(job)
 
@@ -395,6 +399,9 @@ class Account:
 
     def _run(self, job: BulkJob, now: float) -> None:
         """Upsert every record exactly as profile-import would; refused ones become failures."""
+        if isinstance(job.records, range):  # a sink: nothing was kept to import
+            job.status, job.completed_at = "complete", now
+            return
         failures: list[Failure] = []
         profile_ids: dict[str, None] = {}
         for index, record in enumerate(job.records):

@@ -1,12 +1,11 @@
-"""The naive baseline: `naive_diff.py PROJECT STATE`.
+"""The naive baseline: `naive_diff.py PROJECT SNAPSHOT`.
 
-What a first attempt would do: load the model's mapped columns and the snapshot's last
-accepted values into Python dicts, then compare them key by key.
+What a first attempt would do: load the model's mapped columns and last run's values
+(kept in a table of their own) into Python dicts, then compare them key by key.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,23 +13,15 @@ import duckdb
 from project import COLUMNS
 
 
-def main(directory: Path, state: Path) -> None:
+def main(directory: Path, snapshot: Path) -> None:
     columns = ", ".join(COLUMNS)
     with duckdb.connect(str(directory / "warehouse.duckdb"), read_only=True) as con:
         model = {row[0]: row for row in con.execute(f"SELECT {columns} FROM customers").fetchall()}
-    with duckdb.connect(str(state), read_only=True) as con:
-        snapshot = {
-            key: json.loads(values)
-            for key, values in con.execute("SELECT key, accepted_values FROM snapshot").fetchall()
-        }
-    changed = added = 0
-    for key, row in model.items():
-        old = snapshot.get(key)
-        if old is None:
-            added += 1
-        elif [str(v) for v in row[1:]] != [str(v) for v in list(old.values())[1:]]:
-            changed += 1
-    removed = sum(1 for key in snapshot if key not in model)
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        previous = {row[0]: row for row in con.execute("SELECT * FROM snapshot").fetchall()}
+    added = sum(1 for key in model if key not in previous)
+    changed = sum(1 for key, row in model.items() if key in previous and previous[key] != row)
+    removed = sum(1 for key in previous if key not in model)
     print({"added": added, "changed": changed, "removed": removed})
 
 

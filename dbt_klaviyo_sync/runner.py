@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -251,17 +252,21 @@ class ModelSync:
             self.run_id = self.state.start_run(
                 self.sid, self.spec.model, dry_run=False, full_refresh=self.options.full_refresh
             )
+        started = time.monotonic()
         counts = diff.compute(self.state.con, self.spec, self.sid)
         log.info(
             "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
-            "duplicated sync key",
+            "duplicated sync key (diff: %.1f s)",
             self.spec.model,
             counts.model_rows,
             counts.add,
             counts.update,
             counts.remove,
             counts.invalid,
+            time.monotonic() - started,
         )
+        started = time.monotonic()
+        waited_before = self.client.rate_limit_wait
         requests_before = self.client.requests_made
         status, error = "error", None
         tally = self.result.counts
@@ -287,6 +292,13 @@ class ModelSync:
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
                 self.state.finish_run(self.run_id, tally, status, error)
+                log.info(
+                    "%s: sent in %.1f s, %d requests, %.1f s waiting for rate limits",
+                    self.spec.model,
+                    time.monotonic() - started,
+                    tally.requests,
+                    self.client.rate_limit_wait - waited_before,
+                )
         return self.result
 
     def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:

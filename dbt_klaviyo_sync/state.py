@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,6 +86,38 @@ OUTCOME_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
+
+
+# How `commit_batch` records a batch's outcomes (the registered table `batch_outcomes`).
+_INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot
+    SELECT $1, key,
+        CASE WHEN outcome = 'accepted' THEN fingerprint END,
+        CASE WHEN outcome = 'accepted' THEN accepted_values END,
+        klaviyo_id,
+        CASE WHEN outcome = 'rejected' THEN fingerprint END,
+        current_timestamp
+    FROM batch_outcomes
+    WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')"""
+# Rows already in the snapshot are replaced (DuckDB's UPDATE ... FROM scans slowly): their
+# new version is staged from the old one, the old one deleted, the new one inserted.
+_STAGE_KNOWN = f"""CREATE OR REPLACE TEMP TABLE klaviyo_commit AS
+    SELECT $1 AS sync_id, b.key,
+        CASE WHEN b.outcome = 'accepted' THEN b.fingerprint ELSE s.fingerprint END,
+        CASE WHEN b.outcome = 'accepted' THEN b.accepted_values ELSE s.accepted_values END,
+        coalesce(b.klaviyo_id, s.klaviyo_id),
+        CASE WHEN b.outcome = 'rejected' THEN b.fingerprint END,
+        current_timestamp
+    FROM batch_outcomes AS b
+    LEFT JOIN {CATALOG}.snapshot AS s ON s.sync_id = $1 AND s.key = b.key
+    WHERE b.in_snapshot AND b.outcome IN ('accepted', 'rejected')"""
+_DELETE_STAGED = f"""DELETE FROM {CATALOG}.snapshot
+    WHERE sync_id = $1 AND key IN (SELECT key FROM klaviyo_commit)"""
+_INSERT_STAGED = f"INSERT INTO {CATALOG}.snapshot SELECT * FROM klaviyo_commit"
+_DELETE_REMOVED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
+    (SELECT key FROM batch_outcomes WHERE outcome = 'removed')"""
+_LOG_REJECTS = f"""INSERT INTO {CATALOG}.rejects
+    SELECT $1, $2, $3, key, column_name, field, code, reason, fingerprint, current_timestamp
+    FROM batch_outcomes WHERE outcome IN ('rejected', 'invalid')"""
 
 
 def sync_id(spec: SyncSpec, target: str, base_url: str) -> str:
@@ -202,52 +235,39 @@ class State:
     def commit_batch(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
         """Record one batch's answers in a single transaction: accepted rows update the
         snapshot, rejected rows are logged and remembered so they are not re-sent until
-        they change. Rows that failed are simply absent, so the next run sends them again."""
+        they change. Rows that failed are simply absent, so the next run sends them again.
+        Statements that would change nothing are skipped: replacing and deleting rows scans
+        the whole snapshot, which is millions of rows on a large model."""
         if outcomes.num_rows == 0:
             return
+        kinds = Counter(
+            zip(
+                outcomes.column("outcome").to_pylist(),
+                outcomes.column("in_snapshot").to_pylist(),
+                strict=True,
+            )
+        )
+        recorded = {"accepted", "rejected"}
+        replace = any(o in recorded and known for o, known in kinds)
+        statements = [
+            (any(o in recorded and not known for o, known in kinds), _INSERT_NEW, [sid]),
+            (replace, _STAGE_KNOWN, [sid]),
+            (replace, _DELETE_STAGED, [sid]),
+            (replace, _INSERT_STAGED, []),
+            (any(o == "removed" for o, _ in kinds), _DELETE_REMOVED, [sid]),
+            (
+                any(o in ("rejected", "invalid") for o, _ in kinds),
+                _LOG_REJECTS,
+                [run_id, sid, model],
+            ),
+        ]
         w = self._writer
         w.register("batch_outcomes", outcomes)
         try:
             w.execute("BEGIN TRANSACTION")
-            w.execute(
-                f"""INSERT INTO {CATALOG}.snapshot
-                    SELECT $1, key,
-                        CASE WHEN outcome = 'accepted' THEN fingerprint END,
-                        CASE WHEN outcome = 'accepted' THEN accepted_values END,
-                        klaviyo_id,
-                        CASE WHEN outcome = 'rejected' THEN fingerprint END,
-                        current_timestamp
-                    FROM batch_outcomes
-                    WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')""",
-                [sid],
-            )
-            w.execute(
-                f"""UPDATE {CATALOG}.snapshot AS s SET
-                        fingerprint = CASE WHEN b.outcome = 'accepted'
-                                           THEN b.fingerprint ELSE s.fingerprint END,
-                        accepted_values = CASE WHEN b.outcome = 'accepted'
-                                           THEN b.accepted_values ELSE s.accepted_values END,
-                        rejected_fingerprint = CASE WHEN b.outcome = 'rejected'
-                                           THEN b.fingerprint END,
-                        klaviyo_id = coalesce(b.klaviyo_id, s.klaviyo_id),
-                        updated_at = current_timestamp
-                    FROM batch_outcomes AS b
-                    WHERE s.sync_id = $1 AND s.key = b.key AND b.in_snapshot
-                        AND b.outcome IN ('accepted', 'rejected')""",
-                [sid],
-            )
-            w.execute(
-                f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
-                    (SELECT key FROM batch_outcomes WHERE outcome = 'removed')""",
-                [sid],
-            )
-            w.execute(
-                f"""INSERT INTO {CATALOG}.rejects
-                    SELECT $1, $2, $3, key, column_name, field, code, reason, fingerprint,
-                           current_timestamp
-                    FROM batch_outcomes WHERE outcome IN ('rejected', 'invalid')""",
-                [run_id, sid, model],
-            )
+            for needed, sql, parameters in statements:
+                if needed:
+                    w.execute(sql, parameters)
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")

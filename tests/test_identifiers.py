@@ -105,3 +105,21 @@ def test_a_possible_but_unassigned_number_passes_only_when_not_strict() -> None:
     assert e164("+15551234567", strict=False) == "+15551234567"
     with pytest.raises(InvalidValue):
         e164("+15551234567")
+
+
+def test_the_lenient_shortcut_agrees_with_is_possible_number() -> None:
+    import phonenumbers
+
+    rng = random.Random(7)
+    codes = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+    for _ in range(3000):
+        text = f"+{rng.choice(codes)}{rng.randint(1, 9)}{rng.randint(0, 10 ** rng.randint(3, 11))}"
+        try:
+            full = phonenumbers.is_possible_number(phonenumbers.parse(text, None))
+        except phonenumbers.NumberParseException:
+            full = False
+        try:
+            ours = e164(text, strict=False) == text
+        except InvalidValue:
+            ours = False
+        assert ours == full, text

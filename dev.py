@@ -3,6 +3,7 @@
 
     python3 dev.py demo   # dbt builds 1,200 customers, the emulator starts, two syncs
     python3 dev.py test   # lint, type checks and the whole test suite (what CI runs)
+    python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
 
 Both create `.venv/` and install the project into it on first use (and again whenever
 pyproject.toml changes), then run inside it.
@@ -55,13 +56,15 @@ def test(pytest_args: list[str]) -> None:
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command not in ("demo", "test"):
+    scripts = {"demo": ROOT / "scripts" / "demo.py", "bench": ROOT / "benchmarks" / "run.py"}
+    if command != "test" and command not in scripts:
         sys.exit(__doc__)
     ensure_venv()
     if command == "test":
         test(sys.argv[2:])
     else:
-        done = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "demo.py")], cwd=ROOT)
+        script = scripts[command]
+        done = subprocess.run([str(PYTHON), str(script), *sys.argv[2:]], cwd=script.parent)
         sys.exit(done.returncode)
 
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -137,15 +138,43 @@ def python_step(name: str, script: str, *args: str) -> tuple[Step, str]:
     return Step(name, seconds, peak), output
 
 
-def ceiling_share(step: Step, scale: float, jobs: int) -> str:
-    """Profiles per second while sending, against what the job endpoint's steady limit
-    allows over a long run (10,000 profiles a job)."""
+def fastest_schedule(requests: int, burst: int, steady: int) -> float:
+    """The least time from the first to the last of `requests` under the emulator's fixed
+    windows (each opens with the first request after the previous one closed), sending
+    each request the moment the windows allow."""
+    now, burst_open, burst_used, steady_open, steady_used = 0.0, 0.0, 0, 0.0, 0
+    for sent in range(requests):
+        if sent:
+            if burst_used == burst:
+                now = max(now, burst_open + 1.0)
+            if steady_used == steady and now < steady_open + 60.0:
+                now = steady_open + 60.0
+        if now >= burst_open + 1.0 or not sent:
+            burst_open, burst_used = now, 0
+        if now >= steady_open + 60.0 or not sent:
+            steady_open, steady_used = now, 0
+        burst_used, steady_used = burst_used + 1, steady_used + 1
+    return now
+
+
+def ceiling_share(step: Step, emulator: Emulator, scale: float) -> str:
+    """How close the import jobs came to the fastest schedule the scaled limits allow."""
+    times = [
+        datetime.fromisoformat(entry["time"]).timestamp()
+        for entry in emulator.request_log()
+        if entry["operation_id"] == "bulk_import_profiles" and entry["status"] == 202
+    ]
     limits = operation("bulk_import_profiles")
-    steady = limits.steady_per_minute * scale / 60 * 10_000
-    achieved = step.records / step.send_seconds
+    burst = max(1, int(limits.burst_per_second * scale))
+    steady = max(1, int(limits.steady_per_minute * scale))
+    fastest = fastest_schedule(len(times), burst, steady)
+    jobs = f"{len(times)} import jobs at {burst}/s and {steady}/min"
+    if fastest == 0:
+        return f"not bound by the limits: {jobs} fit in one burst"
+    taken = max(times) - min(times)
     return (
-        f"{achieved:,.0f} profiles/s = {achieved / steady:.0%} of the {steady:,.0f}/s "
-        f"ceiling ({jobs} jobs)"
+        f"{jobs}: {taken:.1f} s from the first to the last, the limits allow "
+        f"{fastest:.1f} s, so {fastest / taken:.0%} of the ceiling"
     )
 
 
@@ -173,9 +202,11 @@ def bench(rows: int, scale: float, workdir: Path) -> list[Step]:
     ) as limited:
         shutil.copy(saved, state)
         step = sync(directory, limited, f"(d) change set, limits x{scale:g}", state)
-        violations = limited.stats()["retry_after_violations"]
-        jobs = limited.stats()["requests_by_operation"].get("bulk_import_profiles", 0)
-        step.note = f"{ceiling_share(step, scale, jobs)}; {violations} Retry-After violations"
+        stats = limited.stats()
+        step.note = (
+            f"{ceiling_share(step, limited, scale)}; {stats['throttled']} 429s, "
+            f"{stats['retry_after_violations']} Retry-After violations"
+        )
         steps.append(step)
     ours.note = (
         f"{naive.seconds / ours.seconds:.0f}x faster, "
@@ -201,7 +232,13 @@ def table(results: dict[int, list[Step]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--scale", type=float, default=1.0, help="times Klaviyo's limits in (d)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=0.1,
+        help="times Klaviyo's documented limits in (d); at x1 the 10M change set's 15 import "
+        "jobs fit in one burst (10/s), so only at a lower scale do the limits bind",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     parser.add_argument("--keep", action="store_true", help="keep the generated projects")
     args = parser.parse_args()

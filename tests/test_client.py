@@ -79,6 +79,52 @@ def test_the_pacer_holds_every_caller_until_a_block_passes() -> None:
         assert time.monotonic() - started >= 0.6
 
 
+def test_the_pacer_takes_the_accounts_limits_from_its_headers() -> None:
+    pacer = EndpointPacer(burst=10, steady=150)
+    pacer.learn_steady_limit(1500)
+    assert pacer.limits == (100, 1500)
+    pacer.learn_steady_limit(15)
+    assert pacer.limits == (1, 15)
+
+
+def test_a_429_inside_the_steady_limit_halves_the_burst() -> None:
+    pacer = EndpointPacer(burst=10, steady=150)
+    pacer.refused()
+    pacer.refused()
+    assert pacer.limits == (2, 150)
+
+
+@pytest.mark.parametrize("scale", [5.0, 0.2])
+def test_the_client_paces_to_the_limits_the_account_answers_with(scale: float) -> None:
+    """Deletion jobs are documented at 3/s and 60/m. An account with five times that is
+    used at its speed; one with a fifth of it (1/s, 12/m) is not flooded with 429s."""
+    body = orjson.dumps(
+        {
+            "data": {
+                "type": "data-privacy-deletion-job",
+                "attributes": {
+                    "profile": {
+                        "data": {"type": "profile", "attributes": {"email": "a@example.com"}}
+                    }
+                },
+            }
+        }
+    )
+    with Emulator(private_key=PRIVATE_KEY, rate_limits=scale) as emu:
+        c = client(emu)
+        started = time.monotonic()
+        for _ in range(12):
+            c.call("request_profile_deletion", body=body)
+        seconds = time.monotonic() - started
+        stats = emu.stats()
+    assert stats["retry_after_violations"] == 0
+    if scale > 1:
+        assert seconds < 2.0  # at the documented 3/s, twelve take over 3 s
+    else:
+        assert stats["throttled"] <= 1  # only before the first answer told us
+        assert seconds >= 10.0
+
+
 def test_a_created_profile_comes_back_with_its_id(emulator: Emulator) -> None:
     answer = client(emulator).call("create_or_update_profile", body=profile("a@example.com"))
     assert answer["data"]["id"] == emulator.profiles()[0]["id"]

@@ -17,6 +17,7 @@ import email.utils
 import ipaddress
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +272,7 @@ class KlaviyoClient:
         status = response.status_code
         if status == 429:
             wait = _retry_after(response.headers.get("Retry-After"))
+            pacer.refused()
             if wait is not None:
                 pacer.block(wait)
             raise TransientApiError(f"{operation_id}: rate limited (HTTP 429)", retry_after=wait)
@@ -292,6 +294,9 @@ class KlaviyoClient:
                     "KLAVIYO_PUBLIC_API_KEY: it is your 6-character site ID."
                 )
             raise KlaviyoRejected(operation_id, status, errors)
+        advertised = re.match(r"\s*(\d+)", response.headers.get("RateLimit-Limit", ""))
+        if advertised:  # "150", or "150;w=60" in the IETF draft's form
+            pacer.learn_steady_limit(int(advertised[1]))
         if response.headers.get("RateLimit-Remaining") == "0":
             pacer.block(_retry_after(response.headers.get("RateLimit-Reset")) or 1.0)
         if not response.content:

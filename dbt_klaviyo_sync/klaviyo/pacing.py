@@ -7,6 +7,11 @@ window from the moment it is sent until a full window after its answer came back
 however late the previous requests arrived, and however early this one does, at most the
 limit can land in any window, wherever the server aligns it. A `Retry-After` blocks the
 operation for every thread until it has passed.
+
+The documented limits are only a starting point: accounts differ (and so does an emulator
+with scaled limits). Every answer's `RateLimit-Limit` gives the account's steady limit,
+and the burst is scaled with it; a 429 while our count said there was room halves the
+burst. So the pace adapts to the account instead of sleeping a fixed time.
 """
 
 from __future__ import annotations
@@ -41,9 +46,34 @@ class EndpointPacer:
     """The pace of one operation; thread-safe."""
 
     def __init__(self, burst: int, steady: int) -> None:
+        self._documented = (burst, steady)
         self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
         self._blocked_until = 0.0
         self._changed = threading.Condition()
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """The burst and steady limits now kept to."""
+        return self._windows[0].limit, self._windows[1].limit
+
+    def learn_steady_limit(self, advertised: int) -> None:
+        """The account's steady limit, from a `RateLimit-Limit` header; the burst follows
+        in the documented proportion."""
+        burst, steady = self._windows
+        if advertised < 1 or advertised == steady.limit:
+            return
+        documented_burst, documented_steady = self._documented
+        with self._changed:
+            steady.limit = advertised
+            burst.limit = max(1, documented_burst * advertised // documented_steady)
+            self._changed.notify_all()
+
+    def refused(self) -> None:
+        """A 429: when our steady count had room, the burst we assumed was too high."""
+        burst, steady = self._windows
+        with self._changed:
+            if len(steady.answered) + steady.in_flight <= steady.limit:
+                burst.limit = max(1, burst.limit // 2)
 
     @contextmanager
     def slot(self) -> Iterator[float]:

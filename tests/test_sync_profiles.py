@@ -274,6 +274,22 @@ def test_nulls_clear_clears_klaviyo_values(project: Path, emulator: Emulator) ->
     assert "is_vip" not in c2["properties"]
 
 
+def test_nulls_clear_clears_values_when_many_rows_change_too(
+    project: Path, emulator: Emulator
+) -> None:
+    """Over 100 changed rows go in bulk import jobs, which ignore nulls (Klaviyo's guide):
+    rows that clear a value must go another way."""
+    set_model_meta(project, nulls="clear")
+    assert sync_customers(project, emulator).returncode == 0
+    change_model(project, "UPDATE main.customers SET city = NULL WHERE customer_id <= 'C00300'")
+    done = sync_customers(project, emulator)
+    assert done.returncode == 0, done.output
+    assert done.row("customers")["updated"] == 300
+    cities = {key: profile["city"] for key, profile in held(emulator).items()}
+    assert all(cities[f"C{n:05d}"] is None for n in range(1, 301))
+    assert all(cities[f"C{n:05d}"] is not None for n in range(301, 1201))
+
+
 def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: Emulator) -> None:
     """Every path, good and bad, in real processes; then search everything they left."""
     change_model(project, "UPDATE main.customers SET phone = 'bad' WHERE customer_id = 'C00003'")

@@ -408,7 +408,7 @@ class Account:
             try:
                 if len(orjson.dumps(record)) > PROFILE_MAX_BYTES:
                     raise record_invalid("The profile payload exceeds the 100KB limit.", "")
-                profile, _ = self._upsert(record, client=False)
+                profile, _ = self._upsert(_without_nulls(record), client=False)
             except RecordError as error:
                 payload = record.get("attributes") or {}
                 failures.append(Failure(_ulid(now), index, error, payload))
@@ -541,6 +541,16 @@ class Account:
                 "events": [event_state(event) for event in self._events.values()],
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
             }
+
+
+def _without_nulls(resource: dict[str, Any]) -> dict[str, Any]:
+    """A bulk job's profile as Klaviyo applies it: "The Bulk Import Profiles API does not
+    support setting fields to null to clear them" (its guide), so a null changes nothing."""
+    attributes = {k: v for k, v in (resource.get("attributes") or {}).items() if v is not None}
+    for name in ("location", "properties"):
+        if isinstance(attributes.get(name), dict):
+            attributes[name] = {k: v for k, v in attributes[name].items() if v is not None}
+    return {**resource, "attributes": attributes}
 
 
 def _job_state(job: BulkJob) -> dict[str, Any]:

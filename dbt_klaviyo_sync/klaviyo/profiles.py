@@ -149,6 +149,18 @@ def name_conflicts(client: KlaviyoClient, records: list[Record], outcome: Outcom
             outcome.rejected[i] = replace(outcome.rejected[i], reason=reason + _CONFLICT_ADVICE)
 
 
+def clears_a_value(spec: SyncSpec, record: Record) -> bool:
+    """Whether an update may clear a value Klaviyo holds (`nulls: clear`), which bulk import
+    jobs do not do: they do "not support setting fields to null to clear them". A row sent
+    for the first time goes in a job all the same: its NULLs have nothing of ours to clear,
+    and sending every new row with a NULL one by one would make a first sync take days."""
+    return (
+        spec.nulls == "clear"
+        and record.change == "update"
+        and any(value is None for value in record.values.values())
+    )
+
+
 class BulkImport:
     """One bulk import job: create it, wait for it, and map its import errors to rows."""
 
@@ -302,11 +314,29 @@ class ProfileUpserter:
 
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         if self.bulk:
-            return pack_jobs(prepared, self.list_id)
+            return self._bulk_units(prepared)
         return chunks(prepared, SINGLES_PER_UNIT)
 
+    def _bulk_units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+        """Import jobs, except for records that clear a value: a bulk job ignores nulls,
+        so those go one by one (after each job, so that few wait in memory)."""
+        clearing: list[Prepared] = []
+
+        def for_jobs() -> Iterator[Prepared]:
+            for item in prepared:
+                if clears_a_value(self.spec, item.record):
+                    clearing.append(item)
+                else:
+                    yield item
+
+        for job in pack_jobs(for_jobs(), self.list_id):
+            yield job
+            yield from chunks(clearing, SINGLES_PER_UNIT)
+            clearing.clear()
+        yield from chunks(clearing, SINGLES_PER_UNIT)
+
     def send(self, unit: list[Prepared]) -> Outcome:
-        if self.bulk:
+        if self.bulk and not clears_a_value(self.spec, unit[0].record):
             return self.jobs.send(unit)
         outcome = Outcome()
         for item in unit:
@@ -385,7 +415,11 @@ class ProfileUpdater:
             profile = found.get(item.record.key)
             if profile is None:
                 outcome.rejected.append(self._not_found(item.record))
-            elif self._changes_identifiers(item.record, profile) or not self.bulk:
+            elif (
+                not self.bulk
+                or self._changes_identifiers(item.record, profile)
+                or clears_a_value(self.spec, item.record)
+            ):
                 patch.append((item, profile["id"]))
             else:
                 job.append(item)

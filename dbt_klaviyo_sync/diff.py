@@ -94,8 +94,11 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
     One pass: the model's rows, fingerprinted with DuckDB's 64-bit `hash` of the mapped
     values (an md5 of their JSON cost five times as much), full-outer-joined with the
     snapshot's keys and fingerprints, so that added, changed and removed rows come out
-    together and only they carry their values onward. Duplicated keys are found from the
-    key column alone, which DuckDB reads without the others.
+    together and only they carry their values onward.
+
+    Duplicated keys are looked for among the keys about to be sent only: finding them in
+    the whole model costs a third of the diff, and a key whose copies all match what
+    Klaviyo accepted has nothing to send. (The build-time check reports every duplicate.)
     """
     columns = check_columns(con, spec)
     mapped = ", ".join(f"{_ident(c)} AS {field_column(i)}" for i, c in enumerate(columns))
@@ -111,14 +114,9 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
         snap AS (
             SELECT key, fingerprint, rejected_fingerprint, klaviyo_id
             FROM {CATALOG}.snapshot WHERE sync_id = $sid
-        ),
-        duplicated AS (
-            SELECT CAST({_ident(columns[0])} AS VARCHAR) AS key
-            FROM {spec.relation} GROUP BY ALL HAVING count(*) > 1
         )
         SELECT CASE WHEN m.__fingerprint IS NULL THEN 'remove'
                     WHEN m.__key IS NULL THEN 'null_key'
-                    WHEN d.key IS NOT NULL THEN 'duplicate_key'
                     WHEN s.fingerprint IS NULL THEN 'add'
                     ELSE 'update' END AS __change,
                s.key IS NOT NULL AS __in_snapshot,
@@ -128,20 +126,24 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
                m.* EXCLUDE (__key, __fingerprint)
         FROM model AS m
         FULL OUTER JOIN snap AS s ON s.key = m.__key
-        LEFT JOIN duplicated AS d ON d.key = m.__key
         WHERE CASE WHEN m.__fingerprint IS NULL THEN NOT $once
-                   WHEN m.__key IS NULL OR d.key IS NOT NULL THEN TRUE
+                   WHEN m.__key IS NULL THEN TRUE
                    ELSE m.__fingerprint IS DISTINCT FROM s.fingerprint
                         AND m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint
                         AND (NOT $once OR s.fingerprint IS NULL) END""",
         {"signature": spec.signature, "sid": sid, "once": spec.once},
     )
-    counts = dict(
+    counts = _counts(con)
+    if counts.get("add") or counts.get("update"):
+        model_keys = f"SELECT CAST({_ident(columns[0])} AS VARCHAR) AS key FROM {spec.relation}"
         con.execute(
-            f"""SELECT CASE WHEN __change LIKE '%_key' THEN 'invalid' ELSE __change END,
-                       count(*) FROM {CHANGES} GROUP BY ALL"""
-        ).fetchall()
-    )
+            f"""UPDATE {CHANGES} SET __change = 'duplicate_key'
+            WHERE __change IN ('add', 'update') AND __key IN (
+                SELECT key FROM ({model_keys})
+                WHERE key IN (SELECT __key FROM {CHANGES} WHERE __change IN ('add', 'update'))
+                GROUP BY ALL HAVING count(*) > 1)"""
+        )
+        counts = _counts(con)
     [(model_rows,)] = con.execute(f"SELECT count(*) FROM {spec.relation}").fetchall()
     return ChangeCounts(
         add=counts.get("add", 0),
@@ -149,6 +151,15 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
         remove=counts.get("remove", 0),
         invalid=counts.get("invalid", 0),
         model_rows=model_rows,
+    )
+
+
+def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    return dict(
+        con.execute(
+            f"""SELECT CASE WHEN __change LIKE '%_key' THEN 'invalid' ELSE __change END,
+                       count(*) FROM {CHANGES} GROUP BY ALL"""
+        ).fetchall()
     )
 
 

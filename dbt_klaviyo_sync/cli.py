@@ -1,27 +1,151 @@
-"""The `dbt-klaviyo` command: a thin layer that parses arguments, runs, and maps the result
-to an exit status: 0 all synced, 1 some records rejected or failed, 2 could not run."""
+"""The `dbt-klaviyo` command: a thin layer that parses arguments, calls the Python API
+(`dbt_klaviyo_sync.api`), shows the result and maps it to an exit status: 0 all synced,
+1 some records rejected or failed, 2 could not run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
-from dataclasses import fields
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
+import orjson
 
-from dbt_klaviyo_sync.errors import SyncError
+from dbt_klaviyo_sync.errors import ConfigurationError, SyncError
 from dbt_klaviyo_sync.logs import configure, redact
 
 if TYPE_CHECKING:
-    from dbt_klaviyo_sync.runner import ModelResult
+    from dbt_klaviyo_sync.state import State
 
-DEFAULT_BASE_URL = "https://a.klaviyo.com"
 _MULTI_VALUE = {"--select", "-s"}
+Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        configure(value)
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        configure("WARNING")
+
+
+def _options(*options: Decorator) -> Decorator:
+    """Several click options as one decorator, in the order given."""
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+_logging_options = _options(
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        expose_value=False,
+        is_eager=True,
+        callback=_set_log_level,
+        help="How much to log to stderr [default: info, or DBT_KLAVIYO_LOG_LEVEL]. "
+        "target/dbt-klaviyo.log gets info or finer.",
+    ),
+    click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_quiet,
+        help="Only warnings and errors, and no progress bar; the summary still prints.",
+    ),
+)
+
+_project_options = _options(
+    click.option(
+        "--project-dir",
+        type=click.Path(file_okay=False),
+        help="The dbt project (default: as dbt finds it).",
+    ),
+    click.option(
+        "--profiles-dir",
+        type=click.Path(file_okay=False),
+        help="Where profiles.yml is (default: as dbt finds it).",
+    ),
+    click.option("--target", "-t", help="The dbt target to read models from."),
+    click.option(
+        "--select",
+        "-s",
+        "select",
+        multiple=True,
+        help="Models, by name or glob; several may follow one --select.",
+    ),
+)
+
+_state_option = click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DBT_KLAVIYO_STATE",
+    help="The state file [default: <project>/.klaviyo_sync/state.duckdb].",
+)
+
+_sync_options = _options(
+    _project_options,
+    click.option(
+        "--full-refresh", is_flag=True, help="Forget the snapshot and send every row again."
+    ),
+    _state_option,
+    click.option(
+        "--build",
+        is_flag=True,
+        help="Run `dbt build` for the selected models first; sync those that built and "
+        "passed their tests.",
+    ),
+    click.option(
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="json: one JSON summary on stdout, for orchestrators.",
+    ),
+    click.option(
+        "--concurrency",
+        type=click.IntRange(1, 16),
+        default=4,
+        show_default=True,
+        help="Requests in flight at once.",
+    ),
+    click.option(
+        "--fail-on-rejects",
+        "reject_rate",
+        type=click.FloatRange(0, 1),
+        help="Exit 1 for rejects only when a model rejects more than this share of the rows "
+        "it sent (0.05 = 5%). By default any reject exits 1. Failed records always exit 1.",
+    ),
+    click.option(
+        "--job-timeout",
+        type=click.FloatRange(min=1),
+        default=1800,
+        show_default=True,
+        help="Seconds to wait for a bulk import job before leaving its rows for the next run.",
+    ),
+    click.option(
+        "--timeout",
+        "read_timeout",
+        type=click.FloatRange(min=0.1),
+        default=60,
+        show_default=True,
+        help="Seconds to wait for Klaviyo's answer before retrying the request.",
+    ),
+    _logging_options,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,124 +155,133 @@ def cli() -> None:
 
 @cli.command()
 @click.option(
-    "--project-dir",
-    type=click.Path(file_okay=False),
-    help="The dbt project (default: as dbt finds it).",
-)
-@click.option(
-    "--profiles-dir",
-    type=click.Path(file_okay=False),
-    help="Where profiles.yml is (default: as dbt finds it).",
-)
-@click.option("--target", "-t", help="The dbt target to read models from.")
-@click.option(
-    "--select",
-    "-s",
-    "select",
-    multiple=True,
-    help="Models to sync, by name or glob; several may follow one --select.",
-)
-@click.option(
     "--dry-run", is_flag=True, help="Show what would be sent; send nothing, change no state."
 )
-@click.option("--full-refresh", is_flag=True, help="Forget the snapshot and send every row again.")
-@click.option(
-    "--state",
-    "state_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="DBT_KLAVIYO_STATE",
-    help="The state file [default: <project>/.klaviyo_sync/state.duckdb].",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 16),
-    default=4,
-    show_default=True,
-    help="Requests in flight at once.",
-)
-@click.option(
-    "--fail-on-rejects",
-    "reject_rate",
-    type=click.FloatRange(0, 1),
-    help="Exit 1 for rejects only when a model rejects more than this share of the rows it "
-    "sent (0.05 = 5%). By default any reject exits 1. Failed records always exit 1.",
-)
-@click.option(
-    "--job-timeout",
-    type=click.FloatRange(min=1),
-    default=1800,
-    show_default=True,
-    help="Seconds to wait for a bulk import job before leaving its rows for the next run.",
-)
-@click.option(
-    "--timeout",
-    "read_timeout",
-    type=click.FloatRange(min=0.1),
-    default=60,
-    show_default=True,
-    help="Seconds to wait for Klaviyo's answer before retrying the request.",
-)
-def sync(
-    project_dir: str | None,
-    profiles_dir: str | None,
-    target: str | None,
-    select: tuple[str, ...],
-    dry_run: bool,
-    full_refresh: bool,
-    state_path: Path | None,
-    concurrency: int,
-    reject_rate: float | None,
-    job_timeout: float,
-    read_timeout: float,
-) -> None:
+@_sync_options
+def sync(dry_run: bool, **settings: Any) -> None:
     """Diff each annotated model against its last sync and send the changes to Klaviyo."""
-    from dbt_klaviyo_sync.dbt import DbtProject
-    from dbt_klaviyo_sync.runner import SyncOptions, run
-
-    options = SyncOptions(
-        base_url=os.environ.get("KLAVIYO_BASE_URL") or DEFAULT_BASE_URL,
-        private_key=os.environ.get("KLAVIYO_PRIVATE_API_KEY") or None,
-        public_key=os.environ.get("KLAVIYO_PUBLIC_API_KEY") or None,
-        dry_run=dry_run,
-        full_refresh=full_refresh,
-        state_path=state_path,
-        concurrency=concurrency,
-        job_deadline=job_timeout,
-        read_timeout=read_timeout,
-        allow_insecure_http=os.environ.get("DBT_KLAVIYO_ALLOW_INSECURE_HTTP") == "1",
-    )
-    project = DbtProject.locate(project_dir, profiles_dir, target)
-    results = run(project, select, options)
-    _print_summary(results, dry_run)
-    if any(r.counts.failed or r.rejects_too_many(reject_rate) for r in results):
-        sys.exit(1)
+    _sync(dry_run=dry_run, **settings)
 
 
-def _print_summary(results: list[ModelResult], dry_run: bool) -> None:
-    from dbt_klaviyo_sync.state import RunCounts
+@cli.command()
+@_sync_options
+def plan(**settings: Any) -> None:
+    """Show what a sync would send, with sample records: `sync --dry-run`."""
+    _sync(dry_run=True, **settings)
 
-    # Off a terminal (CI logs, pipes) rich would squeeze the table into 80 columns.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    title = "Dry run: nothing was sent" if dry_run else "Klaviyo sync"
-    table = Table(title=title, title_justify="left")
-    columns = [f.name for f in fields(RunCounts)]
-    table.add_column("model")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for r in results:
-        table.add_row(r.model, *(f"{getattr(r.counts, c):,}" for c in columns))
-    console.print(table)
-    for r in results:
-        for reject in r.rejects:
-            where = f" {reject.column}" if reject.column else ""
-            console.print(f"  rejected {r.model} {reject.key!r}{where}: {reject.reason}")
-        if r.counts.rejected > len(r.rejects):
-            more = r.counts.rejected - len(r.rejects)
-            console.print(f"  ... and {more:,} more in the rejects table")
-        for failure in r.failures:
-            console.print(f"  failed {r.model} {failure} (sent again next run)")
-        for key in r.planned:
-            console.print(f"  would delete {r.model} {key!r}")
+
+def _sync(output: str, reject_rate: float | None, **settings: Any) -> None:
+    from dbt_klaviyo_sync import report
+    from dbt_klaviyo_sync.api import sync as run_sync
+    from dbt_klaviyo_sync.progress import BarProgress, NoProgress
+
+    quiet = logging.getLogger("dbt_klaviyo_sync").getEffectiveLevel() > logging.INFO
+    live = output == "text" and not quiet and not settings["dry_run"] and sys.stderr.isatty()
+    progress = BarProgress() if live else NoProgress()
+    try:
+        summary = run_sync(fail_on_rejects=reject_rate, progress=progress, **settings)
+    finally:
+        progress.close()
+    if output == "json":
+        click.echo(
+            orjson.dumps(summary.to_dict(), default=str, option=orjson.OPT_INDENT_2).decode()
+        )
+    else:
+        report.summary(report.console(), summary)
+    if summary.error:
+        click.echo(f"Error: {summary.error}", err=True)
+    sys.exit(summary.exit_status)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--project-dir", type=click.Path(file_okay=False), help="The dbt project.")
+@_state_option
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_logging_options
+def status(
+    model: str | None, project_dir: str | None, state_path: Path | None, runs: int, output: str
+) -> None:
+    """The last runs of each synced model (or of MODEL): when, counts, rejects, time taken."""
+    from dbt_klaviyo_sync import history, report
+
+    with _state(project_dir, state_path) as state:
+        rows = history.last_runs(state, model, runs)
+    if output == "json":
+        click.echo(orjson.dumps(rows, default=str, option=orjson.OPT_INDENT_2).decode())
+    elif rows:
+        report.runs(report.console(), rows)
+    else:
+        click.echo(f"No syncs recorded{' for ' + model if model else ''} yet.")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--project-dir", type=click.Path(file_okay=False), help="The dbt project.")
+@_state_option
+@click.option("--all", "every", is_flag=True, help="Every reject ever logged, not only open ones.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write all of them to this CSV file instead of printing.",
+)
+@_logging_options
+def rejects(
+    model: str,
+    project_dir: str | None,
+    state_path: Path | None,
+    every: bool,
+    limit: int,
+    csv_path: Path | None,
+) -> None:
+    """MODEL's rejected records with their reasons: those still rejected (the row has not
+    changed since), or with --all the whole log."""
+    from dbt_klaviyo_sync import history, report
+
+    with _state(project_dir, state_path) as state:
+        found = history.rejects(state, model, every)
+        total = found.count()
+        if csv_path:
+            found.export_csv(csv_path)
+            click.echo(f"{total:,} rejected records of {model} written to {csv_path}")
+            return
+        report.rejects(report.console(), model, found.first(limit), total)
+
+
+@cli.command()
+@_project_options
+@_logging_options
+def validate(**settings: Any) -> None:
+    """Check annotations, mapped columns, credentials and lists, sending nothing. Exit
+    status 0 when a sync could run, 2 when not."""
+    from dbt_klaviyo_sync import report
+    from dbt_klaviyo_sync.api import validate as run_checks
+
+    found = run_checks(**settings)
+    report.checks(report.console(), found)
+    sys.exit(0 if all(check.ok for check in found) else 2)
+
+
+@contextmanager
+def _state(project_dir: str | None, state_path: Path | None) -> Iterator[State]:
+    """The state file, read-only, for the history commands."""
+    from dbt_klaviyo_sync.state import default_path, open_state
+
+    if state_path is None:
+        project = Path(project_dir or ".").resolve()
+        if not (project / "dbt_project.yml").is_file():
+            raise ConfigurationError(
+                f"no dbt_project.yml in {project}: run from your dbt project or pass "
+                "--project-dir (or --state)."
+            )
+        state_path = default_path(project)
+    if not state_path.is_file():
+        raise ConfigurationError(f"no sync state at {state_path}: nothing has been synced yet.")
+    with open_state(state_path, {}, read_only=True) as state:
+        yield state
 
 
 @cli.command()

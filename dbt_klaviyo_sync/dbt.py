@@ -1,14 +1,17 @@
 """The only module that imports dbt.
 
-It does two things dbt knows best: (re)parse the project when its manifest is missing or
-older than the project's files, and read the selected profile target to find the DuckDB
-files that hold the built models. dbt is imported inside the functions, so `--help` and the
-emulator stay fast.
+It does what dbt knows best: (re)parse the project when its manifest is missing or older
+than the project's files, build models for `sync --build`, and read the selected profile
+target to find the DuckDB files that hold the built models. dbt is imported inside the
+functions, so `--help` and the emulator stay fast.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,47 @@ def ensure_manifest(project: DbtProject) -> Path:
                 "Fix the project (try `dbt parse` yourself) and run again."
             )
     return project.manifest_path
+
+
+def build(project: DbtProject, models: list[str]) -> set[str]:
+    """`dbt build` the models (and their tests); the unique ids of those that built and
+    passed their tests. A model whose tests fail is not synced: tests gate the sync.
+
+    dbt runs in a process of its own: dbt-duckdb keeps the database open in the process
+    that ran it, which would stop the sync from attaching it. Its output goes to stderr,
+    so that stdout keeps to the summary (and to JSON with `--output json`)."""
+    command = [sys.executable, "-c", "from dbt.cli.main import cli; cli()", "build"]
+    process = subprocess.Popen(
+        [*command, "--select", *models, *project._cli_args()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in process.stdout or []:
+        sys.stderr.write(line)
+    process.wait()
+    results = project.target_path / "run_results.json"
+    if process.returncode not in (0, 1) or not results.is_file():
+        raise ConfigurationError(
+            f"`dbt build` could not run for {project.project_dir} (exit status "
+            f"{process.returncode}); see its output above. Fix the project and run again."
+        )
+    built: set[str] = set()
+    failed: set[str] = set()
+    nodes = json.loads(results.read_text())["results"]
+    for node in nodes:
+        kind, status = node["unique_id"].split(".")[0], node["status"]
+        if kind == "model":
+            (built if status == "success" else failed).add(node["unique_id"])
+        elif kind in ("test", "unit_test") and status in ("fail", "error"):
+            failed.update(_tested_models(project, node["unique_id"]))
+    return built - failed
+
+
+def _tested_models(project: DbtProject, test_id: str) -> list[str]:
+    manifest = json.loads(project.manifest_path.read_text())
+    node = manifest["nodes"].get(test_id) or manifest.get("unit_tests", {}).get(test_id, {})
+    return list(node.get("depends_on", {}).get("nodes", []))
 
 
 @dataclass(frozen=True)

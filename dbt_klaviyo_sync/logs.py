@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
 
 KEY_VARIABLES = ("KLAVIYO_PRIVATE_API_KEY", "KLAVIYO_PUBLIC_API_KEY")
 
@@ -32,11 +37,50 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever `sys.stderr` is when a line is logged, so that lines logged while
+    a progress bar is live go above the bar instead of through it."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
+#: Our own loggers; everything else is quiet below WARNING.
+_OURS = "dbt_klaviyo_sync"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure(level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
+    """Log to stderr at `level` (DEBUG, INFO, WARNING or ERROR); keys are always scrubbed."""
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(RedactingFilter())
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("dbt_klaviyo_sync").setLevel(level.upper())
+    logging.getLogger(_OURS).setLevel(min(handler.level, logging.INFO))
+
+
+@contextmanager
+def add_log_file(path: Path) -> Iterator[None]:
+    """Also log to `path` (appending, at INFO or finer, with times), keys scrubbed, as
+    dbt keeps logs/dbt.log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(RedactingFilter())
+    ours = logging.getLogger(_OURS)
+    handler.setLevel(min(ours.getEffectiveLevel(), logging.INFO))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -15,9 +15,11 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from dbt_klaviyo_sync import diff, payloads
@@ -36,15 +38,23 @@ from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Sender
 from dbt_klaviyo_sync.klaviyo.profiles import ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.logs import redact
 from dbt_klaviyo_sync.manifest import ModelNode, read_models
-from dbt_klaviyo_sync.payloads import Reject
+from dbt_klaviyo_sync.payloads import Record
+from dbt_klaviyo_sync.progress import NoProgress, ProgressReporter
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
 from dbt_klaviyo_sync.state import (
     OUTCOME_SCHEMA,
-    RunCounts,
     State,
     default_path,
     open_state,
     sync_id,
+)
+from dbt_klaviyo_sync.summary import (
+    PRINTED_REJECTS,
+    SAMPLE_SIZE,
+    Change,
+    ModelResult,
+    RunSummary,
+    changed_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -67,31 +77,6 @@ class SyncOptions:
     job_deadline: float = 1800.0
     read_timeout: float = 60.0
     allow_insecure_http: bool = False
-
-
-@dataclass
-class ModelResult:
-    """What happened to one model; the CLI prints it, and exit statuses derive from it."""
-
-    model: str
-    counts: RunCounts = field(default_factory=RunCounts)
-    rejects: list[Reject] = field(default_factory=list)  # a sample, for the console
-    failures: list[str] = field(default_factory=list)
-    planned: list[str] = field(default_factory=list)  # dry run: every key it would delete
-
-    def rejects_too_many(self, rate: float | None) -> bool:
-        """Whether the rejects should fail the run: any at all, or more than `rate` of
-        the records this run sent (or tried to)."""
-        tried = self.counts.added + self.counts.updated + self.counts.removed + self.counts.rejected
-        if rate is None:
-            return self.counts.rejected > 0
-        return self.counts.rejected > rate * tried
-
-    @property
-    def status(self) -> str:
-        if self.counts.failed:
-            return "failed"
-        return "rejects" if self.counts.rejected else "ok"
 
 
 def select(models: list[ModelNode], names: Iterable[str]) -> list[ModelNode]:
@@ -133,38 +118,52 @@ def run(
     project: DbtProject,
     names: Iterable[str],
     options: SyncOptions,
-) -> list[ModelResult]:
-    """Sync the selected annotated models of a dbt project."""
+    summary: RunSummary,
+    progress: ProgressReporter | None = None,
+) -> None:
+    """Sync the selected annotated models of a dbt project, adding each model's result to
+    `summary` as it starts, so that a run that stops midway still says how far it got."""
     specs = build_specs(select(read_models(ensure_manifest(project)), names))
     warehouse = load_warehouse(project)
     state_path = options.state_path or default_path(project.project_dir)
+    databases = _without_state(warehouse.databases, state_path)
     fresh = not state_path.exists()
     if fresh and not options.dry_run:
         _warn_fresh_state(specs, state_path)
-    # A dry run builds requests to show them, but never sends one.
-    client = KlaviyoClient(
+    client = make_client(options)  # a dry run builds requests to show them, sends none
+    try:
+        with open_state(
+            None if options.dry_run and fresh else state_path,  # None: an empty state in memory
+            databases,
+            read_only=options.dry_run,
+        ) as state:
+            for spec in specs:
+                diff.check_columns(state.con, spec)
+            if not options.dry_run:
+                preflight(client, specs)
+            for spec in specs:
+                model = ModelSync(state, client, spec, warehouse.target_name, options, progress)
+                summary.models.append(model.result)
+                model.run()
+    finally:
+        client.close()
+
+
+def make_client(options: SyncOptions) -> KlaviyoClient:
+    return KlaviyoClient(
         options.base_url,
         options.private_key,
         options.public_key,
         timeout=(10.0, options.read_timeout),
         allow_insecure=options.allow_insecure_http,
     )
-    results = []
-    try:
-        with open_state(
-            None if options.dry_run and fresh else state_path,  # None: an empty state in memory
-            warehouse.databases,
-            read_only=options.dry_run,
-        ) as state:
-            for spec in specs:
-                diff.check_columns(state.con, spec)
-            if not options.dry_run:
-                _preflight(client, specs)
-            for spec in specs:
-                results.append(ModelSync(state, client, spec, warehouse.target_name, options).run())
-    finally:
-        client.close()
-    return results
+
+
+def _without_state(databases: dict[str, Path], state_path: Path) -> dict[str, Path]:
+    """The warehouse's databases, less the state file when profiles.yml attaches it (to
+    offer the run history to dbt as a source): the state is opened on its own."""
+    state = state_path.resolve()
+    return {name: path for name, path in databases.items() if path != state}
 
 
 def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
@@ -182,7 +181,7 @@ def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
     )
 
 
-def _preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
+def preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
     """Cheap reads before any state changes: the key works, the API answers, and every
     list a model mirrors exists."""
     if not any(spec.api == "private" for spec in specs):
@@ -233,6 +232,7 @@ class ModelSync:
         spec: SyncSpec,
         target: str,
         options: SyncOptions,
+        progress: ProgressReporter | None = None,
     ) -> None:
         self.state = state
         self.target = target
@@ -241,10 +241,23 @@ class ModelSync:
         self.sid = sync_id(spec, target, options.base_url)
         self.options = options
         self.dry_run = options.dry_run
-        self.result = ModelResult(spec.model)
+        self.result = ModelResult(spec.model, spec.object, spec.behavior)
+        self.progress = progress or NoProgress()
         self.run_id = ""
+        self._waited_before = 0.0
+        self._samples: list[Record] = []  # a dry run's first few changes of each kind
 
     def run(self) -> ModelResult:
+        began = time.monotonic()
+        try:
+            return self._run()
+        except Exception as exc:
+            self.result.error = redact(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.result.seconds = time.monotonic() - began
+
+    def _run(self) -> ModelResult:
         if not self.dry_run:
             self.state.register(self.sid, self.spec, self.target, self.options.base_url)
             if self.options.full_refresh:
@@ -253,7 +266,9 @@ class ModelSync:
                 self.sid, self.spec.model, dry_run=False, full_refresh=self.options.full_refresh
             )
         started = time.monotonic()
+        self.state.memory_for("diff")
         counts = diff.compute(self.state.con, self.spec, self.sid)
+        self.state.memory_for("send")
         log.info(
             "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
             "duplicated sync key (diff: %.1f s)",
@@ -266,10 +281,14 @@ class ModelSync:
             time.monotonic() - started,
         )
         started = time.monotonic()
-        waited_before = self.client.rate_limit_wait
+        self._waited_before = waited_before = self.client.rate_limit_wait
         requests_before = self.client.requests_made
         status, error = "error", None
         tally = self.result.counts
+        self.progress.start(
+            self.spec.model,
+            counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0),
+        )
         try:
             bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
             self._send(
@@ -288,6 +307,7 @@ class ModelSync:
             error = redact(f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self.progress.finish()
             tally.unchanged = counts.model_rows - counts.to_send - counts.invalid
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
@@ -312,6 +332,7 @@ class ModelSync:
                     self._tally(Outcome(removed=records))
                 else:
                     self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
+            self._sample_old_values()
             return
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
@@ -346,6 +367,8 @@ class ModelSync:
         """Count as the summary table shows it: an accepted record is added, updated or
         removed in Klaviyo depending on the behaviour and on whether it was sent before."""
         result, tally = self.result, self.result.counts
+        if planned:
+            self._sample([r for r, _ in outcome.accepted] + outcome.removed)
         for record, _ in outcome.accepted:
             if self.spec.behavior == "delete":
                 tally.removed += 1
@@ -358,9 +381,35 @@ class ModelSync:
         tally.removed += len(outcome.removed)
         tally.rejected += len(outcome.rejected)
         tally.failed += len(outcome.failed)
-        result.rejects += outcome.rejected[: max(0, 20 - len(result.rejects))]
-        for record, reason in outcome.failed[: max(0, 20 - len(result.failures))]:
+        result.rejects += outcome.rejected[: max(0, PRINTED_REJECTS - len(result.rejects))]
+        for record, reason in outcome.failed[: max(0, PRINTED_REJECTS - len(result.failures))]:
             result.failures.append(f"{record.key}: {reason}")
+        self.progress.advance(
+            len(outcome.accepted)
+            + len(outcome.rejected)
+            + len(outcome.failed)
+            + len(outcome.removed),
+            self.client.rate_limit_wait - self._waited_before,
+        )
+
+    def _sample(self, records: list[Record]) -> None:
+        """Keep the first few records of each kind of change, to show in the plan."""
+        for record in records:
+            if sum(r.change == record.change for r in self._samples) < SAMPLE_SIZE:
+                self._samples.append(record)
+
+    def _sample_old_values(self) -> None:
+        """Each sample's changed fields, old value against new, as the plan shows them."""
+        old = self.state.accepted_values(self.sid, [r.key for r in self._samples])
+        self.result.samples = [
+            # Compared as JSON, the form Klaviyo received them in.
+            Change(r.key, r.change, changed_fields(old.get(r.key), self._as_sent(r)))
+            for r in self._samples
+        ]
+
+    @staticmethod
+    def _as_sent(record: Record) -> dict[str, Any]:
+        return {} if record.change == "remove" else orjson.loads(payloads.dumps(record.values))
 
 
 def _outcome_table(outcome: Outcome) -> pa.Table:

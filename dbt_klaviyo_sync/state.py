@@ -17,14 +17,22 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from dbt_klaviyo_sync.errors import StateError
 from dbt_klaviyo_sync.spec import SyncSpec
 
 CATALOG = "klaviyo_sync_state"
+
+# DuckDB would take up to 80% of the machine's memory. A sync keeps to a budget and spills
+# to disk beyond it: the diff's join gets the most; while changed rows stream out to be
+# sent, DuckDB needs little, and the requests in flight need the room.
+DIFF_MEMORY_LIMIT = os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT", "1GB")
+SEND_MEMORY_LIMIT = "384MB"
 SCHEMA_VERSION = 3
 
 # Migration N brings a state file from version N-1 to N. Append; never edit a shipped step.
@@ -275,6 +283,23 @@ class State:
         finally:
             w.unregister("batch_outcomes")
 
+    def memory_for(self, phase: Literal["diff", "send"]) -> None:
+        """Give DuckDB the memory budget of the phase the sync is in."""
+        limit = DIFF_MEMORY_LIMIT if phase == "diff" else SEND_MEMORY_LIMIT
+        self.con.execute(f"SET memory_limit = '{_sql_str(limit)}'")
+
+    def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """What Klaviyo last accepted for these keys, field by field."""
+        if not keys:
+            return {}
+        rows = self.con.execute(
+            f"""SELECT key, accepted_values FROM {CATALOG}.snapshot
+                WHERE sync_id = $1 AND key IN (SELECT unnest($2::VARCHAR[]))
+                AND accepted_values IS NOT NULL""",
+            [sid, keys],
+        ).fetchall()
+        return {key: orjson.loads(values) for key, values in rows}
+
     def forget_removed(self, sid: str, changes_table: str) -> None:
         """Drop rows that left the model, so they are sent again if they come back.
         Runs on the main connection, which owns the temporary changes table."""
@@ -300,13 +325,8 @@ def open_state(
     file is locked while open, so a second sync on the same state fails fast with a clear
     message instead of corrupting it.
     """
-    # DuckDB would take up to 80% of the machine's memory; a sync keeps to a budget and
-    # spills to disk beyond it, so a 10M-row model runs in about 1.5 GB.
     con = duckdb.connect(
-        config={
-            "memory_limit": os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT", "1GB"),
-            "preserve_insertion_order": False,
-        }
+        config={"memory_limit": DIFF_MEMORY_LIMIT, "preserve_insertion_order": False}
     )
     read_only = read_only and path is not None
     try:

@@ -2,9 +2,10 @@
 
 dbt builds 1,200 customers into DuckDB, the bundled Klaviyo emulator starts on loopback,
 `dbt-klaviyo sync` sends every customer, the data moves on a day (3 customers change, 1 is
-added, 1 leaves, and an unsynced column changes everywhere), and a second sync sends only
-the 4 profiles that changed. Last, the other Census objects: a list mirror, an update-only
-sync, erasure requests and order events. Run it with `python3 dev.py demo`.
+added, 1 leaves, and an unsynced column changes everywhere), `dbt-klaviyo plan` shows what
+would change, and a second sync sends only the 4 profiles that changed. Last, the other
+Census objects (a list mirror, an update-only sync, erasure requests and order events), and
+the run history and rejects. Run it with `python3 dev.py demo`.
 """
 
 from __future__ import annotations
@@ -66,17 +67,21 @@ def main() -> None:
         step(4, "A day later: 3 customers change, 1 signs up, 1 leaves (dbt var demo_step=1)")
         dbt("build", "--vars", "{demo_step: 1}")
 
-        step(5, "Second sync: only the 4 changed profiles are sent")
+        step(5, "The plan: what a second sync would send, field by field (nothing is sent)")
+        cli = [str(BIN / "dbt-klaviyo")]
+        run(*cli, "plan", "--project-dir", ".", "--profiles-dir", ".", "-s", "customers", env=env)
+
+        step(6, "Second sync: only the 4 changed profiles are sent")
         before = emulator.stats()["writes"]
         run(*sync, "--select", "customers", env=env)
         print(f"Klaviyo received {emulator.stats()['writes'] - before} write requests.")
 
-        step(6, "Third sync: nothing changed, so nothing is sent")
+        step(7, "Third sync: nothing changed, so nothing is sent")
         before = emulator.stats()["writes"]
         run(*sync, "--select", "customers", env=env)
         print(f"Klaviyo received {emulator.stats()['writes'] - before} write requests.")
 
-        step(7, "The other Census objects: a VIP list, loyalty tiers, erasures and orders")
+        step(8, "The other Census objects: a VIP list, loyalty tiers, erasures and orders")
         emulator.create_list("VIPs", list_id="VipLst")  # the list_id in models/schema.yml
         others = ["vip_audience", "loyalty_updates", "erasure_requests", "order_events"]
         # C99999 in loyalty_updates has no Klaviyo profile: update_only rejects it (exit 1).
@@ -87,6 +92,10 @@ def main() -> None:
             f"{len(emulator.deletions())} profiles were deleted, "
             f"and Klaviyo holds {len(emulator.events())} Placed Order events."
         )
+
+        step(9, "The run history, and the records Klaviyo rejected, with the reasons")
+        run(*cli, "status", "--runs", "2")
+        run(*cli, "rejects", "loyalty_updates")
 
     print(
         "\nThe state is in integration_tests/.klaviyo_sync/state.duckdb; try\n"

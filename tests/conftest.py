@@ -129,14 +129,15 @@ class Sync:
         raise AssertionError(f"no summary row for {model} in:\n{self.output}")
 
 
-def sync(
+def dbt_klaviyo(
     project: Path,
     emulator: Emulator | None,
-    *args: str,
+    *argv: str,
     env: dict[str, str] | None = None,
     isolated: bool = False,
 ) -> Sync:
-    """Run `dbt-klaviyo sync` from the project directory, as a user would.
+    """Run a `dbt-klaviyo` command from the project directory, as a user would, with the
+    test keys and the emulator's URL in the environment.
 
     By default the CLI's `main` runs in this process (dbt takes seconds to import, once);
     `isolated=True` runs the installed console script in a fresh process instead, for tests
@@ -148,7 +149,6 @@ def sync(
         "KLAVIYO_BASE_URL": emulator.url if emulator else "http://127.0.0.1:9",
         **(env or {}),
     }
-    argv = ["sync", "--project-dir", ".", "--profiles-dir", ".", *args]
     if isolated:
         done = subprocess.run(
             [str(BIN / "dbt-klaviyo"), *argv],
@@ -169,11 +169,23 @@ def sync(
         patch.chdir(project)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                main(argv)
+                main(list(argv))
                 code = 0
             except SystemExit as exit_:
                 code = int(exit_.code or 0)
     return Sync(code, out.getvalue(), err.getvalue())
+
+
+def sync(
+    project: Path,
+    emulator: Emulator | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    isolated: bool = False,
+) -> Sync:
+    """Run `dbt-klaviyo sync` on the project (see `dbt_klaviyo`)."""
+    argv = ("sync", "--project-dir", ".", "--profiles-dir", ".", *args)
+    return dbt_klaviyo(project, emulator, *argv, env=env, isolated=isolated)
 
 
 def sync_customers(project: Path, emulator: Emulator | None, *args: str, **options: Any) -> Sync:

@@ -1,0 +1,211 @@
+"""The Python API, for orchestrators (Airflow, Dagster, Prefect) and for the CLI itself.
+
+    from dbt_klaviyo_sync import sync
+
+    summary = sync("path/to/dbt/project", select=["customers"])
+    if summary.exit_status:
+        raise RuntimeError(summary.reason)
+
+Keys are read from the environment only (KLAVIYO_PRIVATE_API_KEY, KLAVIYO_PUBLIC_API_KEY),
+as for the CLI; so is KLAVIYO_BASE_URL. Neither function raises for a problem the user can
+fix: it is in the summary, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbt_klaviyo_sync import diff
+from dbt_klaviyo_sync.dbt import DbtProject, build, ensure_manifest, load_warehouse
+from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
+from dbt_klaviyo_sync.logs import add_log_file, redact
+from dbt_klaviyo_sync.manifest import read_models
+from dbt_klaviyo_sync.progress import ProgressReporter
+from dbt_klaviyo_sync.runner import (
+    SyncOptions,
+    build_specs,
+    make_client,
+    preflight,
+    run,
+    select,
+)
+from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.state import open_state
+from dbt_klaviyo_sync.summary import ModelResult, RunSummary
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://a.klaviyo.com"
+LOG_FILE = "dbt-klaviyo.log"
+
+
+def sync(
+    project_dir: str | Path | None = None,
+    *,
+    profiles_dir: str | Path | None = None,
+    target: str | None = None,
+    select: Iterable[str] = (),
+    dry_run: bool = False,
+    full_refresh: bool = False,
+    build: bool = False,
+    state_path: str | Path | None = None,
+    fail_on_rejects: float | None = None,
+    concurrency: int = 4,
+    job_timeout: float = 1800.0,
+    read_timeout: float = 60.0,
+    progress: ProgressReporter | None = None,
+) -> RunSummary:
+    """Sync the selected annotated models (all of them by default) and say what happened.
+
+    `build=True` runs `dbt build` for them first and syncs only those that built and
+    passed their tests. `fail_on_rejects` is the share of rejected records above which the
+    exit status is 1 (by default any reject is).
+    """
+    summary = RunSummary(dry_run=dry_run, reject_rate=fail_on_rejects)
+    started = time.monotonic()
+    try:
+        project = _project(project_dir, profiles_dir, target)
+        options = _options(
+            dry_run=dry_run,
+            full_refresh=full_refresh,
+            state_path=Path(state_path) if state_path else None,
+            concurrency=concurrency,
+            job_deadline=job_timeout,
+            read_timeout=read_timeout,
+        )
+        names = list(select)
+        with _logged_to(project):
+            if build:
+                names = _build(project, names, summary)
+            if names or not build:
+                run(project, names, options, summary, progress)
+    except SyncError as exc:
+        summary.error = redact(str(exc))
+    finally:
+        summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _build(project: DbtProject, names: list[str], summary: RunSummary) -> list[str]:
+    """`dbt build` the selected annotated models; the names of those to sync. Those that
+    did not build, or failed a test, get a result that says so (exit status 2)."""
+    models = select(read_models(ensure_manifest(project)), names)
+    if not models:
+        return []
+    good = build(project, [m.name for m in models])
+    for model in models:
+        if model.unique_id not in good:
+            summary.models.append(
+                ModelResult(
+                    model.name,
+                    error="`dbt build` failed for this model or one of its tests; not synced",
+                )
+            )
+    return [m.unique_id for m in models if m.unique_id in good]
+
+
+@dataclass
+class Check:
+    """One thing `validate` checked, and what is wrong with it, if anything."""
+
+    what: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate(
+    project_dir: str | Path | None = None,
+    *,
+    profiles_dir: str | Path | None = None,
+    target: str | None = None,
+    select: Iterable[str] = (),
+) -> list[Check]:
+    """Check everything a sync needs, sending nothing: the annotations, each mapped column
+    in the built relation, the credentials (one cheap read) and each mirrored list."""
+    checks: list[Check] = []
+
+    def check(what: str) -> Check:
+        checks.append(Check(what))
+        return checks[-1]
+
+    try:
+        project = _project(project_dir, profiles_dir, target)
+        with _logged_to(project):
+            _validate(project, list(select), check)
+    except SyncError as exc:
+        check("the project").problems.append(redact(str(exc)))
+    return checks
+
+
+def _validate(project: DbtProject, names: list[str], check: Callable[[str], Check]) -> None:
+    annotations = check("annotations")
+    try:
+        specs = build_specs(select(read_models(ensure_manifest(project)), names))
+    except AnnotationErrors as exc:
+        annotations.problems += [str(p) for p in exc.problems]
+        return
+    annotations.what = f"annotations of {len(specs)} model(s): {', '.join(s.model for s in specs)}"
+    columns = check("each mapped column is in the built relation")
+    with open_state(None, load_warehouse(project).databases) as state:
+        for spec in specs:
+            try:
+                diff.check_columns(state.con, spec)
+            except AnnotationErrors as exc:
+                columns.problems += [str(p) for p in exc.problems]
+            except SyncError as exc:
+                columns.problems.append(str(exc))
+    _validate_credentials(specs, check("credentials, and each mirrored list exists"))
+
+
+def _validate_credentials(specs: list[SyncSpec], credentials: Check) -> None:
+    options = _options()
+    if any(spec.api == "client" for spec in specs) and not options.public_key:
+        credentials.problems.append(
+            "KLAVIYO_PUBLIC_API_KEY is not set; models with `api: client` need it "
+            f"({', '.join(s.model for s in specs if s.api == 'client')})"
+        )
+    client = make_client(options)
+    try:
+        preflight(client, specs)
+    except SyncError as exc:
+        credentials.problems.append(redact(str(exc)))
+    finally:
+        client.close()
+
+
+def _options(**settings: Any) -> SyncOptions:
+    """Options with the endpoint and keys from the environment, the only place for keys."""
+    return SyncOptions(
+        base_url=os.environ.get("KLAVIYO_BASE_URL") or DEFAULT_BASE_URL,
+        private_key=os.environ.get("KLAVIYO_PRIVATE_API_KEY") or None,
+        public_key=os.environ.get("KLAVIYO_PUBLIC_API_KEY") or None,
+        allow_insecure_http=os.environ.get("DBT_KLAVIYO_ALLOW_INSECURE_HTTP") == "1",
+        **settings,
+    )
+
+
+def _project(
+    project_dir: str | Path | None, profiles_dir: str | Path | None, target: str | None
+) -> DbtProject:
+    return DbtProject.locate(
+        str(project_dir) if project_dir else None,
+        str(profiles_dir) if profiles_dir else None,
+        target,
+    )
+
+
+@contextmanager
+def _logged_to(project: DbtProject) -> Iterator[None]:
+    """Log this run, keys scrubbed, to target/dbt-klaviyo.log, next to dbt's own output."""
+    with add_log_file(project.target_path / LOG_FILE):
+        yield

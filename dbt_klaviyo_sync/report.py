@@ -1,0 +1,129 @@
+"""How the CLI shows things in a terminal: the summary table, the plan of a dry run, the run
+history, rejects and validation checks. Machine-readable output is `RunSummary.to_dict`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dbt_klaviyo_sync.api import Check
+from dbt_klaviyo_sync.history import REJECT_COLUMNS, RUN_COLUMNS
+from dbt_klaviyo_sync.state import RunCounts
+from dbt_klaviyo_sync.summary import ModelResult, RunSummary
+
+
+def console() -> Console:
+    # Off a terminal (CI logs, pipes) rich would squeeze tables into 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def summary(out: Console, run: RunSummary) -> None:
+    """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan."""
+    title = "Dry run: nothing was sent" if run.dry_run else "Klaviyo sync"
+    table = Table(title=title, title_justify="left")
+    columns = [f.name for f in fields(RunCounts)]
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for m in run.models:
+        table.add_row(m.model, *(f"{getattr(m.counts, c):,}" for c in columns))
+    if run.models:
+        out.print(table)
+    for m in run.models:
+        if run.dry_run:
+            _plan(out, m)
+        _problems(out, m, would=run.dry_run)
+    if run.error:
+        out.print(f"[red]Error:[/red] {escape(run.error)}")
+
+
+def _plan(out: Console, m: ModelResult) -> None:
+    """What the sync would do to the model's records, in its behaviour's words, with a few
+    records field by field."""
+    c = m.counts
+    doing = {
+        ("profile", "upsert"): [
+            (c.added, "profiles to create"),
+            (c.updated, "to update"),
+            (c.removed, "left the model (left as they are in Klaviyo)"),
+        ],
+        ("profile", "update_only"): [(c.updated, "profiles to update")],
+        ("profile", "delete"): [(c.removed, "profiles to delete")],
+        ("list", "mirror"): [
+            (c.added, "to add to the list"),
+            (c.updated, "members to update"),
+            (c.removed, "to remove from the list"),
+        ],
+        ("event", "send"): [(c.added, "events to send")],
+    }.get((m.object, m.behavior), [])
+    words = ", ".join(f"{n:,} {what}" for n, what in doing)
+    out.print(f"[bold]{escape(m.model)}[/bold] ({m.object} {m.behavior}): {words or 'nothing'}")
+    for sample in m.samples:
+        changes = "; ".join(
+            f"{name}: {_value(old)} -> {_value(new)}" for name, (old, new) in sample.fields.items()
+        )
+        out.print(f"  {sample.change:<6} {escape(sample.key)}  {escape(changes)}")
+
+
+def _value(value: Any) -> str:
+    text = "NULL" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problems(out: Console, m: ModelResult, would: bool) -> None:
+    verb = "would reject" if would else "rejected"
+    for reject in m.rejects:
+        where = f" {reject.column}" if reject.column else ""
+        out.print(
+            f"  {verb} {escape(m.model)} {reject.key!r}{escape(where)}: {escape(reject.reason)}"
+        )
+    if m.counts.rejected > len(m.rejects):
+        more = m.counts.rejected - len(m.rejects)
+        out.print(f"  ... and {more:,} more: dbt-klaviyo rejects {escape(m.model)}")
+    for failure in m.failures:
+        out.print(f"  failed {escape(m.model)} {escape(failure)} (sent again next run)")
+    for key in m.planned:
+        out.print(f"  would delete {escape(m.model)} {key!r}")
+    if m.error:
+        out.print(f"  [red]{escape(m.model)}: {escape(m.error)}[/red]")
+
+
+def runs(out: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Last syncs", title_justify="left")
+    for column in RUN_COLUMNS:
+        table.add_column(column, justify="right" if column not in ("model", "status") else "left")
+    for row in rows:
+        cells = []
+        for column in RUN_COLUMNS:
+            value = row[column]
+            if column == "started_at":
+                value = value.strftime("%Y-%m-%d %H:%M:%S")
+            cells.append(
+                "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+            )
+        table.add_row(*(escape(c) for c in cells))
+    out.print(table)
+
+
+def rejects(out: Console, model: str, rows: list[tuple[Any, ...]], total: int) -> None:
+    table = Table(title=f"Rejected records of {model}", title_justify="left")
+    for column in REJECT_COLUMNS[1:]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape("" if v is None else str(v)) for v in row[1:]))
+    out.print(table)
+    if total > len(rows):
+        out.print(f"{total - len(rows):,} more; export them all with --csv FILE")
+
+
+def checks(out: Console, found: list[Check]) -> None:
+    for check in found:
+        mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {escape(check.what)}")
+        for problem in check.problems:
+            out.print(f"      {escape(problem)}")

@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 #: Above this many changed profiles, bulk import jobs are cheaper than one request each.
 BULK_THRESHOLD = 100
+#: Answers are committed when this many records, or this many seconds, have gathered.
+COMMIT_RECORDS = 50_000
+COMMIT_SECONDS = 2.0
 #: The rows a sync acts on first: new and changed ones, and rows it must report.
 _CHANGES = ("add", "update", "null_key", "duplicate_key")
 
@@ -246,6 +249,8 @@ class ModelSync:
         self.run_id = ""
         self._waited_before = 0.0
         self._samples: list[Record] = []  # a dry run's first few changes of each kind
+        self._pending = Outcome()  # answers counted but not yet committed
+        self._committed_at = time.monotonic()
 
     def run(self) -> ModelResult:
         began = time.monotonic()
@@ -336,14 +341,17 @@ class ModelSync:
             return
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
-            for unit in units:
-                in_flight.add(pool.submit(sender.send, unit))
-                while len(in_flight) >= self.options.concurrency * 2:
+            try:
+                for unit in units:
+                    in_flight.add(pool.submit(sender.send, unit))
+                    while len(in_flight) >= self.options.concurrency * 2:
+                        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                        self._answered(done)
+                while in_flight:
                     done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    self._commit_done(done)
-            while in_flight:
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                self._commit_done(done)
+                    self._answered(done)
+            finally:
+                self._flush()
 
     def _prepared(self, sender: Sender, kinds: tuple[str, ...]) -> Iterator[Prepared]:
         """Changed rows, converted and shaped; rejects found on the way are committed
@@ -354,9 +362,25 @@ class ModelSync:
             self._commit(Outcome(rejected=rejects + refused))
             yield from ready
 
-    def _commit_done(self, done: set[Future[Outcome]]) -> None:
+    def _answered(self, done: set[Future[Outcome]]) -> None:
+        """Count answers at once; commit them a few seconds' or records' worth at a time,
+        as each commit scans the snapshot. A crash loses only uncommitted answers, and
+        those records are sent again: safe, as every request is idempotent or deduplicated."""
         for future in done:
-            self._commit(future.result())
+            outcome = future.result()
+            self._tally(outcome)
+            self._pending.merge(outcome)
+        pending = self._pending
+        size = len(pending.accepted) + len(pending.rejected) + len(pending.removed)
+        if size >= COMMIT_RECORDS or time.monotonic() - self._committed_at >= COMMIT_SECONDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.dry_run:
+            self.state.commit_batch(
+                self.sid, self.run_id, self.spec.model, _outcome_table(self._pending)
+            )
+        self._pending, self._committed_at = Outcome(), time.monotonic()
 
     def _commit(self, outcome: Outcome) -> None:
         if not self.dry_run:
@@ -420,7 +444,7 @@ def _outcome_table(outcome: Outcome) -> pa.Table:
             "outcome": "accepted",
             "fingerprint": r.fingerprint,
             "accepted_values": payloads.dumps(r.values).decode(),
-            "klaviyo_id": klaviyo_id,
+            "klaviyo_id": klaviyo_id or r.klaviyo_id,
             "in_snapshot": r.in_snapshot,
         }
         for r, klaviyo_id in outcome.accepted

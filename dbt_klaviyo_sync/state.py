@@ -106,23 +106,20 @@ _INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot
         current_timestamp
     FROM batch_outcomes
     WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')"""
-# Rows already in the snapshot are replaced (DuckDB's UPDATE ... FROM scans slowly): their
-# new version is staged from the old one, the old one deleted, the new one inserted.
-_STAGE_KNOWN = f"""CREATE OR REPLACE TEMP TABLE klaviyo_commit AS
-    SELECT $1 AS sync_id, b.key,
-        CASE WHEN b.outcome = 'accepted' THEN b.fingerprint ELSE s.fingerprint END,
-        CASE WHEN b.outcome = 'accepted' THEN b.accepted_values ELSE s.accepted_values END,
-        coalesce(b.klaviyo_id, s.klaviyo_id),
-        CASE WHEN b.outcome = 'rejected' THEN b.fingerprint END,
-        current_timestamp
+# Rows already in the snapshot that Klaviyo accepted again are replaced: deleted, with the
+# rows that left a list, in one scan of the snapshot (DuckDB's UPDATE ... FROM scans more
+# slowly), then inserted whole from the batch, which carries the known Klaviyo id.
+_DELETE_REPLACED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
+    (SELECT key FROM batch_outcomes
+     WHERE (in_snapshot AND outcome = 'accepted') OR outcome = 'removed')"""
+_INSERT_REPLACED = f"""INSERT INTO {CATALOG}.snapshot
+    SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, current_timestamp
+    FROM batch_outcomes WHERE in_snapshot AND outcome = 'accepted'"""
+# A known row Klaviyo now refuses keeps what it last accepted, and remembers the refusal.
+_MARK_REJECTED = f"""UPDATE {CATALOG}.snapshot AS s
+    SET rejected_fingerprint = b.fingerprint, updated_at = current_timestamp
     FROM batch_outcomes AS b
-    LEFT JOIN {CATALOG}.snapshot AS s ON s.sync_id = $1 AND s.key = b.key
-    WHERE b.in_snapshot AND b.outcome IN ('accepted', 'rejected')"""
-_DELETE_STAGED = f"""DELETE FROM {CATALOG}.snapshot
-    WHERE sync_id = $1 AND key IN (SELECT key FROM klaviyo_commit)"""
-_INSERT_STAGED = f"INSERT INTO {CATALOG}.snapshot SELECT * FROM klaviyo_commit"
-_DELETE_REMOVED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
-    (SELECT key FROM batch_outcomes WHERE outcome = 'removed')"""
+    WHERE s.sync_id = $1 AND s.key = b.key AND b.in_snapshot AND b.outcome = 'rejected'"""
 _LOG_REJECTS = f"""INSERT INTO {CATALOG}.rejects
     SELECT $1, $2, $3, key, column_name, field, code, reason, fingerprint, current_timestamp
     FROM batch_outcomes WHERE outcome IN ('rejected', 'invalid')"""
@@ -245,7 +242,8 @@ class State:
         snapshot, rejected rows are logged and remembered so they are not re-sent until
         they change. Rows that failed are simply absent, so the next run sends them again.
         Statements that would change nothing are skipped: replacing and deleting rows scans
-        the whole snapshot, which is millions of rows on a large model."""
+        the whole snapshot, which is millions of rows on a large model, so it is done once.
+        An accepted row's `klaviyo_id` must be the known one when the answer gave none."""
         if outcomes.num_rows == 0:
             return
         kinds = Counter(
@@ -256,13 +254,12 @@ class State:
             )
         )
         recorded = {"accepted", "rejected"}
-        replace = any(o in recorded and known for o, known in kinds)
+        replaced = kinds[("accepted", True)] > 0
         statements = [
             (any(o in recorded and not known for o, known in kinds), _INSERT_NEW, [sid]),
-            (replace, _STAGE_KNOWN, [sid]),
-            (replace, _DELETE_STAGED, [sid]),
-            (replace, _INSERT_STAGED, []),
-            (any(o == "removed" for o, _ in kinds), _DELETE_REMOVED, [sid]),
+            (replaced or kinds[("removed", True)] > 0, _DELETE_REPLACED, [sid]),
+            (replaced, _INSERT_REPLACED, [sid]),
+            (kinds[("rejected", True)] > 0, _MARK_REJECTED, [sid]),
             (
                 any(o in ("rejected", "invalid") for o, _ in kinds),
                 _LOG_REJECTS,

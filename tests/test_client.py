@@ -12,7 +12,7 @@ import pytest
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.errors import ConfigurationError, CredentialsError, TransientApiError
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, check_base_url
-from dbt_klaviyo_sync.klaviyo.pacing import EndpointPacer
+from dbt_klaviyo_sync.klaviyo.pacing import EndpointPacer, WaitClock
 from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
 
 
@@ -77,6 +77,24 @@ def test_the_pacer_holds_every_caller_until_a_block_passes() -> None:
     started = time.monotonic()
     with pacer.slot():
         assert time.monotonic() - started >= 0.6
+
+
+def test_rate_limit_waits_are_counted_on_the_clock_not_per_thread() -> None:
+    """Three requests at a burst of one a second: the second waits about 1 s, the third
+    about 2 s, at the same time; the progress bar should say 2 s, not 3."""
+    clock = WaitClock()
+    pacer = EndpointPacer(burst=1, steady=1000, clock=clock)
+
+    def request() -> None:
+        with pacer.slot():
+            pass
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1.9 <= clock.seconds <= 2.6
 
 
 def test_the_pacer_takes_the_accounts_limits_from_its_headers() -> None:

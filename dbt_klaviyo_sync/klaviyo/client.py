@@ -153,7 +153,6 @@ class KlaviyoClient:
             {"Authorization": f"Klaviyo-API-Key {private_key}"} if private_key else {}
         )
         self._requests = 0
-        self._waited = 0.0  # seconds requests spent waiting for rate limits
         self._failures_in_a_row = 0
         self._count_lock = threading.Lock()
 
@@ -166,9 +165,9 @@ class KlaviyoClient:
 
     @property
     def rate_limit_wait(self) -> float:
-        """Seconds requests have waited for a rate limit window or a Retry-After, summed
-        over the threads that sent them."""
-        return self._waited
+        """Seconds (of the clock, not summed over threads) during which requests waited for
+        a rate limit window or a Retry-After."""
+        return self._pacer.clock.seconds
 
     def close(self) -> None:
         self._session.close()
@@ -247,10 +246,9 @@ class KlaviyoClient:
                 )
             headers.update(self._private_headers)
         pacer = self._pacer.endpoint(operation(operation_id))
-        with pacer.slot() as waited:
+        with pacer.slot():
             with self._count_lock:
                 self._requests += 1
-                self._waited += waited
             try:
                 response = self._session.request(
                     method,

@@ -26,6 +26,37 @@ from dataclasses import dataclass, field
 from dbt_klaviyo_sync.klaviyo.openapi import Operation
 
 
+class WaitClock:
+    """Wall-clock seconds during which at least one request waited for a rate limit, so
+    that four threads waiting the same second count one second, not four."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._lock:
+            if self._waiting == 0:
+                self._since = time.monotonic()
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                if self._waiting == 0:
+                    self._total += time.monotonic() - self._since
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            ongoing = time.monotonic() - self._since if self._waiting else 0.0
+            return self._total + ongoing
+
+
 @dataclass
 class _Window:
     limit: int
@@ -45,7 +76,8 @@ class _Window:
 class EndpointPacer:
     """The pace of one operation; thread-safe."""
 
-    def __init__(self, burst: int, steady: int) -> None:
+    def __init__(self, burst: int, steady: int, clock: WaitClock | None = None) -> None:
+        self._clock = clock or WaitClock()
         self._documented = (burst, steady)
         self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
         self._blocked_until = 0.0
@@ -76,11 +108,11 @@ class EndpointPacer:
                 burst.limit = max(1, burst.limit // 2)
 
     @contextmanager
-    def slot(self) -> Iterator[float]:
-        """Hold a place in the windows for one request; yields the seconds spent waiting."""
-        waited = self._acquire()
+    def slot(self) -> Iterator[None]:
+        """Hold a place in the windows for one request, waiting for one if need be."""
+        self._acquire()
         try:
-            yield waited
+            yield
         finally:
             with self._changed:
                 now = time.monotonic()
@@ -89,20 +121,27 @@ class EndpointPacer:
                     window.answered.append(now)
                 self._changed.notify_all()
 
-    def _acquire(self) -> float:
-        started = time.monotonic()
+    def _acquire(self) -> None:
         with self._changed:
-            while True:
-                now = time.monotonic()
-                waits = [w.wait(now) for w in self._windows]
-                blocked = self._blocked_until - now
-                if blocked <= 0 and all(w == 0 for w in waits):
-                    for window in self._windows:
-                        window.in_flight += 1
-                    return now - started
-                known = [w for w in waits if w] + ([blocked] if blocked > 0 else [])
-                # With only answers to wait for, a release wakes us; else sleep until due.
-                self._changed.wait(max(known) if known else None)
+            if self._take():
+                return
+            with self._clock.waiting():
+                while not self._take():
+                    now = time.monotonic()
+                    waits = [w.wait(now) for w in self._windows]
+                    blocked = self._blocked_until - now
+                    known = [w for w in waits if w] + ([blocked] if blocked > 0 else [])
+                    # With only answers to wait for, a release wakes us; else sleep until due.
+                    self._changed.wait(max(known) if known else None)
+
+    def _take(self) -> bool:
+        """Take a place in both windows if they have room now (the lock is held)."""
+        now = time.monotonic()
+        if self._blocked_until > now or any(w.wait(now) != 0 for w in self._windows):
+            return False
+        for window in self._windows:
+            window.in_flight += 1
+        return True
 
     def block(self, seconds: float) -> None:
         """No request before `seconds` from now (a Retry-After, or an exhausted window)."""
@@ -115,6 +154,7 @@ class Pacer:
 
     def __init__(self, enabled: bool = True) -> None:
         self._enabled = enabled
+        self.clock = WaitClock()
         self._pacers: dict[str, EndpointPacer] = {}
         self._lock = threading.Lock()
 
@@ -126,5 +166,5 @@ class Pacer:
                     limits = (op.burst_per_second, op.steady_per_minute)
                 else:
                     limits = (10**9, 10**9)
-                pacer = self._pacers[op.operation_id] = EndpointPacer(*limits)
+                pacer = self._pacers[op.operation_id] = EndpointPacer(*limits, self.clock)
             return pacer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -15,6 +16,10 @@ from dbt_klaviyo_sync.api import Check
 from dbt_klaviyo_sync.history import REJECT_COLUMNS, RUN_COLUMNS
 from dbt_klaviyo_sync.state import RunCounts
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
+
+#: Fields of a sample record shown in a plan (a new record has them all; --output json
+#: gives every one).
+SHOWN_FIELDS = 5
 
 
 def console() -> Console:
@@ -48,7 +53,7 @@ def _plan(out: Console, m: ModelResult) -> None:
     c = m.counts
     doing = {
         ("profile", "upsert"): [
-            (c.added, "profiles to create"),
+            (c.added, "to create"),
             (c.updated, "to update"),
             (c.removed, "left the model (left as they are in Klaviyo)"),
         ],
@@ -64,10 +69,17 @@ def _plan(out: Console, m: ModelResult) -> None:
     words = ", ".join(f"{n:,} {what}" for n, what in doing)
     out.print(f"[bold]{escape(m.model)}[/bold] ({m.object} {m.behavior}): {words or 'nothing'}")
     for sample in m.samples:
-        changes = "; ".join(
-            f"{name}: {_value(old)} -> {_value(new)}" for name, (old, new) in sample.fields.items()
-        )
+        shown = list(sample.fields.items())[:SHOWN_FIELDS]
+        changes = "; ".join(f"{name}: {_value(old)} -> {_value(new)}" for name, (old, new) in shown)
+        if len(sample.fields) > SHOWN_FIELDS:
+            changes += f"; and {len(sample.fields) - SHOWN_FIELDS} more fields"
         out.print(f"  {sample.change:<6} {escape(sample.key)}  {escape(changes)}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return "" if value is None else str(value)
 
 
 def _value(value: Any) -> str:
@@ -98,14 +110,7 @@ def runs(out: Console, rows: list[dict[str, Any]]) -> None:
     for column in RUN_COLUMNS:
         table.add_column(column, justify="right" if column not in ("model", "status") else "left")
     for row in rows:
-        cells = []
-        for column in RUN_COLUMNS:
-            value = row[column]
-            if column == "started_at":
-                value = value.strftime("%Y-%m-%d %H:%M:%S")
-            cells.append(
-                "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
-            )
+        cells = [f"{row[c]:,}" if isinstance(row[c], int) else _cell(row[c]) for c in RUN_COLUMNS]
         table.add_row(*(escape(c) for c in cells))
     out.print(table)
 
@@ -115,7 +120,7 @@ def rejects(out: Console, model: str, rows: list[tuple[Any, ...]], total: int) -
     for column in REJECT_COLUMNS[1:]:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(escape("" if v is None else str(v)) for v in row[1:]))
+        table.add_row(*(escape(_cell(v)) for v in row[1:]))
     out.print(table)
     if total > len(rows):
         out.print(f"{total - len(rows):,} more; export them all with --csv FILE")

@@ -60,7 +60,7 @@ def test_plan_shows_counts_rejects_and_changed_fields_old_and_new(
     assert writes(emulator) == before and state.read_bytes() == state_bytes
     out = plan.stdout
     assert "Dry run: nothing was sent" in out
-    assert "customers (profile upsert): 0 profiles to create, 1 to update" in out
+    assert "customers (profile upsert): 0 to create, 1 to update" in out
     assert "1 left the model" in out
     # Only the changed field, old and new.
     line = next(line for line in out.splitlines() if "C00007" in line)
@@ -72,7 +72,7 @@ def test_plan_of_a_first_sync_shows_new_records_in_full(project: Path, emulator:
     plan = dbt_klaviyo(project, emulator, "plan", "--project-dir", ".", "--profiles-dir", ".")
     assert plan.returncode == 0, plan.output
     out = plan.stdout
-    assert "customers (profile upsert): 1,200 profiles to create" in out
+    assert "customers (profile upsert): 1,200 to create" in out
     assert "order_events (event send):" in out and "events to send" in out
     assert "erasure_requests (profile delete):" in out and "profiles to delete" in out
     add = next(line for line in out.splitlines() if line.strip().startswith("add") and "C0" in line)

@@ -76,11 +76,14 @@ def add_log_file(path: Path) -> Iterator[None]:
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.addFilter(RedactingFilter())
     ours = logging.getLogger(_OURS)
+    level = ours.level
     handler.setLevel(min(ours.getEffectiveLevel(), logging.INFO))
+    ours.setLevel(handler.level)  # the Python API may run with logging never configured
     root = logging.getLogger()
     root.addHandler(handler)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        ours.setLevel(level)
         handler.close()

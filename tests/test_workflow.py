@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -127,6 +128,8 @@ def test_the_python_api_returns_the_same_summary(
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(project)
+    # As in an orchestrator that never configured logging for us.
+    monkeypatch.setattr(logging.getLogger("dbt_klaviyo_sync"), "level", logging.NOTSET)
     summary = dbt_klaviyo_sync.sync(project, profiles_dir=project, select=["loyalty_updates"])
     # loyalty_updates updates profiles that do not exist yet: all "not found".
     assert summary.exit_status == 1 and summary.reason == "records rejected"
@@ -141,6 +144,7 @@ def test_the_python_api_returns_the_same_summary(
 
     problem = dbt_klaviyo_sync.sync(project, profiles_dir=project, select=["no_such_model"])
     assert problem.exit_status == 2 and "no_such_model" in (problem.error or "")
+    assert "customers: 1200 rows" in (project / "target" / "dbt-klaviyo.log").read_text()
 
 
 # -- History and rejects ----------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 Klaviyo limits each operation per account with a burst window (per second) and a steady
 window (per minute), counting requests when they arrive. We cannot see arrival times, but
-each one lies between our send and our receipt of the answer. So a request counts in a
-window from the moment it is sent until a full window after its answer came back: then
-however late the previous requests arrived, and however early this one does, at most the
-limit can land in any window, wherever the server aligns it. A `Retry-After` blocks the
-operation for every thread until it has passed.
+each one lies between our send and our receipt of the answer. A request counts in a window
+from the moment it is sent until a full window after it arrived, taken to be 50 ms after it
+was sent. Should Klaviyo refuse one all the same (it counted a request later than that),
+the endpoint turns cautious for the rest of the run: a request then counts until a full
+window after its answer came back, so that however late the previous requests arrived, at
+most the limit can land in any window. (Cautious from the start, a sync bound by a 1-a-second
+burst would lose a round trip every second.) A `Retry-After` blocks the operation for every
+thread until it has passed.
 
 The documented limits are only a starting point: accounts differ (and so does an emulator
 with scaled limits). Every answer's `RateLimit-Limit` gives the account's steady limit,
@@ -16,6 +19,7 @@ burst. So the pace adapts to the account instead of sleeping a fixed time.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -24,6 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dbt_klaviyo_sync.klaviyo.openapi import Operation
+
+#: How long after it was sent a request is taken to reach Klaviyo, until a 429 says otherwise.
+ARRIVAL_MARGIN = 0.05
 
 
 class WaitClock:
@@ -61,16 +68,16 @@ class WaitClock:
 class _Window:
     limit: int
     seconds: float
-    answered: deque[float] = field(default_factory=deque)  # when answers came, oldest first
+    counted: deque[float] = field(default_factory=deque)  # when requests counted, oldest first
     in_flight: int = 0
 
     def wait(self, now: float) -> float | None:
         """0 when a request may go now; else seconds to wait, or None to wait for an answer."""
-        while self.answered and self.answered[0] <= now - self.seconds:
-            self.answered.popleft()
-        if len(self.answered) + self.in_flight < self.limit:
+        while self.counted and self.counted[0] <= now - self.seconds:
+            self.counted.popleft()
+        if len(self.counted) + self.in_flight < self.limit:
             return 0.0
-        return self.answered[0] + self.seconds - now if self.answered else None
+        return self.counted[0] + self.seconds - now if self.counted else None
 
 
 class EndpointPacer:
@@ -81,6 +88,7 @@ class EndpointPacer:
         self._documented = (burst, steady)
         self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
         self._blocked_until = 0.0
+        self._cautious = False  # count requests from their answers (after a surprise 429)
         self._changed = threading.Condition()
 
     @property
@@ -101,24 +109,30 @@ class EndpointPacer:
             self._changed.notify_all()
 
     def refused(self) -> None:
-        """A 429: when our steady count had room, the burst we assumed was too high."""
+        """A 429. The first turns the endpoint cautious: Klaviyo counted a request later
+        than we took it to. After that, when our steady count had room, the burst we
+        assumed was too high."""
         burst, steady = self._windows
         with self._changed:
-            if len(steady.answered) + steady.in_flight <= steady.limit:
+            if not self._cautious:
+                self._cautious = True
+            elif len(steady.counted) + steady.in_flight <= steady.limit:
                 burst.limit = max(1, burst.limit // 2)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
         """Hold a place in the windows for one request, waiting for one if need be."""
         self._acquire()
+        sent = time.monotonic()
         try:
             yield
         finally:
             with self._changed:
                 now = time.monotonic()
+                counted = now if self._cautious else min(now, sent + ARRIVAL_MARGIN)
                 for window in self._windows:
                     window.in_flight -= 1
-                    window.answered.append(now)
+                    bisect.insort(window.counted, counted)
                 self._changed.notify_all()
 
     def _acquire(self) -> None:

@@ -13,7 +13,6 @@ fix: it is in the summary, with exit status 2.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,8 +38,6 @@ from dbt_klaviyo_sync.runner import (
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.state import open_state
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 LOG_FILE = "dbt-klaviyo.log"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -249,6 +250,7 @@ class ModelSync:
         self.run_id = ""
         self._waited_before = 0.0
         self._samples: list[Record] = []  # a dry run's first few changes of each kind
+        self._sampled: Counter[str] = Counter()  # how many of each kind
         self._pending = Outcome()  # answers counted but not yet committed
         self._committed_at = time.monotonic()
 
@@ -257,7 +259,7 @@ class ModelSync:
         try:
             return self._run()
         except Exception as exc:
-            self.result.error = redact(f"{type(exc).__name__}: {exc}")
+            self.result.error = _error_text(exc)
             raise
         finally:
             self.result.seconds = time.monotonic() - began
@@ -309,7 +311,7 @@ class ModelSync:
                     self.state.forget_removed(self.sid, diff.CHANGES)
             status = self.result.status
         except Exception as exc:
-            error = redact(f"{type(exc).__name__}: {exc}")
+            error = _error_text(exc)
             raise
         finally:
             self.progress.finish()
@@ -419,7 +421,8 @@ class ModelSync:
     def _sample(self, records: list[Record]) -> None:
         """Keep the first few records of each kind of change, to show in the plan."""
         for record in records:
-            if sum(r.change == record.change for r in self._samples) < SAMPLE_SIZE:
+            if self._sampled[record.change] < SAMPLE_SIZE:
+                self._sampled[record.change] += 1
                 self._samples.append(record)
 
     def _sample_old_values(self) -> None:
@@ -434,6 +437,11 @@ class ModelSync:
     @staticmethod
     def _as_sent(record: Record) -> dict[str, Any]:
         return {} if record.change == "remove" else orjson.loads(payloads.dumps(record.values))
+
+
+def _error_text(exc: Exception) -> str:
+    """Why a model stopped, for its result and its row in the runs table; keys scrubbed."""
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 def _outcome_table(outcome: Outcome) -> pa.Table:

@@ -55,8 +55,9 @@ class ChangeCounts:
         return self.add + self.update
 
 
-def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, str]:
-    """The relation's real column names, by lower-case name (DuckDB ignores case)."""
+def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, tuple[str, str]]:
+    """The relation's real column names and DuckDB types, by lower-case name (DuckDB
+    ignores case)."""
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {spec.relation}").fetchall()
     except duckdb.CatalogException as exc:
@@ -64,12 +65,18 @@ def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[st
             f"model '{spec.model}': its relation {spec.relation} is not in the dbt database. "
             "Run `dbt run` (or `dbt build`) for it first."
         ) from exc
-    return {row[0].lower(): row[0] for row in described}
+    return {row[0].lower(): (row[0], row[1]) for row in described}
 
 
-def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
-    """The relation's real name of each mapped column, in `spec.fields` order; raises
-    when the model is not built or lacks an annotated column."""
+def column_sql(column: str, duckdb_type: str, field: str) -> str:
+    """The SQL that selects a mapped column for the changes table: the column itself, or
+    a cast where Arrow would not carry the DuckDB type exactly to Python."""
+    return _ident(column)
+
+
+def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[str, str]]:
+    """The relation's real name and type of each mapped column, in `spec.fields` order;
+    raises when the model is not built or lacks an annotated column."""
     columns = _relation_columns(con, spec)
     missing = [f for f in spec.fields if f.column.lower() not in columns]
     if missing:
@@ -78,7 +85,8 @@ def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
                 AnnotationError(
                     spec.model,
                     f"the column is annotated but {spec.relation} has no such column (it has: "
-                    f"{', '.join(columns.values())}). Fix the annotation or the model, "
+                    f"{', '.join(name for name, _ in columns.values())}). Fix the annotation "
+                    "or the model, "
                     "then run dbt.",
                     f.column,
                 )
@@ -101,7 +109,10 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
     Klaviyo accepted has nothing to send. (The build-time check reports every duplicate.)
     """
     columns = check_columns(con, spec)
-    mapped = ", ".join(f"{_ident(c)} AS {field_column(i)}" for i, c in enumerate(columns))
+    mapped = ", ".join(
+        f"{column_sql(name, kind, f.field)} AS {field_column(i)}"
+        for i, ((name, kind), f) in enumerate(zip(columns, spec.fields, strict=True))
+    )
     values = ", ".join(field_column(i) for i in range(len(columns)))
     key = field_column(0)
     con.execute(
@@ -135,7 +146,7 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
     )
     counts = _counts(con)
     if counts.get("add") or counts.get("update"):
-        model_keys = f"SELECT CAST({_ident(columns[0])} AS VARCHAR) AS key FROM {spec.relation}"
+        model_keys = f"SELECT CAST({_ident(columns[0][0])} AS VARCHAR) AS key FROM {spec.relation}"
         con.execute(
             f"""UPDATE {CHANGES} SET __change = 'duplicate_key'
             WHERE __change IN ('add', 'update') AND __key IN (

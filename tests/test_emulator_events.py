@@ -1,9 +1,9 @@
 """The Klaviyo emulator's events and profile deletions over real HTTP: create_event, bulk
-create jobs, GET /api/events, data-privacy deletion jobs, and their limits."""
+create jobs, GET /api/events, data-privacy deletion jobs, their limits, and their accounts.
+Time is a fake clock, as in test_emulator."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,15 +12,34 @@ import pytest
 import requests
 
 from dbt_klaviyo_sync.emulator import Emulator
-from tests.test_emulator import PRIVATE_KEY, assert_matches_spec, call, error_of, upsert
+from tests.test_emulator import (
+    OTHER_KEY,
+    PRIVATE_KEY,
+    START,
+    FakeClock,
+    assert_matches_spec,
+    at,
+    call,
+    error_of,
+    upsert,
+)
 
 ORDER = "Placed Order"
 GROUPS = "/data/attributes/events-bulk-create/data"
 
 
+#: The fake clock's START, as a datetime.
+NOW = datetime.fromtimestamp(START, UTC)
+
+
 @pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(private_key=PRIVATE_KEY, rate_limits=False) as running:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def emu(clock: FakeClock) -> Iterator[Emulator]:
+    with Emulator(private_key=PRIVATE_KEY, rate_limits=False, clock=clock) as running:
         yield running
 
 
@@ -39,9 +58,11 @@ def create(
     metric: str = ORDER,
     *,
     profile_id: str | None = None,
+    key: str = PRIVATE_KEY,
     **attributes: Any,
 ) -> requests.Response:
-    """POST /api/events for the profile with attributes `who` (and id `profile_id`)."""
+    """POST /api/events for the profile with attributes `who` (and id `profile_id`), in the
+    account of `key`."""
     profile: dict[str, Any] = {"type": "profile", "attributes": who}
     if profile_id is not None:
         profile["id"] = profile_id
@@ -51,7 +72,7 @@ def create(
             "attributes": {**event(metric, **attributes), "profile": {"data": profile}},
         }
     }
-    return call(emu, "POST", "/api/events", body)
+    return call(emu, "POST", "/api/events", body, key=key)
 
 
 def bulk(emu: Emulator, *groups: tuple[dict[str, Any], list[dict[str, Any]]]) -> requests.Response:
@@ -75,7 +96,9 @@ def bulk(emu: Emulator, *groups: tuple[dict[str, Any], list[dict[str, Any]]]) ->
     return call(emu, "POST", "/api/event-bulk-create-jobs", body)
 
 
-def delete(emu: Emulator, profile_id: str | None = None, **attributes: Any) -> requests.Response:
+def delete(
+    emu: Emulator, profile_id: str | None = None, *, key: str = PRIVATE_KEY, **attributes: Any
+) -> requests.Response:
     profile: dict[str, Any] = {"type": "profile", "attributes": attributes}
     if profile_id is not None:
         profile["id"] = profile_id
@@ -85,7 +108,7 @@ def delete(emu: Emulator, profile_id: str | None = None, **attributes: Any) -> r
             "attributes": {"profile": {"data": profile}},
         }
     }
-    return call(emu, "POST", "/api/data-privacy-deletion-jobs", body)
+    return call(emu, "POST", "/api/data-privacy-deletion-jobs", body, key=key)
 
 
 def accepted(response: requests.Response) -> None:
@@ -216,7 +239,7 @@ def test_without_unique_id_one_event_per_profile_metric_and_second(emu: Emulator
     "moment",
     [
         "1989-12-31T23:59:59+00:00",
-        (datetime.now(UTC) + timedelta(days=366)).isoformat(),
+        (NOW + timedelta(days=365, seconds=1)).isoformat(),
         "2024-13-01T00:00:00+00:00",
     ],
     ids=["before-1990", "over-a-year-ahead", "not-a-date"],
@@ -226,15 +249,17 @@ def test_a_time_outside_klaviyos_window_is_refused(emu: Emulator, moment: str) -
     assert emu.events() == []
 
 
-def test_times_inside_the_window_are_accepted(emu: Emulator) -> None:
+def test_times_inside_the_window_are_accepted(emu: Emulator, clock: FakeClock) -> None:
     who = {"email": "a@example.com"}
     accepted(create(emu, who, time="1990-01-01T00:00:00+00:00"))
-    accepted(create(emu, who, time=(datetime.now(UTC) + timedelta(days=364)).isoformat()))
-    before = int(time.time())
-    accepted(create(emu, who))  # no time: the time of receipt
-    received = datetime.fromisoformat(emu.events()[-1]["time"]).timestamp()
-    assert before <= received <= time.time()
-    assert len(emu.events()) == 3
+    accepted(create(emu, who, time=(NOW + timedelta(days=365)).isoformat()))
+    clock.advance(1.75)
+    accepted(create(emu, who))  # no time: the time of receipt, to the second
+    assert [item["time"] for item in emu.events()] == [
+        "1990-01-01T00:00:00+00:00",
+        (NOW + timedelta(days=365)).isoformat(),
+        at(1),
+    ]
 
 
 def test_event_limits(emu: Emulator) -> None:
@@ -422,8 +447,8 @@ def test_get_events_pages_sorts_and_filters(emu: Emulator) -> None:
 # POST /api/data-privacy-deletion-jobs
 
 
-def test_deletion_by_email_phone_and_id_after_job_seconds() -> None:
-    with Emulator(rate_limits=False, job_seconds=1.0) as emu:
+def test_deletion_by_email_phone_and_id_after_job_seconds(clock: FakeClock) -> None:
+    with Emulator(rate_limits=False, job_seconds=1.0, clock=clock) as emu:
         vips = emu.create_list("VIPs")
         people = [
             {"email": "a@example.com"},
@@ -439,10 +464,11 @@ def test_deletion_by_email_phone_and_id_after_job_seconds() -> None:
         accepted(delete(emu, email="A@example.com"))
         accepted(delete(emu, phone_number="+12025550143"))
         accepted(delete(emu, profile_id=ids[2]))
+        clock.advance(0.75)
         pending = emu.deletions()
         assert [d["completed_at"] for d in pending] == [None] * 3
         assert len(emu.profiles()) == 4  # deletion is asynchronous
-        time.sleep(1.2)
+        clock.advance(0.25)
         assert [p["id"] for p in emu.profiles()] == [ids[3]]
         assert emu.list_members(vips) == {ids[3]}
         assert recorded(emu, "profile_id") == [ids[3]]
@@ -452,7 +478,7 @@ def test_deletion_by_email_phone_and_id_after_job_seconds() -> None:
             ("phone_number", "+12025550143", [ids[1]]),
             ("id", ids[2], [ids[2]]),
         ]
-        assert all(d["completed_at"] is not None for d in done)
+        assert [(d["requested_at"], d["completed_at"]) for d in done] == [(at(0), at(1))] * 3
         assert emu.state()["deletions"] == done
         assert emu.stats()["writes"] == 12  # 4 upserts, 1 list change, 4 events, 3 deletions
         # The same email makes a new profile, whose events are new events.
@@ -461,8 +487,8 @@ def test_deletion_by_email_phone_and_id_after_job_seconds() -> None:
         assert emu.deletions() == done  # nothing is deleted twice
 
 
-def test_a_deletion_runs_after_the_import_made_before_it() -> None:
-    with Emulator(rate_limits=False, job_seconds=0.3) as emu:
+def test_a_deletion_runs_after_the_import_made_before_it(clock: FakeClock) -> None:
+    with Emulator(rate_limits=False, job_seconds=0.5, clock=clock) as emu:
         records = [{"type": "profile", "attributes": {"email": "a@example.com"}}]
         job = {
             "data": {
@@ -472,7 +498,7 @@ def test_a_deletion_runs_after_the_import_made_before_it() -> None:
         }
         assert call(emu, "POST", "/api/profile-bulk-import-jobs", job).status_code == 202
         accepted(delete(emu, email="a@example.com"))
-        time.sleep(0.4)
+        clock.advance(0.5)
         assert emu.profiles() == []
         (deletion,) = emu.deletions()
         assert len(deletion["profile_ids"]) == 1
@@ -507,19 +533,44 @@ def test_a_deletion_names_exactly_one_identifier(
     assert len(emu.profiles()) == 1
 
 
+# Accounts
+
+
+def test_events_and_deletions_stay_in_the_account_of_the_key(clock: FakeClock) -> None:
+    with Emulator(PRIVATE_KEY, rate_limits=False, job_seconds=1.0, clock=clock) as emu:
+        second = emu.add_account(OTHER_KEY)
+        who = {"email": "a@example.com"}
+        for key in (PRIVATE_KEY, OTHER_KEY):
+            accepted(create(emu, who, unique_id="o-1", key=key))
+        (theirs,) = emu.profiles(account=second)
+        assert [e["profile_id"] for e in emu.events(account=second)] == [theirs["id"]]
+        accepted(delete(emu, email="a@example.com", key=OTHER_KEY))
+        clock.advance(1)
+        (kept,) = emu.profiles()
+        assert kept["id"] != theirs["id"]
+        assert recorded(emu, "profile_id") == [kept["id"]]
+        assert (emu.deletions(), emu.stats()["events_repeated"]) == ([], 0)
+        (deletion,) = emu.deletions(account=second)
+        assert deletion["profile_ids"] == [theirs["id"]]
+        assert (emu.profiles(account=second), emu.events(account=second)) == ([], [])
+
+
 # Rate limits
 
 
-def test_documented_rate_limits_apply() -> None:
-    with Emulator() as emu:
-        # The steady window (per minute), which a slow machine cannot roll over mid-test.
-        emu.set_rate_limit("request_profile_deletion", burst=100)
-        answers = [delete(emu, email=f"p{i}@example.com") for i in range(61)]
-        assert {a.status_code for a in answers[:60]} == {202}
+def test_documented_rate_limits_apply(clock: FakeClock) -> None:
+    with Emulator(clock=clock) as emu:
+        # 3/s and 60/m: twenty seconds of three requests each fill the minute.
+        answers = []
+        for _ in range(20):
+            answers += [delete(emu, email=f"p{len(answers)}@example.com") for _ in range(3)]
+            clock.advance(1)
+        assert {a.status_code for a in answers} == {202}
         assert answers[0].headers["RateLimit-Limit"] == "60"
-        throttled = answers[60]
+        assert answers[-1].headers["RateLimit-Remaining"] == "0"
+        throttled = delete(emu, email="one-too-many@example.com")
         assert throttled.status_code == 429
-        assert 0 < int(throttled.headers["Retry-After"]) <= 60
+        assert throttled.headers["Retry-After"] == "40"
         assert error_of(throttled)["code"] == "throttled"
         assert len(emu.deletions()) == 60
         created = create(emu, {"email": "a@example.com"})

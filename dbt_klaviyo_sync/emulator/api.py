@@ -21,7 +21,15 @@ from .errors import invalid, not_found
 from .events import Batch, Event, Submission, check_strings
 from .profiles import RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
-from .store import DELETION_IDENTIFIERS, PROFILE_MAX_BYTES, Account, BulkJob, Failure, KlaviyoList
+from .store import (
+    DELETION_IDENTIFIERS,
+    PROFILE_MAX_BYTES,
+    Account,
+    BulkJob,
+    Failure,
+    Identity,
+    KlaviyoList,
+)
 
 #: "Accepts up to 10,000 profiles per request. The maximum allowed payload size is 5MB."
 BULK_MAX_PROFILES = 10_000
@@ -397,6 +405,43 @@ def request_profile_deletion(call: Call) -> Reply:
     ((identifier, value),) = named
     call.account.request_deletion(identifier, value)
     return Reply(202)
+
+
+# Accounts
+
+
+@handles("get_accounts")
+def get_accounts(call: Call) -> Reply:
+    """The one account the key belongs to (API.md §2.11), in a collection as Klaviyo has it."""
+    resource = _account(call.account.identity, call.base_url)
+    return Reply(200, {"data": [resource], "links": {"self": call.url}})
+
+
+def _account(identity: Identity, base_url: str) -> dict[str, Any]:
+    """An account resource. Beyond its id, name and public key, every emulated account has
+    the same settings: nothing in the emulator depends on them."""
+    return {
+        "type": "account",
+        "id": identity.id,
+        "attributes": {
+            "test_account": False,
+            "contact_information": {
+                "default_sender_name": identity.name,
+                "default_sender_email": f"{identity.id.lower()}@example.com",
+                "website_url": None,
+                "organization_name": identity.name,
+                "street_address": dict.fromkeys(
+                    ("address1", "address2", "city", "region", "country", "zip")
+                ),
+            },
+            "industry": None,
+            "timezone": "UTC",
+            "preferred_currency": "USD",
+            "public_api_key": identity.public_api_key,
+            "locale": "en-US",
+        },
+        "links": {"self": f"{base_url}/api/accounts/{identity.id}/"},
+    }
 
 
 # Shared pieces of JSON:API documents

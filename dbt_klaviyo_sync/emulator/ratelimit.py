@@ -1,15 +1,15 @@
 """Klaviyo's rate limits: a burst window (1 s) and a steady window (60 s) per operation.
 
-Both are fixed windows that open with the first request after the previous window ended,
-per account (the emulator is one account). The limits default to each operation's
-documented `x-klaviyo-ratelimit`, scaled by a factor, and can be overridden per operation.
+Both are fixed windows that open with the first request after the previous window ended.
+Each account has its own limiter, as each Klaviyo account has its own limits. The limits
+default to each operation's documented `x-klaviyo-ratelimit`, scaled by a factor, and can
+be overridden per operation.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,15 +27,16 @@ class _Window:
     used: int = 0
 
     def roll(self, now: float) -> None:
-        if now >= self.opened + self.seconds:
+        if now - self.opened >= self.seconds:
             self.opened, self.used = now, 0
 
     def full(self) -> bool:
         return self.used >= self.limit
 
     def left(self, now: float) -> float:
-        """Seconds until this window closes."""
-        return self.opened + self.seconds - now
+        """Seconds until this window closes, never more than its length: `opened + seconds
+        - now` can round to a hair over it, and a 60 s window then says 61."""
+        return self.seconds - (now - self.opened)
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ class Decision:
 class RateLimiter:
     """Fixed windows per operation, plus the Retry-After each operation was last told."""
 
-    def __init__(self, scale: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, scale: float | None, clock: Callable[[], float]) -> None:
         """`scale` multiplies the documented limits; None disables rate limiting, except for
-        operations given an `override`."""
+        operations given an `override`. `clock` gives the time in seconds."""
         self._scale = scale
         self._clock = clock
         self._lock = threading.Lock()

@@ -1,20 +1,20 @@
-"""The emulator's HTTP face: a WSGI app in front of the account, served on a thread.
+"""The emulator's HTTP face: a WSGI app in front of the accounts, served on a thread.
 
 Each Klaviyo request goes through the same steps, in the order Klaviyo applies them:
-route by the spec, fault injection, authentication, revision header, rate limits, query
-parameters, body (content type, size, JSON, schema), then the operation's handler.
-Control endpoints under `/__emulator__/` sit beside it, unauthenticated and uncounted.
+route by the spec, fault injection, authentication (the key picks the account), revision
+header, the account's rate limits, query parameters, body (content type, size, JSON,
+schema), then the operation's handler. Control endpoints under `/__emulator__/` sit beside
+it, unauthenticated and uncounted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import date
 from types import TracebackType
@@ -28,13 +28,13 @@ from dbt_klaviyo_sync.klaviyo import openapi
 from dbt_klaviyo_sync.klaviyo.openapi import Operation
 
 from . import validation
+from .accounts import Accounts, Hosted
 from .api import ROUTES, Call, Route
 from .errors import ApiError, SpecViolation, from_status, invalid, not_found
 from .events import state as event_state
 from .faults import Fault, FaultKind, FaultQueue, make_fault
 from .profiles import RecordError
 from .profiles import render as render_profile
-from .ratelimit import RateLimiter
 from .store import Account, deletion_state
 from .telemetry import LogEntry, Telemetry
 
@@ -50,7 +50,10 @@ MALFORMED_BODY = b'{"data": [{"type": "profile", "id": '
 
 
 class App:
-    """The WSGI application: one Klaviyo account with its limits, faults and telemetry."""
+    """The WSGI application: Klaviyo accounts with their limits, plus faults and telemetry.
+
+    It starts with one account, reached by `private_key` and `public_key` (None: any key).
+    """
 
     def __init__(
         self,
@@ -60,21 +63,21 @@ class App:
         rate_limits: bool | float,
         job_seconds: float,
         validate: bool,
+        clock: Callable[[], float],
         sink: bool = False,
     ) -> None:
-        self.account = Account(job_seconds, sink=sink)
-        self.limiter = RateLimiter(_scale(rate_limits))
+        self.accounts = Accounts(
+            job_seconds=job_seconds, clock=clock, sink=sink, rate_scale=_scale(rate_limits)
+        )
+        self.accounts.add(private_key, public_key)
         self.faults = FaultQueue()
-        self.telemetry = Telemetry()
-        self._private_key = private_key
-        self._public_key = public_key
+        self.telemetry = Telemetry(clock)
         self._validate = validate
         if validate:
             validation.prepare(openapi.operation(operation_id) for operation_id in ROUTES)
 
     def reset(self) -> None:
-        self.account.reset()
-        self.limiter.reset()
+        self.accounts.reset()
         self.faults.clear()
         self.telemetry.reset()
 
@@ -104,12 +107,18 @@ class App:
         operation, path_params = found
         operation_id = operation.operation_id
         self.telemetry.request(operation_id)
-        self.account.advance()
-        if self.limiter.arrived_early(operation_id):
-            self.telemetry.count("retry_after_violations")
+        caller = self._caller(request, operation)
+        if caller is not None:
+            caller.account.advance()
+            if caller.limiter.arrived_early(operation_id):
+                self.telemetry.count("retry_after_violations")
         fault = self.faults.take(operation_id, request.get_data(cache=True))
         answer = self._faulted(request, operation, path_params, fault)
         self._log(request, operation_id, None if answer is None else answer.status_code)
+        retry_after = None if answer is None else answer.headers.get("Retry-After")
+        if caller is not None and retry_after is not None:
+            # Whether the limiter or a fault sent it, the caller's account is to be waited for.
+            caller.limiter.told_to_wait(operation_id, int(retry_after))
         return answer
 
     def _faulted(
@@ -167,9 +176,9 @@ class App:
             )
         decision = None
         try:
-            self._authenticate(request, operation)
+            caller = self._authenticate(request, operation)
             _check_revision(request)
-            decision = self.limiter.acquire(operation)
+            decision = caller.limiter.acquire(operation)
             if decision is not None and not decision.allowed:
                 raise self._throttled(operation, decision.retry_after)
             query = request.args.to_dict(flat=False)
@@ -179,7 +188,7 @@ class App:
             if operation.method != "GET":
                 self.telemetry.count("writes")
             base_url = request.host_url.rstrip("/")
-            call = Call(self.account, path_params, params, body, request.url, base_url, stuck)
+            call = Call(caller.account, path_params, params, body, request.url, base_url, stuck)
             reply = route.handler(call)
             if reply.document is None:
                 response = Response(status=reply.status, content_type=CONTENT_TYPE)
@@ -195,37 +204,42 @@ class App:
             response.headers.update(decision.headers())
         return response
 
-    def _authenticate(self, request: Request, operation: Operation) -> None:
-        if operation.path.startswith("/client/"):
-            # Client operations carry the public key as company_id, and no Authorization.
+    def _caller(self, request: Request, operation: Operation) -> Hosted | None:
+        """The account the request's key reaches, if any."""
+        if _is_client(operation):
             company_id = request.args.get("company_id", "")
-            if not company_id or not _same(company_id, self._public_key):
-                self.telemetry.count("auth_failures")
-                raise invalid(
-                    "A valid public API key is required as company_id.", parameter="company_id"
-                )
-            return
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        if scheme != _KEY_SCHEME:
-            self.telemetry.count("auth_failures")
+            return self.accounts.by_public_key(company_id) if company_id else None
+        scheme, key = _private_key(request)
+        return self.accounts.by_private_key(key) if scheme == _KEY_SCHEME and key else None
+
+    def _authenticate(self, request: Request, operation: Operation) -> Hosted:
+        """The account the request acts on, or Klaviyo's error for a missing or wrong key."""
+        caller = self._caller(request, operation)
+        if caller is not None:
+            return caller
+        self.telemetry.count("auth_failures")
+        if _is_client(operation):
+            # Client operations carry the public key as company_id, and no Authorization.
+            raise invalid(
+                "A valid public API key is required as company_id.", parameter="company_id"
+            )
+        if _private_key(request)[0] != _KEY_SCHEME:
             raise ApiError(
                 401,
                 "not_authenticated",
                 "Authentication credentials were not provided.",
                 f"Missing or invalid authorization scheme. Please use {_KEY_SCHEME}.",
             )
-        if not key.strip() or not _same(key.strip(), self._private_key):
-            self.telemetry.count("auth_failures")
-            raise ApiError(
-                401,
-                "authentication_failed",
-                "Incorrect authentication credentials.",
-                "Incorrect authentication credentials.",
-            )
+        raise ApiError(
+            401,
+            "authentication_failed",
+            "Incorrect authentication credentials.",
+            "Incorrect authentication credentials.",
+        )
 
     def _throttled(self, operation: Operation, retry_after: int) -> ApiError:
+        """Klaviyo's 429 for `operation`; `_klaviyo` records the wait for the caller's account."""
         self.telemetry.count("throttled")
-        self.limiter.told_to_wait(operation.operation_id, retry_after)
         unit = "second" if retry_after == 1 else "seconds"
         return ApiError(
             429,
@@ -269,11 +283,13 @@ class App:
     # Control endpoints
 
     def stats(self) -> dict[str, Any]:
-        """The request counters, and how many events arrived and were dropped as repeats."""
+        """The request counters, and how many events arrived and were dropped as repeats,
+        over all accounts."""
+        accounts = [hosted.account for hosted in self.accounts]
         return {
             **self.telemetry.stats(),
-            "events_received": self.account.events_received,
-            "events_repeated": self.account.events_repeated,
+            "events_received": sum(account.events_received for account in accounts),
+            "events_repeated": sum(account.events_repeated for account in accounts),
         }
 
     def _control(self, request: Request) -> Response:
@@ -282,7 +298,8 @@ class App:
         try:
             match request.method, name:
                 case "GET", "state":
-                    return _control_json(self.account.state(base_url))
+                    account = self.accounts.get(request.args.get("account")).account
+                    return _control_json(account.state(base_url))
                 case "GET", "stats":
                     return _control_json(self.stats())
                 case "GET", "requests":
@@ -292,8 +309,15 @@ class App:
                     return Response(status=204)
                 case "POST", "lists":
                     body = _control_body(request)
-                    created = self.account.create_list(str(body["name"]), list_id=body.get("id"))
+                    account = self.accounts.get(body.get("account")).account
+                    created = account.create_list(str(body["name"]), list_id=body.get("id"))
                     return _control_json({"id": created.id}, 201)
+                case "POST", "accounts":
+                    body = _control_body(request)
+                    added = self.accounts.add(
+                        str(body["private_key"]), body.get("public_key"), body.get("name")
+                    )
+                    return _control_json({"id": added.id}, 201)
                 case "POST", "reset":
                     self.reset()
                     return Response(status=204)
@@ -316,6 +340,11 @@ class Emulator:
     serves it on a background thread until `close()`. With `sink`, bulk import jobs count
     their profiles and complete without storing them: for benchmarks of the client alone,
     where a million stored profiles would make the emulator the thing measured.
+
+    It holds one account, reached by `private_key` and `public_key` (None: any key), and
+    more with `add_account`. `clock` (seconds since the epoch) is the emulator's only time:
+    rate-limit windows, job and deletion timing, timestamps; a test injects a fake one and
+    advances it instead of sleeping.
     """
 
     def __init__(
@@ -329,6 +358,7 @@ class Emulator:
         job_seconds: float = 0.0,
         validate: bool = True,
         sink: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = App(
             private_key=private_key,
@@ -336,6 +366,7 @@ class Emulator:
             rate_limits=rate_limits,
             job_seconds=job_seconds,
             validate=validate,
+            clock=clock,
             sink=sink,
         )
         self._server = make_server(
@@ -377,29 +408,50 @@ class Emulator:
     ) -> None:
         self.close()
 
-    # Test helpers: they talk to the account directly, not over HTTP.
+    # Test helpers: they talk to the accounts directly, not over HTTP. `account` is an
+    # account id, as `add_account` returns it; None is the first account.
 
-    def create_list(self, name: str, list_id: str | None = None) -> str:
+    def add_account(
+        self, private_key: str, public_key: str | None = None, *, name: str | None = None
+    ) -> str:
+        """Another empty account on the same URL, with its own data and rate limits; its id.
+
+        Requests with `private_key` (client requests with `public_key` as company_id) act on
+        it; without a public key it gets one made up, which GET /api/accounts shows. `name`
+        is its organization name. ValueError if another account has one of these keys.
+        """
+        return self.app.accounts.add(private_key, public_key, name).id
+
+    def account_ids(self) -> list[str]:
+        """The accounts' ids, the first account's first (6 letters and digits, as Klaviyo's)."""
+        return [hosted.id for hosted in self.app.accounts]
+
+    def create_list(
+        self, name: str, list_id: str | None = None, *, account: str | None = None
+    ) -> str:
         """A list for tests; `list_id` fixes its id, so a model's annotation can name it."""
-        return self.app.account.create_list(name, list_id=list_id).id
+        return self._account(account).create_list(name, list_id=list_id).id
 
-    def profiles(self) -> list[dict[str, Any]]:
-        account = self.app.account
-        return [render_profile(p, self.url) for p in account.profiles(account.profile_ids())]
+    def profiles(self, *, account: str | None = None) -> list[dict[str, Any]]:
+        found = self._account(account)
+        return [render_profile(p, self.url) for p in found.profiles(found.profile_ids())]
 
-    def list_members(self, list_id: str) -> set[str]:
-        return set(self.app.account.members(list_id))
+    def list_members(self, list_id: str, *, account: str | None = None) -> set[str]:
+        return set(self._account(account).members(list_id))
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, *, account: str | None = None) -> list[dict[str, Any]]:
         """The recorded events, in the order they were recorded."""
-        return [event_state(event) for event in self.app.account.events()]
+        return [event_state(event) for event in self._account(account).events()]
 
-    def deletions(self) -> list[dict[str, Any]]:
+    def deletions(self, *, account: str | None = None) -> list[dict[str, Any]]:
         """Every deletion request, in the order made; `completed_at` is None until it ran."""
-        return [deletion_state(deletion) for deletion in self.app.account.deletions()]
+        return [deletion_state(deletion) for deletion in self._account(account).deletions()]
 
-    def state(self) -> dict[str, Any]:
-        return self.app.account.state(self.url)
+    def state(self, *, account: str | None = None) -> dict[str, Any]:
+        return self._account(account).state(self.url)
+
+    def _account(self, account: str | None) -> Account:
+        return self.app.accounts.get(account).account
 
     def stats(self) -> dict[str, Any]:
         return self.app.stats()
@@ -436,15 +488,22 @@ class Emulator:
         )
 
     def set_rate_limit(
-        self, operation: str, *, burst: int | None = None, steady: int | None = None
+        self,
+        operation: str,
+        *,
+        burst: int | None = None,
+        steady: int | None = None,
+        account: str | None = None,
     ) -> None:
-        """Override an operation's documented limits (per second / per minute)."""
+        """Override an operation's documented limits (per second / per minute) in one
+        account (None: the first)."""
         if operation not in openapi.operations():
             raise ValueError(f"unknown operation {operation!r}")
-        self.app.limiter.override(operation, burst, steady)
+        self.app.accounts.get(account).limiter.override(operation, burst, steady)
 
     def reset(self) -> None:
-        """Forget all data, stats, faults, rate-limit windows and overrides."""
+        """Forget all data, stats, faults, rate-limit windows and overrides. The accounts
+        stay, empty."""
         self.app.reset()
 
 
@@ -481,9 +540,14 @@ def _scale(rate_limits: bool | float) -> float | None:
     return float(rate_limits)
 
 
-def _same(given: str, expected: str | None) -> bool:
-    """Whether a key matches; with no expected key configured, any non-empty key does."""
-    return expected is None or secrets.compare_digest(given.encode(), expected.encode())
+def _is_client(operation: Operation) -> bool:
+    return operation.path.startswith("/client/")
+
+
+def _private_key(request: Request) -> tuple[str, str]:
+    """The Authorization header's scheme and key."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return scheme, key.strip()
 
 
 def _check_revision(request: Request) -> None:

@@ -1,5 +1,5 @@
-"""The in-memory Klaviyo account: profiles, lists, bulk import jobs, events and deletion
-requests, behind one lock.
+"""An in-memory Klaviyo account: who it is, and its profiles, lists, bulk import jobs,
+events and deletion requests, behind one lock.
 
 Every public method takes the lock for its whole run, so concurrent requests see each
 other's effects whole, never half. Methods hand out snapshots, never the live records.
@@ -12,13 +12,13 @@ there is nothing running in the background to race with.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import string
 import threading
-import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -50,6 +50,24 @@ DELETION_IDENTIFIERS = ("id", "email", "phone_number")
 _UNMATCHED_IDENTIFIERS = ("anonymous_id", "_kx")
 
 JobStatus = Literal["queued", "processing", "complete"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an account is: what GET /api/accounts shows, and the keys that reach it.
+
+    The keys stay out of `repr`, so an assertion or a log that shows an identity cannot
+    show a key.
+    """
+
+    id: str
+    name: str
+    #: What a client request names as `company_id`; GET /api/accounts shows it.
+    public_api_key: str = field(repr=False)
+    #: None: any private key that names no other account reaches this one.
+    private_key: str | None = field(repr=False)
+    #: Any `company_id` that names no other account reaches this one too.
+    any_public_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,11 +137,17 @@ class Deletion:
 
 class Account:
     """One Klaviyo account with Klaviyo's semantics for profiles, lists, bulk jobs, events
-    and deletions."""
+    and deletions. `clock` gives seconds since the epoch: timestamps and job timing."""
 
     def __init__(
-        self, job_seconds: float, clock: Callable[[], float] = time.time, *, sink: bool = False
+        self,
+        identity: Identity,
+        job_seconds: float,
+        clock: Callable[[], float],
+        *,
+        sink: bool = False,
     ) -> None:
+        self.identity = identity
         self._lock = threading.Lock()
         self._job_seconds = job_seconds
         self._sink = sink
@@ -622,6 +646,13 @@ def _ulid(now: float) -> str:
     """A 26-character ULID, the shape of Klaviyo's profile and job ids."""
     value = (int(now * 1000) << 80) | secrets.randbits(80)
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def derived_id(seed: str, length: int = 6) -> str:
+    """Letters and digits that depend only on `seed`: an account's id and public key stay
+    the same for the same private key, across emulator restarts, as a real key's do."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    return "".join(_ID_ALPHABET[byte % len(_ID_ALPHABET)] for byte in digest[:length])
 
 
 def _new_id(taken: Collection[str], length: int) -> str:

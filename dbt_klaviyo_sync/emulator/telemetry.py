@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict, get_args
 from urllib.parse import urlencode
@@ -35,7 +36,9 @@ class LogEntry(TypedDict):
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        """`clock` gives seconds since the epoch, for the time of each log entry."""
+        self._clock = clock
         self._lock = threading.Lock()
         self._clear()
 
@@ -69,7 +72,7 @@ class Telemetry:
             for name, value in query.items(multi=True)
         ]
         entry: LogEntry = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="milliseconds"),
             "method": method,
             "path": f"{path}?{urlencode(safe)}" if safe else path,
             "operation_id": operation_id,

@@ -100,6 +100,13 @@ def e164(text: str, *, strict: bool = True) -> str:
             f"{text!r} is not a phone number Klaviyo accepts: it must be in E.164 form, "
             "starting with + and the country code (e.g. +14155550123)"
         ) from exc
+    if number.extension:
+        # E.164 has no extensions: sending the number without it would lose it unseen.
+        raise InvalidValue(
+            f"{text!r} has an extension ({number.extension}), which Klaviyo's E.164 phone "
+            "numbers cannot hold; send the number without it (and the extension as a custom "
+            "property if you need it)"
+        )
     fits = phonenumbers.is_valid_number if strict else phonenumbers.is_possible_number
     if not fits(number):
         raise _not_valid(text)

@@ -125,6 +125,8 @@ def test_the_resource_nests_location_and_properties() -> None:
     [
         ("phone", "415 555 0123", "E.164"),
         ("phone", "+1415555012", "not a valid phone number"),
+        ("phone", "+1 415 555 0123 ext. 12", "has an extension (12)"),
+        ("phone", "+1 (415) 555-0123 x12", "has an extension (12)"),
         ("email", "ada@", "not a valid email"),
         ("ltv", float("nan"), "finite"),
         ("first", "x\x00y", "control characters"),

@@ -70,8 +70,11 @@ def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[st
 
 def column_sql(column: str, duckdb_type: str, field: str) -> str:
     """The SQL that selects a mapped column for the changes table: the column itself, or
-    a cast where Arrow would not carry the DuckDB type exactly to Python."""
-    return _ident(column)
+    a cast where Arrow would not carry the DuckDB type exactly to Python (see
+    `payloads.value_sql`, next to the code that reads what it selects)."""
+    from dbt_klaviyo_sync.payloads import value_sql  # payloads imports this module
+
+    return value_sql(_ident(column), duckdb_type, field)
 
 
 def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[str, str]]:

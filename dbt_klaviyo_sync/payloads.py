@@ -1,13 +1,17 @@
 """Rows to Klaviyo values and JSON:API resources.
 
 Conversion happens here and nowhere else: dates and timestamps become ISO 8601, decimals
-become JSON numbers, phone numbers become E.164, emails are checked. A value Klaviyo would
-refuse is rejected here, with the reason, before anything is sent; the rest of the batch
-goes on. A converter is chosen once per column and batch, not once per value.
+become JSON numbers of exactly their digits, phone numbers become E.164, emails are checked.
+Every value arrives exactly (text where Klaviyo takes text, a number where it takes one, any
+JSON in a custom property) or its row is rejected here, with the reason, before anything is
+sent; the rest of the batch goes on. `value_sql` chooses how DuckDB hands each column over,
+for the types Arrow would not carry exactly. A converter is chosen once per column and
+batch, not once per value.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -35,6 +39,14 @@ EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
 MAX_METRIC_NAME = 128  # "fewer than 128 characters"
 MAX_EVENT_PROPERTIES = 400
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+#: Integers a JSON parser such as orjson (the emulator's) keeps exactly; it reads larger
+#: ones as rounded floats.
+_EXACT_INTEGERS = range(-(2**63), 2**64)
+_YEARS = "; Klaviyo takes ISO 8601 dates in years 1-9999"
+_INTERVAL = (
+    "an INTERVAL cannot be sent: Klaviyo has no durations; cast it in the model to a number "
+    "of seconds (epoch(x)) or to text"
+)
 
 
 @dataclass(frozen=True)
@@ -68,24 +80,36 @@ class Reject:
 
 
 def _json_value(value: Any) -> Any:
-    """Plain JSON for any value DuckDB hands us: ISO dates, numbers, nested lists/objects."""
-    if value is None or isinstance(value, bool | int):
+    """Plain JSON for any value DuckDB hands us: ISO dates, exact numbers, nested
+    lists/objects."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if value not in _EXACT_INTEGERS:
+            raise InvalidValue(
+                f"{value} is beyond the 64-bit integers Klaviyo keeps exactly (it would keep "
+                "a rounded float); cast it to VARCHAR in the model to send its digits as text"
+            )
         return value
     if isinstance(value, str):
-        if len(value.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
             raise InvalidValue(
-                f"the text is {len(value.encode('utf-8', 'surrogatepass')) // 1024} KB; "
-                "Klaviyo accepts at most 100 KB per string"
+                "the text holds an unpaired UTF-16 surrogate, which is not text; fix it in "
+                "the model"
+            ) from exc
+        if size > MAX_STRING_BYTES:
+            raise InvalidValue(
+                f"the text is {size // 1024} KB; Klaviyo accepts at most 100 KB per string"
             )
         if _CONTROL.search(value):
             raise InvalidValue("the text contains control characters; remove them in the model")
         return value
     if isinstance(value, float | Decimal):
         if not math.isfinite(value):
-            raise InvalidValue(
-                f"{value} is not a number JSON can carry; use NULL or a finite value"
-            )
-        return float(value)
+            raise InvalidValue(_not_finite(value))
+        return _exact_number(value) if isinstance(value, Decimal) else value
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
     if isinstance(value, date | time):
@@ -95,18 +119,52 @@ def _json_value(value: Any) -> Any:
             return _json_value(value.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise InvalidValue("the value is binary, not UTF-8 text") from exc
+    if isinstance(value, pa.MonthDayNano):  # a namedtuple: before the lists
+        raise InvalidValue(_INTERVAL)
     if isinstance(value, dict):
         return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        # DuckDB MAPs arrive as lists of (key, value) pairs.
-        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
-            return {str(k): _json_value(v) for k, v in value}
+    if isinstance(value, list):
         return [_json_value(v) for v in value]
     raise InvalidValue(f"values of type {type(value).__name__} cannot be sent to Klaviyo")
 
 
+def _not_finite(value: Any) -> str:
+    return f"{value} is not a number JSON can carry; use NULL or a finite value"
+
+
+def _exact_number(value: Decimal) -> orjson.Fragment:
+    """A decimal as a JSON number of exactly its digits: 12.50 stays 12.50, and 38 digits
+    stay 38 digits (a float keeps about 16)."""
+    if not math.isfinite(float(value)):  # JSON text can hold 1e400; Klaviyo cannot
+        raise InvalidValue(_not_finite(value))
+    return orjson.Fragment(_decimal_text(value))
+
+
+def _decimal_text(value: Decimal) -> str:
+    """A decimal's text as DuckDB writes it: all its digits, never an exponent."""
+    return format(value, "f")
+
+
+def _from_json(text: str | None) -> Any:
+    """A JSON value from its text, numbers exact: integers as int, the others as Decimal."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_json_constant)
+    except InvalidValue:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise InvalidValue(f"the value is not JSON Klaviyo can take: {exc}") from exc
+
+
+def _json_constant(name: str) -> Any:
+    raise InvalidValue(_not_finite(name))
+
+
 def _text(value: Any) -> Any:
     """Standard attributes are strings in Klaviyo; numbers are sent as their text."""
+    if isinstance(value, Decimal):
+        return _decimal_text(value)
     converted = _json_value(value)
     if isinstance(converted, dict | list):
         raise InvalidValue("a nested value cannot be sent as a text attribute")
@@ -116,9 +174,13 @@ def _text(value: Any) -> Any:
 
 
 def _number(value: Any) -> Any:
+    if isinstance(value, bytes):
+        raise InvalidValue(
+            "binary data (BLOB or BIT) is not a number; cast it to a number in the model"
+        )
     converted = _json_value(value)
     if converted is None or (
-        isinstance(converted, int | float) and not isinstance(converted, bool)
+        isinstance(converted, int | float | orjson.Fragment) and not isinstance(converted, bool)
     ):
         return converted
     if isinstance(converted, str):
@@ -126,6 +188,8 @@ def _number(value: Any) -> Any:
             return _json_value(float(converted))
         except ValueError as exc:
             raise InvalidValue(f"{converted!r} is not a number") from exc
+    if isinstance(converted, dict | list):
+        raise InvalidValue("a nested value is not a number")
     raise InvalidValue(f"{converted!r} is not a number")
 
 
@@ -164,6 +228,13 @@ def _time(value: Any) -> Any:
     return when.isoformat()
 
 
+def _exact_time(text: str | None) -> str | None:
+    """An event time with nanoseconds, which Python's datetime cannot hold: checked as
+    `_time` checks any, and sent with all its digits."""
+    _time(text)
+    return text
+
+
 def _currency(value: Any) -> Any:
     text = _text(value)
     if text is not None and not _CURRENCY.match(text):
@@ -180,12 +251,13 @@ def _metric(value: Any) -> Any:
     return text
 
 
+#: Fields Klaviyo takes a number in; custom properties take any JSON, the rest text.
+NUMBER_FIELDS = frozenset({"value", "location.latitude", "location.longitude"})
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "email": _email,
     "phone_number": _phone,
-    "location.latitude": _number,
-    "location.longitude": _number,
-    "value": _number,
+    **dict.fromkeys(NUMBER_FIELDS, _number),
     "time": _time,
     "value_currency": _currency,
     "metric": _metric,
@@ -212,19 +284,90 @@ def identifier(field: str, value: str) -> str | None:
     return None if converted is None else str(converted)
 
 
+#: The one field of the STRUCT that `value_sql` wraps JSON text in, so that it reaches
+#: `_column` as JSON to parse, not as a string to send.
+JSON_TEXT = "klaviyo_sync:json"
+_WHOLE_NUMBERS = frozenset({"HUGEINT", "UHUGEINT", "BIGNUM", "VARINT"})
+#: Types that Arrow hands to Python inexactly, or not at all, inside a LIST, STRUCT or MAP:
+#: 128-bit and arbitrary integers, BIT, JSON (as a string), time zones, nanoseconds, TIME
+#: (24:00:00).
+_INEXACT_INSIDE = re.compile(
+    r"\b(?:U?HUGEINT|BIGNUM|VARINT|BIT|JSON|TIMESTAMP_NS|TIME_NS|TIME WITH TIME ZONE)\b"
+    r"|(?<!WITH )\bTIME\b(?! ZONE)"
+)
+
+
+def value_sql(column: str, duckdb_type: str, field: str) -> str:
+    """The SQL that selects a mapped column (`column`, quoted) for the changes table, so
+    that Arrow carries each value to Python exactly:
+    - FLOAT as the DOUBLE nearest its shortest text, so 1.1 goes as 1.1;
+    - HUGEINT, UHUGEINT, VARINT (Arrow has no such integers; a UHUGEINT over 2^127 turns
+      negative) as their digits: text for a text field, JSON for the others;
+    - TIME WITH TIME ZONE (Arrow drops the offset) and BIT as their text, but BIT as itself
+      where a number or a time is wanted, to be rejected there;
+    - JSON as JSON to parse where a number or a custom property is wanted;
+    - a LIST, STRUCT or MAP holding one of those, outside text fields, as DuckDB's JSON of it.
+    A text field (the sync key among them) always gets a value whose VARCHAR cast is the
+    text sent."""
+    kind = _field_kind(field)
+    text = f"CAST({column} AS VARCHAR)"
+    if duckdb_type == "FLOAT":
+        return f"CAST({text} AS DOUBLE)"
+    if duckdb_type in _WHOLE_NUMBERS:
+        return text if kind == "text" else _json_text_sql(column, text)
+    if duckdb_type == "TIME WITH TIME ZONE" or (duckdb_type == "BIT" and kind in ("text", "json")):
+        return text
+    if kind == "text":
+        return column
+    if duckdb_type == "JSON" and kind in ("number", "json"):
+        return _json_text_sql(column, text)
+    if _nested_type(duckdb_type) and _INEXACT_INSIDE.search(duckdb_type):
+        return _json_text_sql(column, f"CAST(to_json({column}) AS VARCHAR)")
+    return column
+
+
+def _field_kind(field: str) -> str:
+    if field.startswith("properties."):
+        return "json"
+    return "number" if field in NUMBER_FIELDS else "time" if field == "time" else "text"
+
+
+def _nested_type(duckdb_type: str) -> bool:
+    return "[" in duckdb_type or duckdb_type.startswith(("STRUCT", "MAP", "UNION"))
+
+
+def _json_text_sql(column: str, json_text: str) -> str:
+    return f"CASE WHEN {column} IS NOT NULL THEN {{'{JSON_TEXT}': {json_text}}} END"
+
+
 def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
     """Convert one column of a batch: its values, and the reason of each row that fails.
 
     Whole columns are checked at once with Arrow compute where the type allows (lengths,
-    control characters, finite numbers, the plain-email shape); only the rows those checks
-    cannot clear go through the per-value converter. That keeps the common case to a few
-    vectorised passes instead of a Python call per value.
+    control characters, finite numbers, years, the plain-email shape); only the rows those
+    checks cannot clear go through the per-value converter. That keeps the common case to
+    a few vectorised passes instead of a Python call per value.
     """
     convert = _converter(field)
+    array, errors = _within_years(array)
+    if pa.types.is_dictionary(array.type):  # ENUM
+        array = array.dictionary_decode()
     kind = array.type
-    suspects: Iterable[int]
-    if field in _PER_VALUE or (pa.types.is_temporal(kind) and not pa.types.is_date(kind)):
-        values, suspects = array.to_pylist(), range(len(array))
+    suspects: Iterable[int] = range(len(array))
+    if _is_json_text(kind):
+        texts, take = pc.struct_field(array, [0]).to_pylist(), convert
+        values, convert = texts, lambda text: take(_from_json(text))
+    elif pa.types.is_time64(kind) or (pa.types.is_timestamp(kind) and kind.unit == "ns"):
+        values = _clock_texts(array)
+        convert = _exact_time if convert is _time else convert
+    elif field in _PER_VALUE or pa.types.is_timestamp(kind):
+        values, unreadable = _readable(array)
+        errors |= unreadable
+    elif _nested(kind) and convert not in (_json_value, _number, _time):
+        values, suspects = [None] * len(array), ()
+        errors |= dict.fromkeys(
+            _true_rows(pc.is_valid(array)), "a nested value cannot be sent as a text attribute"
+        )
     elif (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and convert in (
         _text,
         _json_value,
@@ -239,17 +382,29 @@ def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
             odd = pc.or_kleene(odd, maybe_invalid_emails(array))
         suspects = _true_rows(odd)
     elif pa.types.is_date(kind):
-        values, suspects = pc.strftime(array, "%Y-%m-%d").to_pylist(), ()
+        values = pc.strftime(array, "%Y-%m-%d").to_pylist()
+        if convert in (_text, _json_value):
+            suspects = ()
     elif pa.types.is_decimal(kind):
-        # Arrow's decimal-to-float cast is not correctly rounded (51.5072 -> 51.50720..05).
-        values, suspects = [None if v is None else float(v) for v in array.to_pylist()], ()
+        values = _decimal_texts(array)
+        if convert in (_json_value, _number):
+            values, suspects = [None if v is None else orjson.Fragment(v) for v in values], ()
+        elif convert is _text:
+            suspects = ()
     elif pa.types.is_floating(kind):
-        values, suspects = array.to_pylist(), _true_rows(pc.invert(pc.is_finite(array)))
+        values = array.to_pylist()
+        if convert in (_json_value, _number):
+            suspects = _true_rows(pc.invert(pc.is_finite(array)))
     elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):
-        values, suspects = array.to_pylist(), () if convert is _json_value else range(len(array))
+        if convert is _text:
+            values, suspects = pc.cast(array, pa.string()).to_pylist(), ()
+        else:
+            values = array.to_pylist()
+            if convert is _json_value or (convert is _number and pa.types.is_integer(kind)):
+                suspects = ()
     else:
-        values, suspects = array.to_pylist(), range(len(array))
-    errors: dict[int, str] = {}
+        values, unreadable = _readable(array)
+        errors |= unreadable
     for i in suspects:
         try:
             values[i] = convert(values[i])
@@ -260,6 +415,108 @@ def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
 
 def _true_rows(mask: pa.Array) -> list[int]:
     return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()  # type: ignore[no-any-return]
+
+
+def _is_json_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_struct(kind) and [f.name for f in kind] == [JSON_TEXT])
+
+
+def _nested(kind: pa.DataType) -> bool:
+    return pa.types.is_nested(kind) and not pa.types.is_union(kind)
+
+
+def _holds_map(kind: pa.DataType) -> bool:
+    return pa.types.is_map(kind) or any(
+        _holds_map(kind.field(i).type) for i in range(kind.num_fields)
+    )
+
+
+#: Per unit of Arrow's times and timestamps: how many make a second, and the digits of a
+#: fraction of a second.
+_UNITS = {"s": (1, 0), "ms": (10**3, 3), "us": (10**6, 6), "ns": (10**9, 9)}
+#: The seconds from 1970 to year 1 and to year 10000; Python's dates end at 9999.
+_YEAR_1, _YEAR_10000 = -62_135_596_800, 253_402_300_800
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _within_years(array: pa.Array) -> tuple[pa.Array, dict[int, str]]:
+    """Dates and timestamps outside years 1-9999, DuckDB's infinities among them, which
+    Python cannot hold: their rows with the reason, and the array with them NULL."""
+    kind = array.type
+    if pa.types.is_date32(kind):
+        noun, numbers, infinity = "date", array.cast(pa.int32()), 2**31 - 1
+        first, end = _YEAR_1 // 86_400, _YEAR_10000 // 86_400
+    elif pa.types.is_timestamp(kind):
+        noun, numbers, infinity = "timestamp", array.cast(pa.int64()), 2**63 - 1
+        per = _UNITS[kind.unit][0]
+        first, end = max(_YEAR_1 * per, 1 - infinity), min(_YEAR_10000 * per, infinity)
+    else:
+        return array, {}
+    outside = pc.or_(pc.less(numbers, first), pc.greater_equal(numbers, end))
+    rows = _true_rows(outside)
+    if not rows:
+        return array, {}
+    reasons = {}
+    for i in rows:
+        number = numbers[i].as_py()
+        what = {infinity: "infinity", -infinity: "-infinity"}.get(number) or (
+            "before year 1" if number < first else "beyond year 9999"
+        )
+        reasons[i] = f"the {noun} is {what}{_YEARS}"
+    return pc.if_else(pc.fill_null(outside, False), pa.scalar(None, kind), array), reasons
+
+
+def _clock_texts(array: pa.Array) -> list[str | None]:
+    """Times of day and nanosecond timestamps as ISO 8601 text, as Python's types cannot
+    hold them (24:00:00, nanoseconds): whole seconds, and the fraction when there is one."""
+    kind = array.type
+    per, digits = _UNITS[kind.unit]
+    texts: list[str | None] = []
+    for number in array.cast(pa.int64()).to_pylist():
+        if number is None:
+            texts.append(None)
+            continue
+        seconds, fraction = divmod(number, per)
+        if pa.types.is_time(kind):
+            hours, rest = divmod(seconds, 3600)
+            text, zone = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}", ""
+        else:
+            text, zone = (_EPOCH + timedelta(seconds=seconds)).isoformat(), "+00:00"
+        texts.append(text + (f".{fraction:0{digits}d}" if fraction else "") + zone)
+    return texts
+
+
+def _decimal_texts(array: pa.Array) -> list[str | None]:
+    """Each decimal's text as DuckDB writes it, at Arrow's speed: Arrow writes the same
+    but for values under 1e-6, which it gives an exponent."""
+    texts = pc.cast(array, pa.string())
+    values: list[str | None] = texts.to_pylist()
+    for i in _true_rows(pc.match_substring(texts, "E")):
+        values[i] = _decimal_text(array[i].as_py())
+    return values
+
+
+def _readable(array: pa.Array) -> tuple[list[Any], dict[int, str]]:
+    """The Python values of a column. A value Python cannot hold (a date beyond year 9999
+    inside a LIST, say) makes its row NULL with the reason, instead of failing the batch.
+    MAPs become dicts (an empty one too); asking for that costs more, so only for them."""
+    maps = "strict" if _holds_map(array.type) else None
+    try:
+        return array.to_pylist(maps_as_pydicts=maps), {}
+    except (ValueError, OverflowError, TypeError, pa.ArrowException):
+        pass
+    values: list[Any] = []
+    errors: dict[int, str] = {}
+    for i in range(len(array)):
+        try:
+            values.append(array[i].as_py(maps_as_pydicts=maps))
+        except OverflowError:
+            values.append(None)
+            errors[i] = f"a date or time in it is beyond year 9999 or infinite{_YEARS}"
+        except (ValueError, TypeError, pa.ArrowException) as exc:
+            values.append(None)
+            errors[i] = f"Python cannot read the value ({exc}); cast it in the model"
+    return values, errors
 
 
 def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[Reject]]:

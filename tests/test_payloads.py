@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pytest
 
@@ -13,6 +14,7 @@ from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.payloads import (
     Record,
     _converter,
+    dumps,
     event_resources,
     profile_resource,
     records,
@@ -65,6 +67,11 @@ def batch(*rows: dict[str, Any]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(full)
 
 
+def as_sent(values: Any) -> Any:
+    """Values as Klaviyo reads them from the JSON we send."""
+    return orjson.loads(dumps(values))
+
+
 GOOD = {
     "id": "C1",
     "email": "ada@example.com",
@@ -83,7 +90,7 @@ GOOD = {
 def test_values_are_converted_to_json_types() -> None:
     [record], rejects = records(spec(), batch(GOOD))
     assert rejects == []
-    assert record.values == {
+    assert as_sent(record.values) == {
         "external_id": "C1",
         "email": "ada@example.com",
         "phone_number": "+14155550123",
@@ -96,6 +103,8 @@ def test_values_are_converted_to_json_types() -> None:
         "properties.seen": "2024-02-01T12:30:00+00:00",
         "properties.tags": ["a", "b"],
     }
+    # Decimals go with exactly their digits.
+    assert b'"location.latitude":51.5072,"properties.ltv":1234.50,' in dumps(record.values)
 
 
 def test_aware_timestamps_keep_their_offset_and_decimals_become_numbers() -> None:
@@ -106,15 +115,14 @@ def test_aware_timestamps_keep_their_offset_and_decimals_become_numbers() -> Non
     }
     [record], _ = records(spec(), batch(row))
     assert record.values["properties.seen"] == "2024-02-01T12:30:00+00:00"
-    assert record.values["properties.ltv"] == 12.0
-    assert isinstance(record.values["properties.ltv"], float)
+    assert dumps(record.values["properties.ltv"]) == b"12.00"
 
 
 def test_the_resource_nests_location_and_properties() -> None:
     [record], _ = records(spec(), batch(GOOD))
     resource = profile_resource(spec(), record)
     assert resource["type"] == "profile"
-    assert resource["attributes"]["location"] == {"city": "London", "latitude": 51.5072}
+    assert as_sent(resource["attributes"]["location"]) == {"city": "London", "latitude": 51.5072}
     assert resource["attributes"]["properties"]["vip"] is True
     assert resource["attributes"]["external_id"] == "C1"
     assert "meta" not in resource
@@ -165,7 +173,7 @@ def with_nulls(nulls: str) -> dict[str, Any]:
 def test_nulls_skip_leaves_klaviyo_values_alone() -> None:
     resource = with_nulls("skip")
     assert "first_name" not in resource["attributes"]
-    assert resource["attributes"]["location"] == {"latitude": 51.5072}
+    assert as_sent(resource["attributes"]["location"]) == {"latitude": 51.5072}
     assert "ltv" not in resource["attributes"]["properties"]
     assert "meta" not in resource
 

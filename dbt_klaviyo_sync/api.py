@@ -6,35 +6,33 @@
     if summary.exit_status:
         raise RuntimeError(summary.reason)
 
-Keys are read from the environment only (KLAVIYO_PRIVATE_API_KEY, KLAVIYO_PUBLIC_API_KEY),
-as for the CLI; so is KLAVIYO_BASE_URL. Neither function raises for a problem the user can
-fix: it is in the summary, with exit status 2.
+The dbt project, profile and target are found as `dbt build` started from the same working
+directory with the same arguments would find them: the `DBT_*` environment variables count,
+and dbt-duckdb opens a relative `path:` from the working directory. Keys are read from the
+environment only (KLAVIYO_PRIVATE_API_KEY, KLAVIYO_PUBLIC_API_KEY), as for the CLI; so is
+KLAVIYO_BASE_URL. Neither function raises for a problem the user can fix: it is in the
+summary, with exit status 2.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from dbt_klaviyo_sync import diff
-from dbt_klaviyo_sync.dbt import DbtProject, build, ensure_manifest, load_warehouse
+from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, load_warehouse, select_models
 from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
 from dbt_klaviyo_sync.logs import add_log_file, redact
-from dbt_klaviyo_sync.manifest import read_models
+from dbt_klaviyo_sync.manifest import ModelNode
 from dbt_klaviyo_sync.progress import ProgressReporter
-from dbt_klaviyo_sync.runner import (
-    SyncOptions,
-    build_specs,
-    make_client,
-    preflight,
-    run,
-    select,
-)
+from dbt_klaviyo_sync.runner import SyncOptions, build_specs, make_client, preflight, run
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.state import open_state
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
@@ -48,7 +46,10 @@ def sync(
     *,
     profiles_dir: str | Path | None = None,
     target: str | None = None,
-    select: Iterable[str] = (),
+    select: Iterable[str] | str = (),
+    exclude: Iterable[str] | str = (),
+    selector: str | None = None,
+    vars: Mapping[str, Any] | str | None = None,
     dry_run: bool = False,
     full_refresh: bool = False,
     build: bool = False,
@@ -61,6 +62,8 @@ def sync(
 ) -> RunSummary:
     """Sync the selected annotated models (all of them by default) and say what happened.
 
+    `select`, `exclude` and `selector` take dbt's selector syntax, and `vars` dbt's vars (a
+    dict, or YAML as for `dbt --vars`), as the CLI's options of the same names do.
     `build=True` runs `dbt build` for them first and syncs only those that built and
     passed their tests. `fail_on_rejects` is the share of rejected records above which the
     exit status is 1 (by default any reject is).
@@ -68,7 +71,7 @@ def sync(
     summary = RunSummary(dry_run=dry_run, reject_rate=fail_on_rejects)
     started = time.monotonic()
     try:
-        project = _project(project_dir, profiles_dir, target)
+        project = _project(project_dir, profiles_dir, target, select, exclude, selector, vars)
         options = _options(
             dry_run=dry_run,
             full_refresh=full_refresh,
@@ -77,12 +80,12 @@ def sync(
             job_deadline=job_timeout,
             read_timeout=read_timeout,
         )
-        names = list(select)
         with _logged_to(project):
+            models = select_models(project)
             if build:
-                names = _build(project, names, summary)
-            if names or not build:
-                run(project, names, options, summary, progress)
+                models = _build(project, models, summary)
+            if models:
+                run(project, models, options, summary, progress)
     except SyncError as exc:
         summary.error = redact(str(exc))
     finally:
@@ -90,13 +93,10 @@ def sync(
     return summary
 
 
-def _build(project: DbtProject, names: list[str], summary: RunSummary) -> list[str]:
-    """`dbt build` the selected annotated models; the names of those to sync. Those that
-    did not build, or failed a test, get a result that says so (exit status 2)."""
-    models = select(read_models(ensure_manifest(project)), names)
-    if not models:
-        return []
-    good = build(project, [m.name for m in models])
+def _build(project: DbtProject, models: list[ModelNode], summary: RunSummary) -> list[ModelNode]:
+    """`dbt build` the selected annotated models; those to sync. Those that did not build,
+    or failed a test, get a result that says so (exit status 2)."""
+    good = build(project, models)
     for model in models:
         if model.unique_id not in good:
             summary.models.append(
@@ -105,7 +105,7 @@ def _build(project: DbtProject, names: list[str], summary: RunSummary) -> list[s
                     error="`dbt build` failed for this model or one of its tests; not synced",
                 )
             )
-    return [m.unique_id for m in models if m.unique_id in good]
+    return [m for m in models if m.unique_id in good]
 
 
 @dataclass
@@ -125,7 +125,10 @@ def validate(
     *,
     profiles_dir: str | Path | None = None,
     target: str | None = None,
-    select: Iterable[str] = (),
+    select: Iterable[str] | str = (),
+    exclude: Iterable[str] | str = (),
+    selector: str | None = None,
+    vars: Mapping[str, Any] | str | None = None,
 ) -> list[Check]:
     """Check everything a sync needs, sending nothing: the annotations, each mapped column
     in the built relation, the credentials (one cheap read) and each mirrored list."""
@@ -136,24 +139,25 @@ def validate(
         return checks[-1]
 
     try:
-        project = _project(project_dir, profiles_dir, target)
+        project = _project(project_dir, profiles_dir, target, select, exclude, selector, vars)
         with _logged_to(project):
-            _validate(project, list(select), check)
+            _validate(project, check)
     except SyncError as exc:
         check("the project").problems.append(redact(str(exc)))
     return checks
 
 
-def _validate(project: DbtProject, names: list[str], check: Callable[[str], Check]) -> None:
+def _validate(project: DbtProject, check: Callable[[str], Check]) -> None:
     annotations = check("annotations")
+    models = select_models(project)
     try:
-        specs = build_specs(select(read_models(ensure_manifest(project)), names))
+        specs = build_specs(models)
     except AnnotationErrors as exc:
         annotations.problems += [str(p) for p in exc.problems]
         return
     annotations.what = f"annotations of {len(specs)} model(s): {', '.join(s.model for s in specs)}"
     columns = check("each mapped column is in the built relation")
-    with open_state(None, load_warehouse(project).databases) as state:
+    with open_state(None, load_warehouse(project, models).databases) as state:
         for spec in specs:
             try:
                 diff.check_columns(state.con, spec)
@@ -192,13 +196,30 @@ def _options(**settings: Any) -> SyncOptions:
 
 
 def _project(
-    project_dir: str | Path | None, profiles_dir: str | Path | None, target: str | None
+    project_dir: str | Path | None,
+    profiles_dir: str | Path | None,
+    target: str | None,
+    select: Iterable[str] | str,
+    exclude: Iterable[str] | str,
+    selector: str | None,
+    vars: Mapping[str, Any] | str | None,
 ) -> DbtProject:
     return DbtProject.locate(
-        str(project_dir) if project_dir else None,
-        str(profiles_dir) if profiles_dir else None,
-        target,
+        DbtArgs(
+            project_dir=str(project_dir) if project_dir else None,
+            profiles_dir=str(profiles_dir) if profiles_dir else None,
+            target=target,
+            vars=vars if isinstance(vars, str) or vars is None else orjson.dumps(vars).decode(),
+            select=_words(select),
+            exclude=_words(exclude),
+            selector=selector,
+        )
     )
+
+
+def _words(selection: Iterable[str] | str) -> tuple[str, ...]:
+    """A selection as dbt takes it: one string, or several (each may hold several words)."""
+    return (selection,) if isinstance(selection, str) else tuple(selection)
 
 
 @contextmanager

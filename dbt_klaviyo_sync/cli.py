@@ -22,7 +22,7 @@ from dbt_klaviyo_sync.logs import configure, redact
 if TYPE_CHECKING:
     from dbt_klaviyo_sync.state import State
 
-_MULTI_VALUE = {"--select", "-s"}
+_MULTI_VALUE = {"--select", "-s", "--exclude"}
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 
@@ -67,25 +67,38 @@ _logging_options = _options(
     ),
 )
 
+# Left unset, each is dbt's to decide, from its DBT_* environment variables and defaults.
 _project_options = _options(
     click.option(
         "--project-dir",
         type=click.Path(file_okay=False),
-        help="The dbt project (default: as dbt finds it).",
+        help="The dbt project (default: DBT_PROJECT_DIR, or as dbt finds it).",
     ),
     click.option(
         "--profiles-dir",
         type=click.Path(file_okay=False),
-        help="Where profiles.yml is (default: as dbt finds it).",
+        help="Where profiles.yml is (default: DBT_PROFILES_DIR, or as dbt finds it).",
     ),
-    click.option("--target", "-t", help="The dbt target to read models from."),
+    click.option(
+        "--target",
+        "-t",
+        help="The dbt target to read models from (default: DBT_TARGET, or the profile's).",
+    ),
+    click.option("--vars", help="dbt vars, a YAML dictionary, as for `dbt --vars`."),
     click.option(
         "--select",
         "-s",
         "select",
         multiple=True,
-        help="Models, by name or glob; several may follow one --select.",
+        help="Models to sync, in dbt's selector syntax (names, tag:, path:, +model, ...); "
+        "several may follow one --select.",
     ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        help="Models to leave out, in dbt's selector syntax; several may follow one --exclude.",
+    ),
+    click.option("--selector", help="A selector of the project's selectors.yml, as in dbt."),
 )
 
 _state_option = click.option(

@@ -1,80 +1,200 @@
-"""The only module that imports dbt.
+"""The only module that drives dbt.
 
-It does what dbt knows best: (re)parse the project when its manifest is missing or older
-than the project's files, build models for `sync --build`, and read the selected profile
-target to find the DuckDB files that hold the built models. dbt is imported inside the
-functions, so `--help` and the emulator stay fast.
+Whatever dbt decides, it decides here, the way a dbt command started with the same flags and
+environment would: the project, profile and target (`--project-dir`, `--profiles-dir`,
+`--target`, `--vars` and the `DBT_*` environment variables dbt binds, with `env_var()`
+rendered inside dbt's invocation context), a manifest parsed for that target, which models a
+selection names (dbt's own selector), and `dbt build` for `sync --build`. dbt is imported
+inside the functions, so `--help` and the emulator stay fast.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import logging
 import os
 import subprocess
 import sys
-from argparse import Namespace
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import orjson
 
 from dbt_klaviyo_sync.errors import ConfigurationError
+from dbt_klaviyo_sync.manifest import ModelNode, annotated_models, invocation_id, read_manifest
+
+log = logging.getLogger(__name__)
 
 # Folders that hold dbt's output or installed packages, not the project's own sources.
 _SKIP_DIRS = {"target", "dbt_packages", "dbt_modules", "logs", "node_modules", "__pycache__"}
 _SOURCE_SUFFIXES = {".sql", ".yml", ".yaml", ".csv", ".py", ".md", ".jinja"}
+#: Beside manifest.json: for which dbt invocation, target and settings we parsed it.
+STAMP_FILE = "dbt-klaviyo-manifest.json"
+_EVENT_LEVELS = {"info": logging.DEBUG, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+@dataclass(frozen=True)
+class DbtArgs:
+    """dbt's flags as the user gave them. What is left out, dbt decides, from the `DBT_*`
+    environment variables and then its defaults, exactly as for `dbt build`."""
+
+    project_dir: str | None = None
+    profiles_dir: str | None = None
+    target: str | None = None
+    vars: str | None = None  # a YAML dictionary, as for `dbt --vars`
+    select: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    selector: str | None = None
+
+    def project_flags(self) -> list[str]:
+        """The flags that choose the project, profile, target and vars, given to every dbt
+        command we run, so that each sees the project as the user asked for it."""
+        given = {
+            "--project-dir": self.project_dir,
+            "--profiles-dir": self.profiles_dir,
+            "--target": self.target,
+            "--vars": self.vars,
+        }
+        return [arg for flag, value in given.items() if value for arg in (flag, value)]
+
+    @property
+    def selects(self) -> bool:
+        return bool(self.select or self.exclude or self.selector)
+
+    def described(self) -> str:
+        """The selection as the user typed it, for messages."""
+        words = [f"--select {' '.join(self.select)}"] if self.select else []
+        words += [f"--exclude {' '.join(self.exclude)}"] if self.exclude else []
+        return " ".join(words + ([f"--selector {self.selector}"] if self.selector else []))
 
 
 @dataclass(frozen=True)
 class DbtProject:
-    """Where the dbt project, its profiles and its target live, as the user gave them."""
+    """A dbt project, its profile and target, loaded as `dbt build` would load them.
 
-    project_dir: Path
-    profiles_dir: Path
-    target: str | None = None
+    `config` is dbt's RuntimeConfig: the project, the profile and the target's credentials,
+    from which dbt's adapter for the target can be had (`dbt.adapters.factory`)."""
+
+    args: DbtArgs
+    config: Any
 
     @classmethod
-    def locate(
-        cls, project_dir: str | None, profiles_dir: str | None, target: str | None
-    ) -> DbtProject:
-        """Resolve directories exactly as dbt does, so both tools see the same project."""
-        from dbt.cli.resolvers import default_profiles_dir, default_project_dir
+    def locate(cls, args: DbtArgs) -> DbtProject:
+        """Load the project and profile as a dbt command started with these flags, in this
+        environment and from this directory would: dbt's own flag parsing (its click command
+        and `Flags`), then its profile and project loaders inside its invocation context."""
+        import click
+        from dbt.cli.flags import Flags, args_to_context
+        from dbt.config.runtime import RuntimeConfig, load_profile, load_project
+        from dbt.flags import set_flags
+        from dbt_common.exceptions import DbtBaseException
 
-        project = Path(project_dir) if project_dir else default_project_dir()
-        if not (project / "dbt_project.yml").is_file():
+        try:
+            with _dbt():
+                flags = Flags(args_to_context(["build", *args.project_flags()]))
+                set_flags(flags)  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
+                project_dir = Path(flags.PROJECT_DIR).resolve()
+                if not (project_dir / "dbt_project.yml").is_file():
+                    raise ConfigurationError(
+                        f"no dbt_project.yml in {project_dir}: run from your dbt project or "
+                        "pass --project-dir (or set DBT_PROJECT_DIR)."
+                    )
+                profile = load_profile(
+                    str(project_dir), flags.VARS, flags.PROFILE, flags.TARGET, flags.THREADS
+                )
+                project = load_project(
+                    str(project_dir), flags.VERSION_CHECK, profile, flags.VARS, validate=True
+                )
+                config = RuntimeConfig.from_parts(project, profile, flags)
+        except click.ClickException as exc:
             raise ConfigurationError(
-                f"no dbt_project.yml in {project.resolve()}: "
-                "run from your dbt project or pass --project-dir."
-            )
-        profiles = profiles_dir or os.environ.get("DBT_PROFILES_DIR") or default_profiles_dir()
-        return cls(project.resolve(), Path(profiles).resolve(), target)
+                _scrub(
+                    f"{exc.format_message()} dbt looks for the project from the current "
+                    "directory up, and for profiles.yml in the current directory, then in "
+                    "~/.dbt: pass --project-dir and --profiles-dir (or set DBT_PROJECT_DIR and "
+                    "DBT_PROFILES_DIR)."
+                )
+            ) from exc
+        except DbtBaseException as exc:
+            raise ConfigurationError(
+                _scrub(f"dbt cannot load the project and its profile: {_said(exc)}")
+            ) from exc
+        return cls(args, config)
 
-    def _project_yml(self) -> dict[str, Any]:
-        with open(self.project_dir / "dbt_project.yml") as f:
-            loaded = yaml.safe_load(f) or {}
-        return loaded if isinstance(loaded, dict) else {}
+    @property
+    def project_dir(self) -> Path:
+        return Path(self.config.project_root)
+
+    @property
+    def target_name(self) -> str:
+        return str(self.config.target_name)
 
     @property
     def target_path(self) -> Path:
-        configured = os.environ.get("DBT_TARGET_PATH") or self._project_yml().get("target-path")
-        return self.project_dir / (configured or "target")
+        """dbt's target folder (`--target-path`, DBT_TARGET_PATH or `target-path:`)."""
+        return Path(self.config.project_target_path)
 
     @property
     def manifest_path(self) -> Path:
         return self.target_path / "manifest.json"
 
-    def _cli_args(self) -> list[str]:
-        args = ["--project-dir", str(self.project_dir), "--profiles-dir", str(self.profiles_dir)]
-        return args + (["--target", self.target] if self.target else [])
+
+@contextmanager
+def _dbt(listen: Callable[[Any], None] | None = None) -> Iterator[None]:
+    """Run dbt code as a dbt command runs it: in an invocation context that holds the
+    environment (where `env_var()` reads), with dbt's events going to our log (and to
+    `listen`) rather than to stdout, which belongs to the summary and to `--output json`."""
+    from dbt.cli import requires
+    from dbt_common.clients.system import get_env
+    from dbt_common.context import set_invocation_context
+    from dbt_common.events.event_manager_client import get_event_manager
+
+    env = get_env()
+    # dbt 1.11 accepts both names of its renamed DBT_ENGINE_* variables.
+    propagate = getattr(requires, "_cross_propagate_engine_env_vars", None)
+    if propagate:
+        propagate(env)
+    set_invocation_context(env)
+    events = get_event_manager()
+    loggers, callbacks = list(events.loggers), list(events.callbacks)
+    events.loggers[:] = []
+    events.callbacks[:] = [_log_event, *([listen] if listen else [])]
+    try:
+        yield
+    finally:
+        events.loggers[:] = loggers
+        events.callbacks[:] = callbacks
 
 
-def manifest_is_stale(project: DbtProject) -> bool:
-    """True when manifest.json is missing or any project source file is newer than it."""
-    manifest = project.manifest_path
-    if not manifest.is_file():
-        return True
-    built = manifest.stat().st_mtime
+def _log_event(event: Any) -> None:
+    """dbt's warnings and errors in our log; its other messages at debug level. dbt's
+    closing error is left out: it is the exception we report."""
+    level = _EVENT_LEVELS.get(event.info.level)
+    if level and event.info.name != "MainEncounteredError":
+        log.log(level, "dbt: %s", _scrub(event.info.msg))
+
+
+def _said(exc: BaseException) -> str:
+    """A dbt error's own words, without dbt's heading ("Runtime Error")."""
+    return str(getattr(exc, "msg", None) or exc).strip()
+
+
+def _scrub(text: str) -> str:
+    """Without the values of DBT_ENV_SECRET_* variables, as dbt scrubs its own output."""
+    from dbt_common.exceptions.base import env_secrets, scrub_secrets
+
+    return str(scrub_secrets(text, env_secrets()))
+
+
+# -- The manifest, for this run's target ---------------------------------------------------
+
+
+def _files_changed(project: DbtProject) -> bool:
+    """True when any project source file is newer than manifest.json."""
+    built = project.manifest_path.stat().st_mtime
     skip = _SKIP_DIRS | {project.target_path.name}
     for root, dirs, files in os.walk(project.project_dir):
         dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
@@ -85,35 +205,233 @@ def manifest_is_stale(project: DbtProject) -> bool:
     return False
 
 
-def ensure_manifest(project: DbtProject) -> Path:
-    """The path of a manifest that reflects the project's current files, parsing if needed."""
-    if manifest_is_stale(project):
-        from dbt.cli.main import dbtRunner
+def _parse_key(config: Any) -> str:
+    """A digest of what shapes a parse besides the project's files, as dbt's partial
+    parsing checks them: dbt's version, the profile, the target's rendered connection
+    settings and --vars. Only the digest is stored: vars and settings may hold secrets."""
+    from dbt.version import __version__
 
-        result = dbtRunner().invoke(["parse", "--quiet", *project._cli_args()])
-        if not result.success:
-            raise ConfigurationError(
+    described = {
+        "dbt": __version__,
+        "profile": config.profile_name,
+        "target": config.target_name,
+        "connection": dict(config.credentials.connection_info()),
+        "vars": config.cli_vars,
+    }
+    encoded = orjson.dumps(described, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _stamp_path(project: DbtProject) -> Path:
+    return project.target_path / STAMP_FILE
+
+
+def _read_stamp(project: DbtProject) -> dict[str, Any]:
+    try:
+        stamp = orjson.loads(_stamp_path(project).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(project: DbtProject, manifest: dict[str, Any]) -> None:
+    """Record that the manifest, as written by that dbt invocation, is for this run's target
+    and settings. Atomic, so that a stamp is never half written."""
+    stamp = {
+        "invocation_id": invocation_id(manifest),
+        "target": project.target_name,
+        "key": _parse_key(project.config),
+    }
+    path = _stamp_path(project)
+    partial = path.with_suffix(".partial")
+    try:
+        partial.write_bytes(orjson.dumps(stamp))
+        partial.replace(path)
+    except OSError as exc:
+        log.warning(
+            "cannot record which target %s is for (%s); the next run parses again",
+            project.manifest_path,
+            exc,
+        )
+
+
+def _why_parse(project: DbtProject, stamp: dict[str, Any]) -> str | None:
+    """Why the manifest on disk cannot serve this run, as far as cheap checks tell."""
+    if not project.manifest_path.is_file():
+        return "there is no manifest yet"
+    if _files_changed(project):
+        return "project files changed since the manifest was written"
+    if not stamp:
+        return "the manifest was written by a dbt command that did not record its target"
+    if stamp.get("target") != project.target_name:
+        return f"the manifest was parsed for target '{stamp.get('target')}'"
+    if stamp.get("key") != _parse_key(project.config):
+        return "the manifest was parsed with other vars or profile settings"
+    return None
+
+
+def _current_manifest(project: DbtProject) -> tuple[dict[str, Any], Any | None]:
+    """manifest.json parsed for this run's target, profile and vars, as plain data; and dbt's
+    own Manifest when this call had to parse.
+
+    dbt's manifest does not record its target, so a stamp beside it does: the invocation id
+    of the manifest we parsed (or built) and a digest of the settings we parsed it with.
+    The project is parsed again when the manifest is missing, older than a project file,
+    parsed for another target or other settings, or rewritten since by another dbt command.
+    Otherwise nothing runs: the common case costs a file walk and a JSON read."""
+    stamp = _read_stamp(project)
+    reason = _why_parse(project, stamp)
+    if reason is None:
+        try:
+            manifest = read_manifest(project.manifest_path)
+        except ConfigurationError:
+            reason = "the manifest cannot be read"
+        else:
+            if invocation_id(manifest) == stamp.get("invocation_id"):
+                return manifest, None
+            reason = "another dbt command has rewritten the manifest since"
+    log.info("parsing the dbt project for target '%s': %s", project.target_name, reason)
+    parsed = _parse(project)
+    manifest = read_manifest(project.manifest_path)
+    _write_stamp(project, manifest)
+    return manifest, parsed
+
+
+def _parse(project: DbtProject) -> Any:
+    """`dbt parse` in this process, with the user's flags; dbt's own Manifest."""
+    from dbt.cli.main import dbtRunner
+
+    with _dbt():
+        result = dbtRunner(callbacks=[_log_event]).invoke(
+            ["parse", "--log-level", "none", *project.args.project_flags()]
+        )
+    if not result.success:
+        raise ConfigurationError(
+            _scrub(
                 f"`dbt parse` failed for {project.project_dir}: "
-                f"{result.exception or 'see the dbt output above'}. "
-                "Fix the project (try `dbt parse` yourself) and run again."
+                f"{_said(result.exception) if result.exception else 'see the messages above'}. "
+                "Fix the project (`dbt parse` shows the same) and run again."
             )
-    return project.manifest_path
+        )
+    return result.result
 
 
-def build(project: DbtProject, models: list[str]) -> set[str]:
-    """`dbt build` the models (and their tests); the unique ids of those that built and
-    passed their tests. A model whose tests fail is not synced: tests gate the sync.
+# -- Selection -------------------------------------------------------------------------------
+
+
+def select_models(project: DbtProject) -> list[ModelNode]:
+    """The models with `klaviyo` meta that the selection names, as dbt's selector reads
+    --select, --exclude and --selector (or selectors.yml's default selector); all of them
+    when nothing is selected. Raises when a --select criterion matches nothing at all, or
+    when the selection names no annotated model."""
+    manifest, parsed = _current_manifest(project)
+    annotated = annotated_models(manifest)
+    default = project.config.get_default_selector_name()
+    if not project.args.selects and not default:
+        return annotated
+    chosen = _dbt_selection(project, manifest, parsed)
+    models = [m for m in annotated if m.unique_id in chosen]
+    how = project.args.described() or f"the default selector '{default}' of selectors.yml"
+    if not models:
+        others = sorted(uid.split(".", 2)[-1] for uid in chosen)
+        raise ConfigurationError(
+            f"{how} selects no model with `klaviyo` meta"
+            + (f" (it selects {_listed(others)})" if others else "")
+            + f". Annotated models: {_listed([m.name for m in annotated]) or 'none'}."
+        )
+    log.info(
+        "%s selects %d annotated model(s): %s%s",
+        how,
+        len(models),
+        _listed([m.name for m in models]),
+        f"; {len(chosen) - len(models)} other selected model(s) have no `klaviyo` meta"
+        if len(chosen) > len(models)
+        else "",
+    )
+    return models
+
+
+def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:
+    """The unique ids of the models dbt selects, through dbt's `ls` task, which reads the
+    flags, the selectors and the default selector exactly as every dbt command does."""
+    from dbt.cli.flags import Flags, args_to_context
+    from dbt.compilation import Linker
+    from dbt.flags import set_flags
+    from dbt.graph.graph import Graph
+    from dbt.task.list import ListTask
+    from dbt_common.exceptions import DbtBaseException
+
+    args = project.args
+    # dbt has no selector for a unique id; dbt's own selector for a node is its fqn.
+    fqns = {
+        uid: ".".join(node["fqn"])
+        for uid, node in (manifest.get("nodes") or {}).items()
+        if node.get("fqn")
+    }
+    select = [fqns.get(token, token) for value in args.select for token in value.split()]
+    argv = ["list", "--resource-type", "model", *args.project_flags()]
+    argv += [arg for token in select for arg in ("--select", token)]
+    argv += [arg for value in args.exclude for arg in ("--exclude", value)]
+    argv += ["--selector", args.selector] if args.selector else []
+    unmatched: list[str] = []
+
+    def listen(event: Any) -> None:
+        if event.info.name == "NoNodesForSelectionCriteria":
+            unmatched.append(event.data.spec_raw)
+
+    try:
+        with _dbt(listen):
+            flags = Flags(args_to_context(argv))
+            set_flags(flags)  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
+            dbt_manifest = parsed or _dbt_manifest(project.manifest_path)
+            linker = Linker()
+            linker.link_graph(dbt_manifest)
+            task = ListTask(flags, project.config, dbt_manifest)
+            task.graph = Graph(linker.graph)
+            chosen = task.get_node_selector().get_selected(task.get_selection_spec())
+    except DbtBaseException as exc:
+        raise ConfigurationError(
+            _scrub(f"dbt cannot select {args.described()}: {_said(exc)}")
+        ) from exc
+    typos = [token for token in select if token in unmatched]
+    if typos and not args.selector:
+        raise ConfigurationError(
+            f"--select {' '.join(typos)} matches no model in the dbt project (dbt's selector "
+            f"syntax, as for `dbt ls --select`). Annotated models: "
+            f"{_listed([m.name for m in annotated_models(manifest)]) or 'none'}."
+        )
+    return {str(uid) for uid in chosen}
+
+
+def _dbt_manifest(path: Path) -> Any:
+    """dbt's Manifest from manifest.json, as dbt reads one for `--state`."""
+    from dbt.artifacts.schemas.manifest import WritableManifest
+    from dbt.contracts.graph.manifest import Manifest
+
+    return Manifest.from_writable_manifest(WritableManifest.read_and_check_versions(str(path)))
+
+
+def _listed(names: list[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+# -- Build -----------------------------------------------------------------------------------
+
+
+def build(project: DbtProject, models: list[ModelNode]) -> set[str]:
+    """`dbt build` the models (and their tests), with the user's project, profile, target and
+    vars; the unique ids of those that built and passed their tests. A model whose tests
+    fail is not synced: tests gate the sync.
 
     dbt runs in a process of its own: dbt-duckdb keeps the database open in the process
-    that ran it, which would stop the sync from attaching it. Its output goes to stderr,
-    so that stdout keeps to the summary (and to JSON with `--output json`)."""
+    that ran it, which would stop the sync from attaching it. The process inherits this
+    one's environment and directory, so it resolves everything as we did. Its output goes
+    to stderr, so that stdout keeps to the summary (and to JSON with `--output json`)."""
     command = [sys.executable, "-c", "from dbt.cli.main import cli; cli()", "build"]
-    process = subprocess.Popen(
-        [*command, "--select", *models, *project._cli_args()],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command += project.args.project_flags()
+    command += [arg for model in models for arg in ("--select", model.selector)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout or []:
         sys.stderr.write(line)
     process.wait()
@@ -123,22 +441,27 @@ def build(project: DbtProject, models: list[str]) -> set[str]:
             f"`dbt build` could not run for {project.project_dir} (exit status "
             f"{process.returncode}); see its output above. Fix the project and run again."
         )
+    run = orjson.loads(results.read_bytes())
+    manifest = read_manifest(project.manifest_path)
+    if invocation_id(run) == invocation_id(manifest):
+        _write_stamp(project, manifest)  # parsed by that build, with this run's flags
     built: set[str] = set()
     failed: set[str] = set()
-    nodes = json.loads(results.read_text())["results"]
-    for node in nodes:
+    for node in run.get("results") or []:
         kind, status = node["unique_id"].split(".")[0], node["status"]
         if kind == "model":
             (built if status == "success" else failed).add(node["unique_id"])
         elif kind in ("test", "unit_test") and status in ("fail", "error"):
-            failed.update(_tested_models(project, node["unique_id"]))
+            failed.update(_tested_models(manifest, node["unique_id"]))
     return built - failed
 
 
-def _tested_models(project: DbtProject, test_id: str) -> list[str]:
-    manifest = json.loads(project.manifest_path.read_text())
+def _tested_models(manifest: dict[str, Any], test_id: str) -> list[str]:
     node = manifest["nodes"].get(test_id) or manifest.get("unit_tests", {}).get(test_id, {})
     return list(node.get("depends_on", {}).get("nodes", []))
+
+
+# -- The warehouse ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -149,44 +472,84 @@ class Warehouse:
     databases: dict[str, Path]
 
 
+def load_warehouse(project: DbtProject, models: Iterable[ModelNode] = ()) -> Warehouse:
+    """The DuckDB files of the target dbt uses, where dbt-duckdb opens them: a relative
+    `path:` from the current directory, as for `dbt build` run from here. Checks that the
+    files holding `models` exist, and logs which file each model is read from."""
+    credentials: Any = project.config.credentials  # DuckDBCredentials, checked just below
+    if credentials.type != "duckdb":
+        raise ConfigurationError(
+            f"the dbt target '{project.target_name}' uses the {credentials.type!r} adapter; "
+            "dbt-klaviyo currently reads models from dbt-duckdb targets only."
+        )
+    given = {credentials.database: (credentials.path, "path")}
+    for attachment in credentials.attach or []:
+        alias = attachment.alias or credentials.path_derived_database_name(attachment.path)
+        given[alias] = (attachment.path, f"attachment {alias!r}")
+    databases = {name: _local_file(path, what) for name, (path, what) in given.items()}
+    checked: set[Path] = set()
+    for model in models:
+        file = databases.get(model.database)
+        if file is None:
+            raise ConfigurationError(
+                f"model '{model.name}' is in the database '{model.database}', which the dbt "
+                f"target '{project.target_name}' neither opens nor attaches "
+                f"({', '.join(databases)}). Attach it in profiles.yml (`attach:`)."
+            )
+        if file not in checked:
+            _check_file(project, given[model.database][0], file)
+            checked.add(file)
+        log.info(
+            "%s: reading %s.%s from %s (target %s)",
+            model.name,
+            model.schema,
+            model.alias or model.name,
+            _scrub(str(file)),
+            project.target_name,
+        )
+    return Warehouse(project.target_name, databases)
+
+
 def _local_file(path: str, what: str) -> Path:
     if path == ":memory:" or "://" in path or path.startswith(("md:", "motherduck:")):
         raise ConfigurationError(
-            f"the dbt profile's {what} is {path!r}; dbt-klaviyo reads models from a local "
-            "DuckDB file. Set `path:` in profiles.yml to a file."
+            _scrub(
+                f"the dbt profile's {what} is {path!r}; dbt-klaviyo reads models from a local "
+                "DuckDB file. Set `path:` in profiles.yml to a file."
+            )
         )
-    # dbt-duckdb opens relative paths from the current directory; so do we.
-    return Path(path).resolve()
+    return Path(path).resolve()  # from the current directory, as dbt-duckdb opens it
 
 
-def load_warehouse(project: DbtProject) -> Warehouse:
-    """Read the profile target dbt would use and return its DuckDB database files."""
-    from dbt.config.runtime import load_profile
-    from dbt.flags import set_from_args
-    from dbt_common.exceptions import DbtRuntimeError
-
-    set_from_args(
-        Namespace(
-            project_dir=str(project.project_dir),
-            profiles_dir=str(project.profiles_dir),
-            target=project.target,
-        ),
-        None,
+def _check_file(project: DbtProject, given: str, file: Path) -> None:
+    """The file must exist where dbt-duckdb would open it. A same-named file in the project
+    folder is what a run from elsewhere most likely meant: name it, and what to do."""
+    beside = project.project_dir / given
+    shadowed = not Path(given).is_absolute() and beside.is_file() and beside.resolve() != file
+    fix = (
+        f"run from {project.project_dir} (in an orchestrator, make it the task's working "
+        "directory), or make `path:` absolute in profiles.yml, for example "
+        "`path: \"{{ env_var('DBT_DUCKDB_PATH') }}\"` with DBT_DUCKDB_PATH set for dbt and "
+        "dbt-klaviyo alike."
     )
-    try:
-        profile = load_profile(str(project.project_dir), {}, None, project.target)
-    except DbtRuntimeError as exc:
-        raise ConfigurationError(
-            f"cannot load the dbt profile from {project.profiles_dir}: {exc}"
-        ) from exc
-    credentials: Any = profile.credentials  # DuckDBCredentials, checked just below
-    if credentials.type != "duckdb":
-        raise ConfigurationError(
-            f"the dbt target '{profile.target_name}' uses the {credentials.type!r} adapter; "
-            "dbt-klaviyo currently reads models from dbt-duckdb targets only."
+    where = (
+        f"dbt-duckdb opens the profile's relative path {given!r} from the current directory "
+        f"({Path.cwd()}), as `dbt build` run from here would"
+    )
+    if not file.is_file():
+        text = (
+            f"the dbt target '{project.target_name}' reads models from {file}, which does not exist"
         )
-    databases = {credentials.database: _local_file(credentials.path, "path")}
-    for attachment in credentials.attach or []:
-        alias = attachment.alias or credentials.path_derived_database_name(attachment.path)
-        databases[alias] = _local_file(attachment.path, f"attachment {alias!r}")
-    return Warehouse(profile.target_name, databases)
+        if shadowed:
+            text += f": {where}. {beside} exists: {fix}"
+        else:
+            text += ". Run `dbt build` first, or fix `path:` in profiles.yml."
+        raise ConfigurationError(_scrub(text))
+    if shadowed:
+        log.warning(
+            "%s",
+            _scrub(
+                f"reading {file}: {where}. The project's folder holds another {beside}; "
+                f"if that is the one you mean, {fix}"
+            ),
+        )

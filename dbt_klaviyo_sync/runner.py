@@ -10,11 +10,10 @@ batches in flight, which the next run sends again.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import orjson
 import pyarrow as pa
 
 from dbt_klaviyo_sync import diff, payloads
-from dbt_klaviyo_sync.dbt import DbtProject, ensure_manifest, load_warehouse
+from dbt_klaviyo_sync.dbt import DbtProject, load_warehouse
 from dbt_klaviyo_sync.errors import (
     AnnotationErrors,
     ApiUnavailableError,
@@ -38,7 +37,7 @@ from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Sender
 from dbt_klaviyo_sync.klaviyo.profiles import ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.logs import redact
-from dbt_klaviyo_sync.manifest import ModelNode, read_models
+from dbt_klaviyo_sync.manifest import ModelNode
 from dbt_klaviyo_sync.payloads import Record
 from dbt_klaviyo_sync.progress import NoProgress, ProgressReporter
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
@@ -83,28 +82,6 @@ class SyncOptions:
     allow_insecure_http: bool = False
 
 
-def select(models: list[ModelNode], names: Iterable[str]) -> list[ModelNode]:
-    """Models matching the selection (names, unique ids or glob patterns); all if empty."""
-    wanted = [n for name in names for n in name.split()]
-    if not wanted:
-        return models
-    chosen = [
-        m for m in models if any(fnmatch.fnmatchcase(m.name, w) or m.unique_id == w for w in wanted)
-    ]
-    unmatched = [
-        w
-        for w in wanted
-        if not any(fnmatch.fnmatchcase(m.name, w) or m.unique_id == w for m in models)
-    ]
-    if unmatched:
-        known = ", ".join(m.name for m in models) or "none"
-        raise ConfigurationError(
-            f"--select {' '.join(unmatched)} matches no model with `klaviyo` meta "
-            f"(annotated models: {known})"
-        )
-    return chosen
-
-
 def build_specs(models: list[ModelNode]) -> list[SyncSpec]:
     """Validate every selected model; report all problems of all models together."""
     specs, problems = [], []
@@ -120,15 +97,15 @@ def build_specs(models: list[ModelNode]) -> list[SyncSpec]:
 
 def run(
     project: DbtProject,
-    names: Iterable[str],
+    models: list[ModelNode],
     options: SyncOptions,
     summary: RunSummary,
     progress: ProgressReporter | None = None,
 ) -> None:
     """Sync the selected annotated models of a dbt project, adding each model's result to
     `summary` as it starts, so that a run that stops midway still says how far it got."""
-    specs = build_specs(select(read_models(ensure_manifest(project)), names))
-    warehouse = load_warehouse(project)
+    specs = build_specs(models)
+    warehouse = load_warehouse(project, models)
     state_path = options.state_path or default_path(project.project_dir)
     databases = _without_state(warehouse.databases, state_path)
     fresh = not state_path.exists()

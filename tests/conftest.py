@@ -26,6 +26,7 @@ import duckdb
 import pytest
 
 from dbt_klaviyo_sync.cli import main
+from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, select_models
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.state import RunCounts
 
@@ -81,6 +82,10 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for args in (("deps",), ("build",)):
         done = run_dbt(project, *args)
         assert done.returncode == 0, done.stdout + done.stderr
+    # Parse once as a sync does, so that the manifest is stamped with its target: the copies
+    # of this project then start without parsing again (seconds per test).
+    with environment(project, clean_env()):
+        select_models(DbtProject.locate(DbtArgs(project_dir=".", profiles_dir=".")))
     return project
 
 
@@ -135,9 +140,10 @@ def dbt_klaviyo(
     *argv: str,
     env: dict[str, str] | None = None,
     isolated: bool = False,
+    cwd: Path | None = None,
 ) -> Sync:
-    """Run a `dbt-klaviyo` command from the project directory, as a user would, with the
-    test keys and the emulator's URL in the environment.
+    """Run a `dbt-klaviyo` command from the project directory (or `cwd`), as a user would,
+    with the test keys and the emulator's URL in the environment.
 
     By default the CLI's `main` runs in this process (dbt takes seconds to import, once);
     `isolated=True` runs the installed console script in a fresh process instead, for tests
@@ -152,7 +158,7 @@ def dbt_klaviyo(
     if isolated:
         done = subprocess.run(
             [str(BIN / "dbt-klaviyo"), *argv],
-            cwd=project,
+            cwd=cwd or project,
             env=clean_env(**settings),
             capture_output=True,
             text=True,
@@ -160,20 +166,30 @@ def dbt_klaviyo(
         )
         return Sync(done.returncode, done.stdout, done.stderr)
     out, err = io.StringIO(), io.StringIO()
+    with (
+        environment(cwd or project, clean_env(**settings)),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+    return Sync(code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def environment(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """This process in `cwd`, with `env` in place of the caller's DBT_ and KLAVIYO_ settings."""
     with pytest.MonkeyPatch.context() as patch:
         for name in os.environ:
             if name.startswith(("DBT_", "KLAVIYO_")):
                 patch.delenv(name)
-        for name, value in clean_env(**settings).items():
+        for name, value in env.items():
             patch.setenv(name, value)
-        patch.chdir(project)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(argv))
-                code = 0
-            except SystemExit as exit_:
-                code = int(exit_.code or 0)
-    return Sync(code, out.getvalue(), err.getvalue())
+        patch.chdir(cwd)
+        yield
 
 
 def sync(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from dbt_klaviyo_sync.errors import AnnotationError, AnnotationErrors, ConfigurationError
+from dbt_klaviyo_sync.errors import AnnotationError, AnnotationErrors, ModelError
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.state import CATALOG
 
@@ -49,19 +49,27 @@ class ChangeCounts:
     remove: int
     invalid: int
     model_rows: int
+    held: int = 0  # rows waiting for a bulk job of an earlier run
 
     @property
     def to_send(self) -> int:
         return self.add + self.update
 
 
-def _relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, tuple[str, str]]:
+def relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, tuple[str, str]]:
     """The relation's real column names and DuckDB types, by lower-case name (DuckDB
     ignores case)."""
+    if spec.materialized == "ephemeral" or not spec.relation:
+        raise ModelError(
+            f"model '{spec.model}' is materialized as "
+            f"{spec.materialized or 'something without a relation'}: there is no table or "
+            "view to read. Materialize it as a table or a view (`config: materialized: "
+            "table`), run dbt, then sync."
+        )
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {spec.relation}").fetchall()
     except duckdb.CatalogException as exc:
-        raise ConfigurationError(
+        raise ModelError(
             f"model '{spec.model}': its relation {spec.relation} is not in the dbt database. "
             "Run `dbt run` (or `dbt build`) for it first."
         ) from exc
@@ -80,7 +88,7 @@ def column_sql(column: str, duckdb_type: str, field: str) -> str:
 def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[str, str]]:
     """The relation's real name and type of each mapped column, in `spec.fields` order;
     raises when the model is not built or lacks an annotated column."""
-    columns = _relation_columns(con, spec)
+    columns = relation_columns(con, spec)
     missing = [f for f in spec.fields if f.column.lower() not in columns]
     if missing:
         raise AnnotationErrors(
@@ -99,62 +107,130 @@ def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[
     return [columns[f.column.lower()] for f in spec.fields]
 
 
-def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeCounts:
+def key_sql(text: str, key_field: str) -> str:
+    """A sync key as Klaviyo matches it, from its text: emails without case or surrounding
+    blanks, phone numbers without the spaces, dots, dashes and brackets people write in
+    them. Keys, lookups and what is sent all use this form, so `x@ex.com` and `X@EX.COM`
+    are one key (and two rows with them a duplicate), as they are one profile."""
+    if key_field == "email":
+        return f"lower(trim({text}))"
+    if key_field == "phone_number":
+        return rf"regexp_replace(trim({text}), '[\s().-]', '', 'g')"
+    return text
+
+
+def _is_nested(duckdb_type: str) -> bool:
+    return "[" in duckdb_type or duckdb_type.startswith(("STRUCT", "MAP", "UNION"))
+
+
+def fingerprint_sql(columns: list[tuple[str, str]]) -> str:
+    """A row's fingerprint (FINGERPRINT_VERSION md5-v1): the first 8 bytes of the MD5 of a
+    canonical text, read as a big-endian unsigned 64-bit integer. The text is the spec's
+    signature and each value in order, joined by U+001F, a NULL written as U+001E: so NULL
+    differs from '' and the column order counts. Scalars are written as DuckDB casts them
+    to VARCHAR, nested values as JSON. MD5 and those casts are documented and stable, where
+    DuckDB's `hash()` may change in any release (and would re-send every row when it did).
+    `columns` are the (name, type) of the selected values."""
+    texts = [
+        f"coalesce({'to_json' if _is_nested(kind) else ''}({name})::VARCHAR, chr(30))"
+        for name, kind in columns
+    ]
+    return f"('0x' || left(md5(concat_ws(chr(31), $signature, {', '.join(texts)})), 16))::UBIGINT"
+
+
+def _selected(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
+    """The SQL of each mapped value as the changes table carries it: `f0` the normalised
+    sync key (as text), `f1`... each selected by its type."""
+    columns = check_columns(con, spec)
+    return [
+        key_sql(f"CAST({column_sql(name, kind, f.field)} AS VARCHAR)", spec.key_field)
+        if i == 0
+        else column_sql(name, kind, f.field)
+        for i, ((name, kind), f) in enumerate(zip(columns, spec.fields, strict=True))
+    ]
+
+
+def _model_sql(
+    con: duckdb.DuckDBPyConnection, spec: SyncSpec, selected: list[str], legacy: bool = False
+) -> str:
+    """The model's rows: the key `__key` (also sent as `f0`), the fingerprint, the values;
+    with `legacy`, also `__legacy`, the fingerprint versions before md5-v1 computed."""
+    projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
+    typed = con.execute(f"DESCRIBE SELECT {projection} FROM {spec.relation} LIMIT 0").fetchall()
+    fingerprint = fingerprint_sql([(str(name), str(kind)) for name, kind, *_ in typed])
+    values = ", ".join(field_column(i) for i in range(len(selected)))
+    if legacy:
+        raw = ", ".join(_ident(name) for name, _ in check_columns(con, spec))
+        projection += f", hash($signature, {raw}) AS __legacy"
+        values += ", __legacy"
+    return f"""SELECT {field_column(0)} AS __key, {fingerprint} AS __fingerprint, {values}
+        FROM (SELECT {projection} FROM {spec.relation})"""
+
+
+def compute(
+    con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str, held: list[str] | None = None
+) -> ChangeCounts:
     """Materialise the rows to act on into the temporary `klaviyo_changes` table.
 
-    One pass: the model's rows, fingerprinted with DuckDB's 64-bit `hash` of the mapped
-    values (an md5 of their JSON cost five times as much), full-outer-joined with the
-    snapshot's keys and fingerprints, so that added, changed and removed rows come out
-    together and only they carry their values onward.
+    One pass: the model's rows, fingerprinted (`fingerprint_sql`), full-outer-joined with
+    the snapshot's keys and fingerprints, so that added, changed and removed rows come out
+    together and only they carry their values onward. An event that an earlier run sent
+    without seeing the answer carries that exact body (`__sent`), to be sent again as it was.
 
     Duplicated keys are looked for among the keys about to be sent only: finding them in
     the whole model costs a third of the diff, and a key whose copies all match what
     Klaviyo accepted has nothing to send. (The build-time check reports every duplicate.)
+
+    The rows of `held` journal units (bulk jobs an earlier run created, still running in
+    Klaviyo) are taken out: sending them again could land before the job and be overwritten
+    by its older values. They are counted in `ChangeCounts.held`.
     """
-    columns = check_columns(con, spec)
-    mapped = ", ".join(
-        f"{column_sql(name, kind, f.field)} AS {field_column(i)}"
-        for i, ((name, kind), f) in enumerate(zip(columns, spec.fields, strict=True))
+    selected = _selected(con, spec)
+    sent = (
+        f"""SELECT key, arg_max(body, journaled_at) AS body FROM {CATALOG}.journal
+            WHERE sync_id = $sid AND body IS NOT NULL GROUP BY key"""
+        if spec.object == "event"
+        else "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS body WHERE false"
     )
-    values = ", ".join(field_column(i) for i in range(len(columns)))
-    key = field_column(0)
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {CHANGES} AS
-        WITH model AS (
-            SELECT CAST({key} AS VARCHAR) AS __key, hash($signature, {values}) AS __fingerprint,
-                   {values}
-            FROM (SELECT {mapped} FROM {spec.relation})
-        ),
+        WITH model AS ({_model_sql(con, spec, selected)}),
         snap AS (
-            SELECT key, fingerprint, rejected_fingerprint, klaviyo_id
+            SELECT key, fingerprint, rejected_fingerprint, retry_rejected, klaviyo_id
             FROM {CATALOG}.snapshot WHERE sync_id = $sid
-        )
-        SELECT CASE WHEN m.__fingerprint IS NULL THEN 'remove'
+        ),
+        sent AS ({sent})
+        SELECT CASE WHEN m.__fingerprint IS NULL THEN CASE WHEN $once THEN 'forget'
+                                                          ELSE 'remove' END
                     WHEN m.__key IS NULL THEN 'null_key'
                     WHEN s.fingerprint IS NULL THEN 'add'
+                    WHEN m.__fingerprint = s.fingerprint THEN 'settle'
                     ELSE 'update' END AS __change,
                s.key IS NOT NULL AS __in_snapshot,
                s.klaviyo_id AS __klaviyo_id,
                coalesce(m.__key, s.key) AS __key,
                coalesce(m.__fingerprint, s.fingerprint) AS __fingerprint,
+               j.body AS __sent,
                m.* EXCLUDE (__key, __fingerprint)
         FROM model AS m
         FULL OUTER JOIN snap AS s ON s.key = m.__key
-        WHERE CASE WHEN m.__fingerprint IS NULL THEN NOT $once
+        LEFT JOIN sent AS j ON j.key = coalesce(m.__key, s.key)
+        WHERE CASE WHEN m.__fingerprint IS NULL THEN NOT $once OR s.fingerprint IS NULL
                    WHEN m.__key IS NULL THEN TRUE
-                   ELSE m.__fingerprint IS DISTINCT FROM s.fingerprint
-                        AND m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint
+                   WHEN m.__fingerprint = s.fingerprint THEN s.rejected_fingerprint IS NOT NULL
+                   ELSE (m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint
+                         OR coalesce(s.retry_rejected, false))
                         AND (NOT $once OR s.fingerprint IS NULL) END""",
         {"signature": spec.signature, "sid": sid, "once": spec.once},
     )
+    held_rows = _hold(con, sid, held or [])
     counts = _counts(con)
     if counts.get("add") or counts.get("update"):
-        model_keys = f"SELECT CAST({_ident(columns[0][0])} AS VARCHAR) AS key FROM {spec.relation}"
         con.execute(
             f"""UPDATE {CHANGES} SET __change = 'duplicate_key'
             WHERE __change IN ('add', 'update') AND __key IN (
-                SELECT key FROM ({model_keys})
-                WHERE key IN (SELECT __key FROM {CHANGES} WHERE __change IN ('add', 'update'))
+                SELECT {selected[0]} AS __key FROM {spec.relation}
+                WHERE __key IN (SELECT __key FROM {CHANGES} WHERE __change IN ('add', 'update'))
                 GROUP BY ALL HAVING count(*) > 1)"""
         )
         counts = _counts(con)
@@ -165,7 +241,64 @@ def compute(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> ChangeC
         remove=counts.get("remove", 0),
         invalid=counts.get("invalid", 0),
         model_rows=model_rows,
+        held=held_rows,
     )
+
+
+def rebase(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> int:
+    """Bring a sync recorded by an earlier version to today's keys and fingerprints,
+    without sending anything: keys are normalised (`key_sql`; two that become one keep the
+    latest), and every row whose values are still those Klaviyo accepted (or refused) by
+    DuckDB's `hash()` of the raw values, as earlier versions fingerprinted them, gets its
+    md5-v1 fingerprint. Rows that changed meanwhile keep the old one, so they are sent.
+    Run on the state's write connection, in its transaction; returns the rows carried over."""
+    snapshot = f"{CATALOG}.snapshot"
+    normal = key_sql("key", spec.key_field)
+    con.execute(
+        f"""DELETE FROM {snapshot} WHERE sync_id = $1 AND rowid NOT IN (
+                SELECT arg_max(rowid, updated_at) FROM {snapshot}
+                WHERE sync_id = $1 GROUP BY {normal})""",
+        [sid],
+    )
+    con.execute(f"UPDATE {snapshot} SET key = {normal} WHERE sync_id = $1", [sid])
+    model = _model_sql(con, spec, _selected(con, spec), legacy=True)
+    carried = 0
+    for column in ("fingerprint", "rejected_fingerprint"):
+        [(count,)] = con.execute(
+            f"""UPDATE {snapshot} AS s SET {column} = m.fp
+                FROM (SELECT __key, __legacy, any_value(__fingerprint) AS fp
+                      FROM ({model}) GROUP BY ALL) AS m
+                WHERE s.sync_id = $sid AND s.key = m.__key AND s.{column} = m.__legacy""",
+            {"sid": sid, "signature": spec.signature},
+        ).fetchall()
+        carried += int(count)
+    return carried
+
+
+def standing_rejects(con: duckdb.DuckDBPyConnection, sid: str) -> int:
+    """How many rows stand refused from earlier runs and are not tried again in this one
+    (their rows did not change): they are out of step with Klaviyo all the same, so every
+    run counts them until they are fixed."""
+    [(count,)] = con.execute(
+        f"""SELECT count(*) FROM {CATALOG}.snapshot
+            WHERE sync_id = $1 AND rejected_fingerprint IS NOT NULL
+            AND key NOT IN (SELECT __key FROM {CHANGES} WHERE __key IS NOT NULL)""",
+        [sid],
+    ).fetchall()
+    return int(count)
+
+
+def _hold(con: duckdb.DuckDBPyConnection, sid: str, units: list[str]) -> int:
+    """Take the rows of these journal units out of the changes table; how many there were."""
+    if not units:
+        return 0
+    pending = f"""__key IN (SELECT key FROM {CATALOG}.journal
+        WHERE sync_id = $1 AND unit IN (SELECT unnest($2::VARCHAR[])))"""
+    [(held,)] = con.execute(
+        f"SELECT count(*) FROM {CHANGES} WHERE {pending}", [sid, units]
+    ).fetchall()
+    con.execute(f"DELETE FROM {CHANGES} WHERE {pending}", [sid, units])
+    return int(held)
 
 
 def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

@@ -61,6 +61,10 @@ class Record:
     values: dict[str, Any]  # Klaviyo field -> value; None where the model has NULL
 
 
+#: Klaviyo's refusals that are tried again on every run (see `Reject.retry`).
+RETRIED_CODES = frozenset({"not_found", "duplicate_profile"})
+
+
 @dataclass(frozen=True)
 class Reject:
     """A row that will not be sent, and why. Stored in the rejects table."""
@@ -77,6 +81,14 @@ class Reject:
     def invalid_row(self) -> bool:
         """Rejects of the row's shape (NULL or duplicated key) are reported every run."""
         return self.code in ("null_key", "duplicate_key")
+
+    @property
+    def retry(self) -> bool:
+        """A refusal that may pass while the row stays as it is: the profile may be
+        created, or the profiles holding its identifiers merged, in Klaviyo. Such rows are
+        sent again on every run, as Census and Hightouch do; the others (a malformed
+        email, say) wait for the row to change."""
+        return self.code in RETRIED_CODES
 
 
 def _json_value(value: Any) -> Any:

@@ -1,26 +1,33 @@
 """Orchestration only: for each annotated model, diff, then send, then commit.
 
 Everything is checked before anything is sent: the annotations of every selected model,
-that each model is built and has its columns, and the credentials. Then each model is
-diffed in DuckDB, its changed rows are streamed in batches, shaped into requests and sent
-by a small pool of workers, and each answer is committed as soon as it arrives: accepted
-records to the snapshot, rejected ones to the rejects table. A crash loses at most the
-batches in flight, which the next run sends again.
+the credentials and the Klaviyo account they belong to, and each list. Then each model
+follows up what an earlier run left unanswered, is diffed in DuckDB, its changed rows are
+streamed in batches, shaped into requests and sent by a small pool of workers, and each
+answer is committed as soon as it arrives: accepted records to the snapshot, rejected
+ones to the rejects table. Events and bulk jobs are written to a journal before they are
+sent, so that a killed run resends an event exactly as it went and follows a job instead of
+sending its rows again. A crash loses at most the answers in flight, whose records the
+next run sends again. A model that cannot be synced stops alone; the others go on.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dbt_klaviyo_sync import diff, payloads
 from dbt_klaviyo_sync.dbt import DbtProject, load_warehouse
@@ -28,25 +35,35 @@ from dbt_klaviyo_sync.errors import (
     AnnotationErrors,
     ApiUnavailableError,
     ConfigurationError,
+    CredentialsError,
+    ModelError,
     TransientApiError,
 )
-from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
+from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, dig
 from dbt_klaviyo_sync.klaviyo.deletions import ProfileDeleter
 from dbt_klaviyo_sync.klaviyo.events import EventSender
 from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Sender
-from dbt_klaviyo_sync.klaviyo.profiles import ProfileUpdater, ProfileUpserter
+from dbt_klaviyo_sync.klaviyo.outcomes import (
+    MAX_REFUSALS_IN_A_ROW,
+    Outcome,
+    Prepared,
+    Sender,
+    Unit,
+)
+from dbt_klaviyo_sync.klaviyo.profiles import BulkImport, ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.logs import redact
 from dbt_klaviyo_sync.manifest import ModelNode
 from dbt_klaviyo_sync.payloads import Record
 from dbt_klaviyo_sync.progress import NoProgress, ProgressReporter
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
 from dbt_klaviyo_sync.state import (
+    FINGERPRINT_VERSION,
+    JOURNAL_SCHEMA,
     OUTCOME_SCHEMA,
     State,
+    SyncIdentity,
     default_path,
     open_state,
-    sync_id,
 )
 from dbt_klaviyo_sync.summary import (
     PRINTED_REJECTS,
@@ -64,6 +81,10 @@ BULK_THRESHOLD = 100
 #: Answers are committed when this many records, or this many seconds, have gathered.
 COMMIT_RECORDS = 50_000
 COMMIT_SECONDS = 2.0
+#: How often the sending loop looks whether the run was asked to stop.
+STOP_POLL_SECONDS = 0.2
+#: The safety brake ignores fewer removals or deletions than this, whatever their share.
+BRAKE_MINIMUM = 10
 #: The rows a sync acts on first: new and changed ones, and rows it must report.
 _CHANGES = ("add", "update", "null_key", "duplicate_key")
 
@@ -79,7 +100,25 @@ class SyncOptions:
     concurrency: int = 4
     job_deadline: float = 1800.0
     read_timeout: float = 60.0
+    max_wait: float = 300.0
+    allow_removals: bool = False  # go past every model's safety brake
     allow_insecure_http: bool = False
+
+
+class StopRequest:
+    """A request to stop the run, from a signal handler: no new work is taken, answers
+    already received are committed, the run is recorded as interrupted. The handler only
+    sets a flag; the sending loop notices it within `STOP_POLL_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def request(self) -> None:
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
 
 
 def build_specs(models: list[ModelNode]) -> list[SyncSpec]:
@@ -101,33 +140,58 @@ def run(
     options: SyncOptions,
     summary: RunSummary,
     progress: ProgressReporter | None = None,
+    stop: StopRequest | None = None,
 ) -> None:
-    """Sync the selected annotated models of a dbt project, adding each model's result to
-    `summary` as it starts, so that a run that stops midway still says how far it got."""
+    """Sync the annotated models (from `dbt.select_models`) of a dbt project, adding each
+    model's result to `summary` as it starts, so that a run that stops midway still says how
+    far it got."""
     specs = build_specs(models)
     warehouse = load_warehouse(project, models)
     state_path = options.state_path or default_path(project.project_dir)
     databases = _without_state(warehouse.databases, state_path)
-    fresh = not state_path.exists()
-    if fresh and not options.dry_run:
-        _warn_fresh_state(specs, state_path)
+    stop = stop or StopRequest()
     client = make_client(options)  # a dry run builds requests to show them, sends none
     try:
         with open_state(
-            None if options.dry_run and fresh else state_path,  # None: an empty state in memory
+            # None: an empty state in memory, for a dry run before the first sync
+            None if options.dry_run and not state_path.exists() else state_path,
             databases,
             read_only=options.dry_run,
         ) as state:
-            for spec in specs:
+            ready = [spec for spec in specs if _buildable(state, spec, summary)]
+            for spec in ready:
                 diff.check_columns(state.con, spec)
+            if not options.dry_run and not state.has_syncs():
+                _warn_fresh_state(ready, state_path)
+            account = identify_account(client, ready, options)
             if not options.dry_run:
-                preflight(client, specs)
-            for spec in specs:
-                model = ModelSync(state, client, spec, warehouse.target_name, options, progress)
+                preflight(client, ready)
+            for spec in ready:
+                if stop.requested:
+                    break
+                identity = SyncIdentity.of(spec, warehouse.target_name, client.base_url, account)
+                model = ModelSync(state, client, spec, identity, options, progress, stop)
                 summary.models.append(model.result)
-                model.run()
+                try:
+                    model.run()
+                except ModelError:
+                    continue  # its result says why; the other models go on
     finally:
         client.close()
+        summary.interrupted = stop.requested
+
+
+def _buildable(state: State, spec: SyncSpec, summary: RunSummary) -> bool:
+    """Whether the model's relation can be read; if not, its result says why (exit 2) and
+    the other models go on."""
+    try:
+        diff.relation_columns(state.con, spec)
+    except ModelError as exc:
+        summary.models.append(
+            ModelResult(spec.model, spec.object, spec.behavior, error=_error_text(exc))
+        )
+        return False
+    return True
 
 
 def make_client(options: SyncOptions) -> KlaviyoClient:
@@ -136,6 +200,7 @@ def make_client(options: SyncOptions) -> KlaviyoClient:
         options.private_key,
         options.public_key,
         timeout=(10.0, options.read_timeout),
+        max_wait=options.max_wait,
         allow_insecure=options.allow_insecure_http,
     )
 
@@ -148,12 +213,12 @@ def _without_state(databases: dict[str, Path], state_path: Path) -> dict[str, Pa
 
 
 def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
-    """Without a state file nothing looks sent: fine for a first sync, but if the state was
+    """Without a sync state nothing looks sent: fine for a first sync, but if the state was
     lost, events and deletions are requested again. Say so, loudly, before sending."""
     once = ", ".join(spec.model for spec in specs if spec.once)
     log.warning(
-        "no sync state at %s: every row counts as new and is sent.%s If you moved or lost "
-        "the state, stop now and point --state (or DBT_KLAVIYO_STATE) at it.",
+        "no sync state at %s: every row counts as new and is sent.%s If this is not your "
+        "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state.",
         path,
         f" {once} will send every event and deletion again (Klaviyo drops events it already "
         "has by unique_id)."
@@ -162,14 +227,37 @@ def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
     )
 
 
+def identify_account(
+    client: KlaviyoClient, specs: list[SyncSpec], options: SyncOptions
+) -> str | None:
+    """The Klaviyo account the keys write to, part of every sync's identity: another
+    account behind the same URL is another sync, with nothing sent yet. The private key's
+    account is read from `GET /api/accounts` (once: it allows 15 calls a minute); models
+    that use only the public key (`api: client`) are identified by that key, the site id."""
+    if not specs:
+        return None
+    if options.private_key:
+        try:
+            accounts = client.call("get_accounts", attempts=3)
+            return str(dig(accounts, "data", 0, "id", operation="get_accounts"))
+        except TransientApiError as exc:
+            raise ApiUnavailableError(
+                f"cannot reach Klaviyo at {client.base_url} to learn which account the key "
+                f"belongs to: {exc}. Check KLAVIYO_BASE_URL and your network, then run "
+                "again; nothing was sent."
+            ) from exc
+        except KlaviyoRejected as exc:
+            raise ApiUnavailableError(f"Klaviyo refused a first, harmless read: {exc}") from exc
+    if options.public_key:
+        return f"site:{options.public_key}"
+    if options.dry_run:
+        return None  # a plan without keys compares with the state of no account
+    raise CredentialsError("KLAVIYO_PRIVATE_API_KEY is not set; export your private key (pk_...)")
+
+
 def preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
-    """Cheap reads before any state changes: the key works, the API answers, and every
-    list a model mirrors exists."""
-    if not any(spec.api == "private" for spec in specs):
-        return
+    """Cheap reads before any state changes: every list a model mirrors exists."""
     try:
-        # Three tries: a user at the terminal should hear soon that Klaviyo is out of reach.
-        client.call("get_profiles", params={"page[size]": "1"}, attempts=3)
         for spec in specs:
             if spec.mirrors:
                 check_list(client, spec)
@@ -178,8 +266,6 @@ def preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
             f"cannot reach Klaviyo at {client.base_url}: {exc}. Check KLAVIYO_BASE_URL and "
             "your network, then run again; nothing was sent."
         ) from exc
-    except KlaviyoRejected as exc:
-        raise ApiUnavailableError(f"Klaviyo refused a first, harmless read: {exc}") from exc
 
 
 def make_sender(
@@ -204,32 +290,37 @@ def make_sender(
 
 
 class ModelSync:
-    """One model's sync: diff, send in batches, commit each answer."""
+    """One model's sync: follow up the last run, diff, send in batches, commit each answer."""
 
     def __init__(
         self,
         state: State,
         client: KlaviyoClient,
         spec: SyncSpec,
-        target: str,
+        identity: SyncIdentity,
         options: SyncOptions,
         progress: ProgressReporter | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.state = state
-        self.target = target
         self.client = client
         self.spec = spec
-        self.sid = sync_id(spec, target, options.base_url)
+        self.identity = identity
+        self.sid = identity.sid
         self.options = options
         self.dry_run = options.dry_run
         self.result = ModelResult(spec.model, spec.object, spec.behavior)
         self.progress = progress or NoProgress()
+        self.stop = stop or StopRequest()
         self.run_id = ""
         self._waited_before = 0.0
         self._samples: list[Record] = []  # a dry run's first few changes of each kind
         self._sampled: Counter[str] = Counter()  # how many of each kind
         self._pending = Outcome()  # answers counted but not yet committed
         self._committed_at = time.monotonic()
+        self._handled = 0  # records answered or refused, of those planned
+        self._already = 0  # records Klaviyo already held as wanted
+        self._refusals_in_a_row: list[str] = []
 
     def run(self) -> ModelResult:
         began = time.monotonic()
@@ -242,38 +333,53 @@ class ModelSync:
             self.result.seconds = time.monotonic() - began
 
     def _run(self) -> ModelResult:
+        if self.dry_run:
+            self.sid = self.state.resolved(self.identity)
+        else:
+            self.state.register(self.identity, self.spec)
+        self._rebase()
         if not self.dry_run:
-            self.state.register(self.sid, self.spec, self.target, self.options.base_url)
             if self.options.full_refresh:
                 self.state.forget(self.sid, keep_accepted=self.spec.once)
             self.run_id = self.state.start_run(
                 self.sid, self.spec.model, dry_run=False, full_refresh=self.options.full_refresh
             )
-        started = time.monotonic()
-        self.state.memory_for("diff")
-        counts = diff.compute(self.state.con, self.spec, self.sid)
-        self.state.memory_for("send")
-        log.info(
-            "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
-            "duplicated sync key (diff: %.1f s)",
-            self.spec.model,
-            counts.model_rows,
-            counts.add,
-            counts.update,
-            counts.remove,
-            counts.invalid,
-            time.monotonic() - started,
-        )
-        started = time.monotonic()
-        self._waited_before = waited_before = self.client.rate_limit_wait
-        requests_before = self.client.requests_made
         status, error = "error", None
+        began = time.monotonic()
         tally = self.result.counts
-        self.progress.start(
-            self.spec.model,
-            counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0),
-        )
+        self._waited_before = self.client.rate_limit_wait
+        requests_before = self.client.requests_made
         try:
+            waiting = [] if self.dry_run else self._resume()
+            self._handled = 0  # what the follow-up settled is not part of this run's plan
+            self.state.memory_for("diff")
+            started = time.monotonic()
+            counts = diff.compute(self.state.con, self.spec, self.sid, waiting)
+            standing = diff.standing_rejects(self.state.con, self.sid)
+            self.state.memory_for("send")
+            self.result.rows = counts.model_rows
+            log.info(
+                "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
+                "duplicated sync key, %d still refused from earlier runs (diff: %.1f s)",
+                self.spec.model,
+                counts.model_rows,
+                counts.add,
+                counts.update,
+                counts.remove,
+                counts.invalid,
+                standing,
+                time.monotonic() - started,
+            )
+            if counts.held:
+                tally.failed += counts.held
+                self.result.failures.append(
+                    f"{counts.held:,} records: a bulk job an earlier run created is still "
+                    "running in Klaviyo; they wait for it"
+                )
+            self._brake(counts)
+            self._settle()
+            planned = counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0)
+            self.progress.start(self.spec.model, planned)
             bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
             self._send(
                 make_sender(self.client, self.spec, bulk=bulk, options=self.options), _CHANGES
@@ -286,56 +392,219 @@ class ModelSync:
                 tally.removed = counts.remove
                 if not self.dry_run:
                     self.state.forget_removed(self.sid, diff.CHANGES)
+            if self._already:
+                log.info(
+                    "%s: nothing to delete for %d key(s): no profile holds them any more",
+                    self.spec.model,
+                    self._already,
+                )
+            unsent = planned - self._handled
+            if unsent > 0:  # the run stopped early, or Klaviyo kept refusing requests
+                tally.failed += unsent
+                self.result.failures.append(
+                    f"{unsent:,} records were not sent: {self._why_stopped()}"
+                )
+            if len(self._refusals_in_a_row) >= MAX_REFUSALS_IN_A_ROW:
+                raise ModelError(
+                    f"model '{self.spec.model}': Klaviyo refused {len(self._refusals_in_a_row)} "
+                    f"requests in a row as a whole, for no record in them (last: "
+                    f"{self._refusals_in_a_row[-1]}). Nothing in them was marked rejected; "
+                    "they are sent again next run. Check the model's list and the API key's "
+                    "account."
+                )
+            tally.rejected += standing
             status = self.result.status
         except Exception as exc:
             error = _error_text(exc)
             raise
         finally:
             self.progress.finish()
-            tally.unchanged = counts.model_rows - counts.to_send - counts.invalid
+            acted = (
+                tally.added
+                + tally.updated
+                + (tally.removed if self.spec.behavior == "delete" else 0)
+            )
+            tally.unchanged = max(0, self.result.rows - acted - tally.rejected - tally.failed)
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
                 self.state.finish_run(self.run_id, tally, status, error)
                 log.info(
-                    "%s: sent in %.1f s, %d requests, %.1f s waiting for rate limits",
+                    "%s: done in %.1f s, %d requests, %.1f s waiting for rate limits",
                     self.spec.model,
-                    time.monotonic() - started,
+                    time.monotonic() - began,
                     tally.requests,
-                    self.client.rate_limit_wait - waited_before,
+                    self.client.rate_limit_wait - self._waited_before,
                 )
         return self.result
+
+    def _why_stopped(self) -> str:
+        if self.stop.requested:
+            self.result.interrupted = True
+            return "the run was interrupted; they go next run"
+        return "Klaviyo refused the requests before them as a whole; they go next run"
+
+    def _rebase(self) -> None:
+        """Carry a sync recorded by an earlier version over to today's keys and fingerprints
+        (see `diff.rebase`); a dry run does it on a copy of the state in memory."""
+        if not self.state.needs_rebase(self.sid):
+            return
+        if self.dry_run:
+            self.state.in_memory()
+        with self.state.transaction() as writer:
+            carried = diff.rebase(writer, self.spec, self.sid)
+            self.state.rebased(self.sid)
+        log.info(
+            "%s: %d rows carried over to fingerprint %s without sending anything",
+            self.spec.model,
+            carried,
+            FINGERPRINT_VERSION,
+        )
+
+    def _resume(self) -> list[str]:
+        """Follow what an earlier run sent and never saw answered. A bulk job it created is
+        polled and its answer committed, instead of sending its rows again; rows it left
+        without a job are sent afresh (events keep their exact bodies, for the diff). The
+        units whose job is still running, whose rows wait for it."""
+        units = self.state.journaled_units(self.sid)
+        if not units:
+            return []
+        list_id = self.spec.list_id if self.spec.mirrors else None
+        jobs = BulkImport(self.client, self.spec, self.options.job_deadline, list_id)
+        resend, waiting = [], []
+        for unit in units:
+            if unit.job_id is None:
+                if self.spec.object != "event":
+                    resend.append(unit.unit)
+                continue
+            records = [_journaled_record(row) for row in unit.records]
+            expired = unit.age > self.options.job_deadline
+            outcome = jobs.resume(unit.job_id, records, expired=expired)
+            if outcome is None:
+                resend.append(unit.unit)
+                continue
+            log.info("%s: followed bulk job %s of an earlier run", self.spec.model, unit.job_id)
+            if outcome.failed:
+                waiting.append(unit.unit)
+                outcome.failed = []  # not counted here: the diff holds their rows
+            self._commit(outcome)
+        self.state.drop_journal(self.sid, resend)
+        return waiting
+
+    def _brake(self, counts: diff.ChangeCounts) -> None:
+        """Stop before sending when the model would remove (list) or delete (profiles) more
+        than its `max_removal_share` of what the previous sync left in Klaviyo: the sign of a
+        wrong database file or a broken model, not of a change anyone meant."""
+        if self.spec.mirrors:
+            acting, verb = counts.remove, f"remove from list {self.spec.list_id}"
+        elif self.spec.behavior == "delete":
+            acting, verb = counts.add, "delete"
+        else:
+            return
+        before = self.state.accepted_count(self.sid)
+        share = self.spec.max_removal_share
+        if self.options.allow_removals or not before or acting < BRAKE_MINIMUM:
+            return
+        if acting <= share * before:
+            return
+        message = (
+            f"model '{self.spec.model}' would {verb} {acting:,} profiles, "
+            f"{acting / before:.0%} of the {before:,} the last sync left in Klaviyo, more "
+            f"than its max_removal_share ({share:.0%}). Nothing was sent. Check that the "
+            "model reads the right data (the log names the database file), then run again "
+            "with --allow-removals if this is meant."
+        )
+        if self.dry_run:
+            log.warning("%s (a sync would stop here)", message)
+            return
+        raise ModelError(message)
+
+    def _settle(self) -> None:
+        """Rows back at the version Klaviyo accepted drop an earlier refusal; events or
+        deletions that left the model before Klaviyo took them are forgotten."""
+        if self.dry_run:
+            return
+        for batch in diff.batches(self.state.con, ("settle", "forget")):
+            rows = pa.table(
+                {
+                    "key": batch.column("__key"),
+                    "outcome": pc.if_else(
+                        pc.equal(batch.column("__change"), "settle"), "settled", "forgotten"
+                    ),
+                    "in_snapshot": batch.column("__in_snapshot"),
+                }
+            )
+            self.state.commit_batch(
+                self.sid, self.run_id, self.spec.model, _conform(rows, OUTCOME_SCHEMA)
+            )
 
     def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:
         """Stream the rows of these kinds through the sender, a few units in flight, and
         commit each unit's answer as it arrives. A dry run stops after preparing."""
         units = sender.units(self._prepared(sender, kinds))
         if self.dry_run:
-            for unit in units:
-                records = [p.record for p in unit]
+            for items in units:
+                records = [p.record for p in items]
                 if kinds == ("remove",):
                     self._tally(Outcome(removed=records))
                 else:
                     self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
             self._sample_old_values()
             return
+        journaled = self.spec.object == "event" or bool(getattr(sender, "bulk", False))
+        recorder = self.state.job_recorder(self.sid) if journaled else None
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
             try:
-                for unit in units:
+                for items in units:
+                    if self._stopping():
+                        break
+                    unit = Unit(uuid.uuid4().hex, items)
+                    if recorder is not None:
+                        unit.job_created = partial(recorder, unit.id)
+                        self.state.journal(self.sid, unit.id, _journal_table(items))
                     in_flight.add(pool.submit(sender.send, unit))
                     while len(in_flight) >= self.options.concurrency * 2:
-                        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                        self._answered(done)
+                        in_flight = self._await(in_flight)
                 while in_flight:
-                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    self._answered(done)
+                    in_flight = self._await(in_flight)
             finally:
                 self._flush()
+                if recorder is not None:
+                    recorder.close()
+
+    def _stopping(self) -> bool:
+        """Whether to take no more work: the run was asked to stop (then requests waiting
+        in the client give up at once), or Klaviyo keeps refusing whole requests."""
+        if self.stop.requested:
+            self.client.stop()
+            return True
+        return len(self._refusals_in_a_row) >= MAX_REFUSALS_IN_A_ROW
+
+    def _await(self, in_flight: set[Future[Outcome]]) -> set[Future[Outcome]]:
+        """Wait a little for answers, commit those that came, and notice a stop request."""
+        done, left = wait(in_flight, timeout=STOP_POLL_SECONDS, return_when=FIRST_COMPLETED)
+        self._stopping()
+        self._answered(done)
+        return left
 
     def _prepared(self, sender: Sender, kinds: tuple[str, ...]) -> Iterator[Prepared]:
         """Changed rows, converted and shaped; rejects found on the way are committed
-        (or, in a dry run, counted) straight away."""
+        (or, in a dry run, counted) straight away. An event an earlier run may have
+        delivered goes exactly as it went then, whatever its row says now."""
         for batch in diff.batches(self.state.con, kinds):
+            if isinstance(sender, EventSender):
+                again = pc.is_valid(batch.column("__sent"))
+                for row in batch.filter(again).to_pylist():
+                    record = Record(
+                        row["__key"],
+                        row["__fingerprint"],
+                        row["__change"],
+                        row["__in_snapshot"],
+                        row["__klaviyo_id"],
+                        {},
+                    )
+                    yield EventSender.restore(record, row["__sent"])
+                batch = batch.filter(pc.invert(again))
             records, rejects = payloads.records(self.spec, batch)
             ready, refused = sender.prepare(records)
             self._commit(Outcome(rejected=rejects + refused))
@@ -344,13 +613,18 @@ class ModelSync:
     def _answered(self, done: set[Future[Outcome]]) -> None:
         """Count answers at once; commit them a few seconds' or records' worth at a time,
         as each commit scans the snapshot. A crash loses only uncommitted answers, and
-        those records are sent again: safe, as every request is idempotent or deduplicated."""
+        those records are sent again: safe, as every request is idempotent or deduplicated
+        (events by their journaled body, bulk jobs by their recorded id)."""
         for future in done:
             outcome = future.result()
+            if outcome.answered:
+                self._refusals_in_a_row = []
+            self._refusals_in_a_row += outcome.refusals
             self._tally(outcome)
             self._pending.merge(outcome)
         pending = self._pending
         size = len(pending.accepted) + len(pending.rejected) + len(pending.removed)
+        size += len(pending.already)
         if size >= COMMIT_RECORDS or time.monotonic() - self._committed_at >= COMMIT_SECONDS:
             self._flush()
 
@@ -387,13 +661,16 @@ class ModelSync:
         result.rejects += outcome.rejected[: max(0, PRINTED_REJECTS - len(result.rejects))]
         for record, reason in outcome.failed[: max(0, PRINTED_REJECTS - len(result.failures))]:
             result.failures.append(f"{record.key}: {reason}")
-        self.progress.advance(
+        self._already += len(outcome.already)
+        handled = (
             len(outcome.accepted)
             + len(outcome.rejected)
             + len(outcome.failed)
-            + len(outcome.removed),
-            self.client.rate_limit_wait - self._waited_before,
+            + len(outcome.removed)
+            + len(outcome.already)
         )
+        self._handled += handled
+        self.progress.advance(handled, self.client.rate_limit_wait - self._waited_before)
 
     def _sample(self, records: list[Record]) -> None:
         """Keep the first few records of each kind of change, to show in the plan."""
@@ -418,11 +695,55 @@ class ModelSync:
 
 def _error_text(exc: Exception) -> str:
     """Why a model stopped, for its result and its row in the runs table; keys scrubbed."""
+    if isinstance(exc, ModelError):
+        return redact(str(exc))
     return redact(f"{type(exc).__name__}: {exc}")
 
 
+def _journaled_record(row: dict[str, Any]) -> Record:
+    """A record as the journal remembers it (`JOURNAL_SCHEMA`)."""
+    values = row["accepted_values"]
+    return Record(
+        key=row["key"],
+        fingerprint=row["fingerprint"],
+        change="update" if row["in_snapshot"] else "add",
+        in_snapshot=row["in_snapshot"],
+        klaviyo_id=row["klaviyo_id"],
+        values=orjson.loads(values) if values else {},
+    )
+
+
+def _journal_table(items: list[Prepared]) -> pa.Table:
+    """A unit's records as the journal keeps them (`JOURNAL_SCHEMA`)."""
+    records = [p.record for p in items]
+    return pa.table(
+        {
+            "position": list(range(len(items))),
+            "key": [r.key for r in records],
+            "fingerprint": [r.fingerprint for r in records],
+            "in_snapshot": [r.in_snapshot for r in records],
+            "klaviyo_id": [r.klaviyo_id for r in records],
+            "accepted_values": [payloads.dumps(r.values).decode() for r in records],
+            "body": [p.journal_body() for p in items],
+        },
+        schema=JOURNAL_SCHEMA,
+    )
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with every column of `schema`, the missing ones NULL."""
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _outcome_table(outcome: Outcome) -> pa.Table:
-    """A batch's answers in the shape `State.commit_batch` takes."""
+    """A batch's answers in the shape `State.commit_batch` takes. Every text that came from
+    Klaviyo is scrubbed of keys again before it is stored."""
     rows = [
         {
             "key": r.key,
@@ -432,7 +753,7 @@ def _outcome_table(outcome: Outcome) -> pa.Table:
             "klaviyo_id": klaviyo_id or r.klaviyo_id,
             "in_snapshot": r.in_snapshot,
         }
-        for r, klaviyo_id in outcome.accepted
+        for r, klaviyo_id in [*outcome.accepted, *((r, None) for r in outcome.already)]
     ]
     rows += [
         {
@@ -442,8 +763,9 @@ def _outcome_table(outcome: Outcome) -> pa.Table:
             "in_snapshot": j.in_snapshot,
             "column_name": j.column,
             "field": j.field,
-            "code": j.code,
-            "reason": j.reason,
+            "code": redact(j.code),
+            "reason": redact(j.reason),
+            "retry": j.retry,
         }
         for j in outcome.rejected
     ]

@@ -23,6 +23,9 @@ from dbt_klaviyo_sync.manifest import ModelNode
 
 IDENTIFIERS = ("email", "phone_number", "external_id", "klaviyo_id")
 EVENT_FIELDS = ("time", "value", "value_currency", "metric")
+#: The safety brake: a list mirror (or a delete model) stops before sending when it would
+#: remove (or delete) more than this share of what the previous sync left in Klaviyo.
+DEFAULT_MAX_REMOVAL_SHARE = 0.5
 
 _DEFAULT_BEHAVIOR = {"profile": "upsert", "list": "mirror", "event": "send"}
 _SYNC_KEYS = {
@@ -58,6 +61,8 @@ class SyncSpec:
     nulls: str = "skip"
     list_id: str | None = None
     metric: str | None = None
+    materialized: str = ""
+    max_removal_share: float = DEFAULT_MAX_REMOVAL_SHARE
 
     @property
     def once(self) -> bool:
@@ -186,6 +191,8 @@ def build_spec(node: ModelNode) -> SyncSpec:
         model=node.name,
         unique_id=node.unique_id,
         relation=node.relation_name,
+        materialized=node.materialized,
+        max_removal_share=meta.get("max_removal_share", DEFAULT_MAX_REMOVAL_SHARE),
         object=obj,
         behavior=behavior,
         key_column=key_column,
@@ -212,6 +219,14 @@ def _model_rules(
         problems.append(AnnotationError(node.name, "list_id applies only to `object: list`"))
     if "metric" in meta and obj != "event":
         problems.append(AnnotationError(node.name, "metric applies only to `object: event`"))
+    if "max_removal_share" in meta and obj != "list" and behavior != "delete":
+        problems.append(
+            AnnotationError(
+                node.name,
+                "max_removal_share applies only to list mirrors and `behavior: delete`, "
+                "which remove or delete in Klaviyo",
+            )
+        )
     return problems
 
 

@@ -9,15 +9,17 @@ single SQL join. All SQL that writes state lives in this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import orjson
@@ -33,7 +35,9 @@ CATALOG = "klaviyo_sync_state"
 # sent, DuckDB needs little, and the requests in flight need the room.
 DIFF_MEMORY_LIMIT = os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT", "1GB")
 SEND_MEMORY_LIMIT = "384MB"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: How fingerprints are computed now (see `diff.fingerprint_sql`); stored per sync.
+FINGERPRINT_VERSION = "md5-v1"
 
 # Migration N brings a state file from version N-1 to N. Append; never edit a shipped step.
 _MIGRATIONS: dict[int, list[str]] = {
@@ -74,6 +78,27 @@ _MIGRATIONS: dict[int, list[str]] = {
         # JSON text as written; the JSON type would parse every value again on insert.
         "ALTER TABLE snapshot ALTER accepted_values SET DATA TYPE VARCHAR",
     ],
+    4: [
+        # The Klaviyo account a key belongs to is part of a sync's identity; the fingerprint
+        # version says how `fingerprint` was computed (NULL: DuckDB's unstable hash()).
+        "ALTER TABLE syncs ADD COLUMN account_id VARCHAR",
+        "ALTER TABLE syncs ADD COLUMN fingerprint_version VARCHAR",
+        # A refusal that may pass without the row changing (profile not found, an identifier
+        # conflict a merge in Klaviyo resolves) is tried again on every run.
+        "ALTER TABLE snapshot ADD COLUMN retry_rejected BOOLEAN",
+        "ALTER TABLE rejects ADD COLUMN retried BOOLEAN",
+        # What was sent and not yet answered: a unit of records per request or bulk job. An
+        # event's exact body, so that one Klaviyo may already hold goes again unchanged;
+        # a bulk job's id, so that a re-run polls it instead of sending its rows again.
+        """CREATE TABLE journal (
+            sync_id VARCHAR NOT NULL, unit VARCHAR NOT NULL, position INTEGER NOT NULL,
+            key VARCHAR NOT NULL, fingerprint UBIGINT, in_snapshot BOOLEAN NOT NULL,
+            klaviyo_id VARCHAR, accepted_values VARCHAR, body VARCHAR,
+            journaled_at TIMESTAMPTZ NOT NULL)""",
+        """CREATE TABLE jobs (
+            sync_id VARCHAR NOT NULL, unit VARCHAR NOT NULL, job_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL)""",
+    ],
 }
 
 #: The columns of a batch's outcome table, as `commit_batch` expects them.
@@ -82,7 +107,9 @@ OUTCOME_SCHEMA = pa.schema(
         ("key", pa.string()),
         # accepted | rejected | removed (left the model, and Klaviyo was told) | invalid (a
         # reject with no record to remember it by, such as a NULL or duplicated sync key:
-        # reported on every run until the data is fixed)
+        # reported on every run until the data is fixed) | settled (back to the version
+        # Klaviyo accepted: an earlier refusal no longer stands) | forgotten (left the model
+        # before Klaviyo ever accepted it; nothing to tell Klaviyo)
         ("outcome", pa.string()),
         ("fingerprint", pa.uint64()),
         ("accepted_values", pa.string()),  # JSON text of the values sent, when accepted
@@ -92,17 +119,36 @@ OUTCOME_SCHEMA = pa.schema(
         ("field", pa.string()),
         ("code", pa.string()),
         ("reason", pa.string()),
+        ("retry", pa.bool_()),  # a refusal that is tried again on every run
     ]
 )
 
+#: The columns of a unit's journal rows, as `journal` expects them.
+JOURNAL_SCHEMA = pa.schema(
+    [
+        ("position", pa.int32()),
+        ("key", pa.string()),
+        ("fingerprint", pa.uint64()),
+        ("in_snapshot", pa.bool_()),
+        ("klaviyo_id", pa.string()),
+        ("accepted_values", pa.string()),
+        ("body", pa.string()),
+    ]
+)
 
+_SNAPSHOT_COLUMNS = (
+    "sync_id, key, fingerprint, accepted_values, klaviyo_id, rejected_fingerprint, "
+    "retry_rejected, updated_at"
+)
 # How `commit_batch` records a batch's outcomes (the registered table `batch_outcomes`).
-_INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot
+# Every INSERT names its columns: migrations only ever add columns.
+_INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key,
         CASE WHEN outcome = 'accepted' THEN fingerprint END,
         CASE WHEN outcome = 'accepted' THEN accepted_values END,
         klaviyo_id,
         CASE WHEN outcome = 'rejected' THEN fingerprint END,
+        CASE WHEN outcome = 'rejected' THEN retry END,
         current_timestamp
     FROM batch_outcomes
     WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')"""
@@ -111,25 +157,90 @@ _INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot
 # slowly), then inserted whole from the batch, which carries the known Klaviyo id.
 _DELETE_REPLACED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
     (SELECT key FROM batch_outcomes
-     WHERE (in_snapshot AND outcome = 'accepted') OR outcome = 'removed')"""
-_INSERT_REPLACED = f"""INSERT INTO {CATALOG}.snapshot
-    SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, current_timestamp
+     WHERE (in_snapshot AND outcome = 'accepted') OR outcome IN ('removed', 'forgotten'))"""
+_INSERT_REPLACED = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
+    SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, NULL, current_timestamp
     FROM batch_outcomes WHERE in_snapshot AND outcome = 'accepted'"""
-# A known row Klaviyo now refuses keeps what it last accepted, and remembers the refusal.
+# A known row Klaviyo now refuses keeps what it last accepted, and remembers the refusal;
+# a row back at the accepted version forgets an earlier refusal.
 _MARK_REJECTED = f"""UPDATE {CATALOG}.snapshot AS s
-    SET rejected_fingerprint = b.fingerprint, updated_at = current_timestamp
+    SET rejected_fingerprint = CASE WHEN b.outcome = 'rejected' THEN b.fingerprint END,
+        retry_rejected = CASE WHEN b.outcome = 'rejected' THEN b.retry END,
+        updated_at = current_timestamp
     FROM batch_outcomes AS b
-    WHERE s.sync_id = $1 AND s.key = b.key AND b.in_snapshot AND b.outcome = 'rejected'"""
-_LOG_REJECTS = f"""INSERT INTO {CATALOG}.rejects
-    SELECT $1, $2, $3, key, column_name, field, code, reason, fingerprint, current_timestamp
+    WHERE s.sync_id = $1 AND s.key = b.key AND b.in_snapshot
+      AND b.outcome IN ('rejected', 'settled')"""
+_LOG_REJECTS = f"""INSERT INTO {CATALOG}.rejects (run_id, sync_id, model, key, column_name,
+        field, code, reason, fingerprint, rejected_at, retried)
+    SELECT $2, $1, $3, key, column_name, field, code, reason, fingerprint, current_timestamp,
+        coalesce(retry, false)
     FROM batch_outcomes WHERE outcome IN ('rejected', 'invalid')"""
+# Answered records leave the journal; failed ones stay until the next run looks at them.
+_CLEAR_JOURNAL = f"""DELETE FROM {CATALOG}.journal WHERE sync_id = $1 AND key IN
+    (SELECT key FROM batch_outcomes
+     WHERE outcome IN ('accepted', 'rejected', 'removed', 'forgotten'))"""
+_CLEAR_JOBS = f"""DELETE FROM {CATALOG}.jobs WHERE sync_id = $1 AND unit NOT IN
+    (SELECT DISTINCT unit FROM {CATALOG}.journal WHERE sync_id = $1)"""
 
 
-def sync_id(spec: SyncSpec, target: str, base_url: str) -> str:
-    """Identify a sync by what it writes where: a different target, Klaviyo account URL,
-    object, behaviour or list is a different sync with a state of its own."""
+def sync_id(spec: SyncSpec, target: str, base_url: str, account_id: str | None) -> str:
+    """Identify a sync by what it writes where: a different target, Klaviyo account (by the
+    key's account id, and the URL), object, behaviour or list is a different sync with a
+    state of its own. Without an account id this is the id earlier versions used."""
     parts = [base_url.rstrip("/"), target, spec.unique_id, spec.object, spec.behavior]
-    return hashlib.sha256("\x1f".join([*parts, spec.list_id or ""]).encode()).hexdigest()[:20]
+    parts += [spec.list_id or ""] + ([account_id] if account_id else [])
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class SyncIdentity:
+    """Which sync a model's run is: its id, and what the id stands for."""
+
+    sid: str
+    legacy_sid: str  # the id before syncs knew their account, to adopt an older state
+    target: str
+    base_url: str
+    account_id: str | None
+
+    @classmethod
+    def of(cls, spec: SyncSpec, target: str, base_url: str, account_id: str | None) -> SyncIdentity:
+        return cls(
+            sync_id(spec, target, base_url, account_id),
+            sync_id(spec, target, base_url, None),
+            target,
+            base_url.rstrip("/"),
+            account_id,
+        )
+
+
+@dataclass(frozen=True)
+class JournaledUnit:
+    """Records an earlier run sent together and never saw answered, in sending order."""
+
+    unit: str
+    job_id: str | None  # the bulk job Klaviyo made of them, if it said so
+    records: list[dict[str, Any]]  # the JOURNAL_SCHEMA columns, by position
+    age: float  # seconds since they were sent
+
+
+class JobRecorder:
+    """Records bulk job ids from the sending threads, on a connection of its own."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, sid: str) -> None:
+        self._con = con
+        self._sid = sid
+        self._lock = threading.Lock()
+
+    def __call__(self, unit: str, job_id: str) -> None:
+        with self._lock:
+            self._con.execute(
+                f"""INSERT INTO {CATALOG}.jobs (sync_id, unit, job_id, created_at)
+                    VALUES ($1, $2, $3, current_timestamp)""",
+                [self._sid, unit, job_id],
+            )
+
+    def close(self) -> None:
+        self._con.close()
 
 
 @dataclass
@@ -145,55 +256,187 @@ class RunCounts:
     requests: int = 0
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _writes(method: _Method) -> _Method:
+    """A State method that writes: DuckDB's errors become a `StateError` with the cause."""
+
+    @functools.wraps(method)
+    def wrapper(self: State, *args: Any, **kwargs: Any) -> Any:
+        with self.writing():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class State:
     """The state tables, reached through the shared connection."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path | None = None) -> None:
         self.con = con
+        self.path = path
         # Writes go through a second connection to the same database, so that a diff
         # result can be streamed on `con` while batches are committed.
         self._writer = con.cursor()
 
-    def _migrate(self) -> None:
-        w = self._writer
-        w.execute(f"CREATE TABLE IF NOT EXISTS {CATALOG}.meta (key VARCHAR, value VARCHAR)")
-        rows = w.execute(
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """DuckDB errors while writing the state (a full disk, a read-only file) become a
+        `StateError` that names the cause and the remedy."""
+        try:
+            yield
+        except duckdb.Error as exc:
+            raise _explain(self.path, exc, opening=False) from exc
+
+    def schema_version(self) -> int:
+        """The state's schema version; 0 for a file that holds no state yet."""
+        found = self.con.execute(
+            """SELECT count(*) FROM duckdb_tables()
+               WHERE database_name = $1 AND table_name = 'meta'""",
+            [CATALOG],
+        ).fetchall()
+        if not found[0][0]:
+            return 0
+        rows = self.con.execute(
             f"SELECT value FROM {CATALOG}.meta WHERE key = 'schema_version'"
         ).fetchall()
-        version = int(rows[0][0]) if rows else 0
+        return int(rows[0][0]) if rows else 0
+
+    def _migrate(self) -> None:
+        """Bring the state to this version's schema, one migration a transaction."""
+        version = self.schema_version()
         if version > SCHEMA_VERSION:
             raise StateError(
                 f"the state file has schema version {version}, newer than this "
                 f"dbt-klaviyo-sync understands ({SCHEMA_VERSION}); upgrade dbt-klaviyo-sync."
             )
+        if version == SCHEMA_VERSION:
+            return
+        w = self._writer
+        w.execute(f"CREATE TABLE IF NOT EXISTS {CATALOG}.meta (key VARCHAR, value VARCHAR)")
         for step in range(version + 1, SCHEMA_VERSION + 1):
             w.execute("BEGIN TRANSACTION")
             w.execute(f"USE {CATALOG}")
             for ddl in _MIGRATIONS[step]:
                 w.execute(ddl)
             w.execute(f"DELETE FROM {CATALOG}.meta WHERE key = 'schema_version'")
-            w.execute(f"INSERT INTO {CATALOG}.meta VALUES ('schema_version', '{step}')")
+            w.execute(
+                f"INSERT INTO {CATALOG}.meta (key, value) VALUES ('schema_version', '{step}')"
+            )
             w.execute("COMMIT")
 
-    def register(self, sid: str, spec: SyncSpec, target: str, base_url: str) -> None:
-        """Remember what a sync id stands for, so people can read the state with SQL."""
+    @_writes
+    def register(self, sync: SyncIdentity, spec: SyncSpec) -> None:
+        """Remember what a sync id stands for, so people can read the state with SQL.
+
+        A state written before syncs knew their Klaviyo account has this sync under the id
+        without one: it is adopted, in one transaction, by the account of the key in use now
+        (the state was that account's, unless the key changed at the same time as the
+        upgrade)."""
+        w = self._writer
+        w.execute("BEGIN TRANSACTION")
+        try:
+            known = w.execute(
+                f"SELECT 1 FROM {CATALOG}.syncs WHERE sync_id = $1", [sync.sid]
+            ).fetchall()
+            legacy = w.execute(
+                f"""SELECT 1 FROM {CATALOG}.syncs WHERE sync_id = $1 AND account_id IS NULL""",
+                [sync.legacy_sid],
+            ).fetchall()
+            if not known and legacy and sync.legacy_sid != sync.sid:
+                for table in ("syncs", "snapshot", "runs", "rejects", "journal", "jobs"):
+                    w.execute(
+                        f"UPDATE {CATALOG}.{table} SET sync_id = $1 WHERE sync_id = $2",
+                        [sync.sid, sync.legacy_sid],
+                    )
+                w.execute(
+                    f"UPDATE {CATALOG}.syncs SET account_id = $2 WHERE sync_id = $1",
+                    [sync.sid, sync.account_id],
+                )
+            w.execute(
+                f"""INSERT INTO {CATALOG}.syncs (sync_id, model, unique_id, object, behavior,
+                    list_id, target, base_url, account_id, fingerprint_version)
+                    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+                    WHERE NOT EXISTS (SELECT 1 FROM {CATALOG}.syncs WHERE sync_id = $1)""",
+                [
+                    sync.sid,
+                    spec.model,
+                    spec.unique_id,
+                    spec.object,
+                    spec.behavior,
+                    spec.list_id,
+                    sync.target,
+                    sync.base_url,
+                    sync.account_id,
+                    FINGERPRINT_VERSION,
+                ],
+            )
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
+
+    def needs_rebase(self, sid: str) -> bool:
+        """Whether the sync's stored keys and fingerprints predate FINGERPRINT_VERSION."""
+        found = self.con.execute(
+            f"SELECT fingerprint_version FROM {CATALOG}.syncs WHERE sync_id = $1", [sid]
+        ).fetchall()
+        return bool(found) and found[0][0] != FINGERPRINT_VERSION
+
+    @_writes
+    def rebased(self, sid: str) -> None:
+        """The sync's keys and fingerprints are now of FINGERPRINT_VERSION."""
         self._writer.execute(
-            f"""INSERT INTO {CATALOG}.syncs
-                (sync_id, model, unique_id, object, behavior, list_id, target, base_url)
-                SELECT $1, $2, $3, $4, $5, $6, $7, $8
-                WHERE NOT EXISTS (SELECT 1 FROM {CATALOG}.syncs WHERE sync_id = $1)""",
-            [
-                sid,
-                spec.model,
-                spec.unique_id,
-                spec.object,
-                spec.behavior,
-                spec.list_id,
-                target,
-                base_url.rstrip("/"),
-            ],
+            f"UPDATE {CATALOG}.syncs SET fingerprint_version = $2 WHERE sync_id = $1",
+            [sid, FINGERPRINT_VERSION],
         )
 
+    def resolved(self, sync: SyncIdentity) -> str:
+        """The id a dry run reads, which registers nothing: the sync's own, or the id
+        without an account that a real run would adopt (see `register`)."""
+        found = self.con.execute(
+            f"""SELECT sync_id FROM {CATALOG}.syncs
+                WHERE sync_id = $1 OR (sync_id = $2 AND account_id IS NULL)
+                ORDER BY sync_id = $1 DESC LIMIT 1""",
+            [sync.sid, sync.legacy_sid],
+        ).fetchall()
+        return str(found[0][0]) if found else sync.sid
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The write connection, in a transaction that commits only if the block ends well."""
+        w = self._writer
+        with self.writing():
+            w.execute("BEGIN TRANSACTION")
+            try:
+                yield w
+            except BaseException:
+                w.execute("ROLLBACK")
+                raise
+            w.execute("COMMIT")
+
+    def in_memory(self) -> None:
+        """Go on with a copy of the state in memory: a dry run may then change it freely."""
+        if self.path is not None:
+            _into_memory(self.con)
+            self.path = None
+
+    def accepted_count(self, sid: str) -> int:
+        """How many of the sync's rows Klaviyo has accepted (what the last sync left)."""
+        [(count,)] = self.con.execute(
+            f"""SELECT count(*) FROM {CATALOG}.snapshot
+                WHERE sync_id = $1 AND fingerprint IS NOT NULL""",
+            [sid],
+        ).fetchall()
+        return int(count)
+
+    def has_syncs(self) -> bool:
+        """Whether any sync was ever recorded here (an empty file is a fresh state)."""
+        [(count,)] = self.con.execute(f"SELECT count(*) FROM {CATALOG}.syncs").fetchall()
+        return bool(count)
+
+    @_writes
     def forget(self, sid: str, *, keep_accepted: bool) -> None:
         """`--full-refresh`: every row counts as never sent, and rejected rows are tried
         again; known Klaviyo ids are kept. With `keep_accepted` (deletions, events) what
@@ -202,11 +445,12 @@ class State:
             f"""UPDATE {CATALOG}.snapshot
                 SET fingerprint = CASE WHEN $2 THEN fingerprint END,
                     accepted_values = CASE WHEN $2 THEN accepted_values END,
-                    rejected_fingerprint = NULL
+                    rejected_fingerprint = NULL, retry_rejected = NULL
                 WHERE sync_id = $1""",
             [sid, keep_accepted],
         )
 
+    @_writes
     def start_run(self, sid: str, model: str, *, dry_run: bool, full_refresh: bool) -> str:
         run_id = uuid.uuid4().hex
         self._writer.execute(
@@ -216,6 +460,7 @@ class State:
         )
         return run_id
 
+    @_writes
     def finish_run(
         self, run_id: str, counts: RunCounts, status: str, error: str | None = None
     ) -> None:
@@ -237,12 +482,63 @@ class State:
             ],
         )
 
+    @_writes
+    def journal(self, sid: str, unit: str, rows: pa.Table) -> None:
+        """Write down a unit's records (`JOURNAL_SCHEMA`) before they are sent."""
+        w = self._writer
+        w.register("journal_rows", rows)
+        try:
+            w.execute(
+                f"""INSERT INTO {CATALOG}.journal (sync_id, unit, position, key, fingerprint,
+                    in_snapshot, klaviyo_id, accepted_values, body, journaled_at)
+                    SELECT $1, $2, position, key, fingerprint, in_snapshot, klaviyo_id,
+                        accepted_values, body, current_timestamp
+                    FROM journal_rows""",
+                [sid, unit],
+            )
+        finally:
+            w.unregister("journal_rows")
+
+    def job_recorder(self, sid: str) -> JobRecorder:
+        """A callable that records a unit's bulk job id as soon as Klaviyo names it, from
+        whichever sending thread created the job."""
+        return JobRecorder(self.con.cursor(), sid)
+
+    def journaled_units(self, sid: str) -> list[JournaledUnit]:
+        """What an earlier run sent and never saw answered, unit by unit, oldest first."""
+        rows = self.con.execute(
+            f"""SELECT j.unit, any_value(b.job_id), min(j.journaled_at) AS since,
+                    epoch(current_timestamp - min(j.journaled_at)),
+                    list(struct_pack(position := j.position, key := j.key,
+                         fingerprint := j.fingerprint, in_snapshot := j.in_snapshot,
+                         klaviyo_id := j.klaviyo_id, accepted_values := j.accepted_values)
+                         ORDER BY j.position)
+                FROM {CATALOG}.journal AS j
+                LEFT JOIN {CATALOG}.jobs AS b ON b.sync_id = j.sync_id AND b.unit = j.unit
+                WHERE j.sync_id = $1 GROUP BY j.unit ORDER BY since""",
+            [sid],
+        ).fetchall()
+        return [JournaledUnit(unit, job_id, records, age) for unit, job_id, _, age, records in rows]
+
+    @_writes
+    def drop_journal(self, sid: str, units: list[str]) -> None:
+        """Forget journaled units whose records may simply be sent again."""
+        if units:
+            self._writer.execute(
+                f"""DELETE FROM {CATALOG}.journal WHERE sync_id = $1 AND unit IN
+                    (SELECT unnest($2::VARCHAR[]))""",
+                [sid, units],
+            )
+            self._writer.execute(_CLEAR_JOBS, [sid])
+
+    @_writes
     def commit_batch(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
         """Record one batch's answers in a single transaction: accepted rows update the
         snapshot, rejected rows are logged and remembered so they are not re-sent until
-        they change. Rows that failed are simply absent, so the next run sends them again.
-        Statements that would change nothing are skipped: replacing and deleting rows scans
-        the whole snapshot, which is millions of rows on a large model, so it is done once.
+        they change (unless the refusal may pass by itself). Failed rows are simply absent,
+        so the next run sends them again; answered rows leave the journal. Statements that
+        would change nothing are skipped: replacing and deleting rows scans the whole
+        snapshot, which is millions of rows on a large model, so it is done once.
         An accepted row's `klaviyo_id` must be the known one when the answer gave none."""
         if outcomes.num_rows == 0:
             return
@@ -255,16 +551,23 @@ class State:
         )
         recorded = {"accepted", "rejected"}
         replaced = kinds[("accepted", True)] > 0
+        answered = any(o in ("accepted", "rejected", "removed", "forgotten") for o, _ in kinds)
         statements = [
             (any(o in recorded and not known for o, known in kinds), _INSERT_NEW, [sid]),
-            (replaced or kinds[("removed", True)] > 0, _DELETE_REPLACED, [sid]),
+            (
+                replaced or kinds[("removed", True)] > 0 or kinds[("forgotten", True)] > 0,
+                _DELETE_REPLACED,
+                [sid],
+            ),
             (replaced, _INSERT_REPLACED, [sid]),
-            (kinds[("rejected", True)] > 0, _MARK_REJECTED, [sid]),
+            (kinds[("rejected", True)] + kinds[("settled", True)] > 0, _MARK_REJECTED, [sid]),
             (
                 any(o in ("rejected", "invalid") for o, _ in kinds),
                 _LOG_REJECTS,
-                [run_id, sid, model],
+                [sid, run_id, model],
             ),
+            (answered, _CLEAR_JOURNAL, [sid]),
+            (answered, _CLEAR_JOBS, [sid]),
         ]
         w = self._writer
         w.register("batch_outcomes", outcomes)
@@ -297,6 +600,7 @@ class State:
         ).fetchall()
         return {key: orjson.loads(values) for key, values in rows}
 
+    @_writes
     def forget_removed(self, sid: str, changes_table: str) -> None:
         """Drop rows that left the model, so they are sent again if they come back.
         Runs on the main connection, which owns the temporary changes table."""
@@ -318,25 +622,16 @@ def open_state(
 ) -> Iterator[State]:
     """Open the state and the warehouse in one DuckDB connection.
 
-    `path=None` gives an empty in-memory state (a dry run before the first sync). The state
-    file is locked while open, so a second sync on the same state fails fast with a clear
-    message instead of corrupting it.
+    `path=None` gives an empty in-memory state (a dry run before the first sync). The
+    warehouse is attached first, so that a sync that cannot read its models leaves no empty
+    state file behind. The state file is locked while open, so a second sync on the same
+    state fails fast with a clear message instead of corrupting it. Read-only, a file that
+    holds no state yet reads as an empty state.
     """
     con = duckdb.connect(
         config={"memory_limit": DIFF_MEMORY_LIMIT, "preserve_insertion_order": False}
     )
-    read_only = read_only and path is not None
     try:
-        if path is None:
-            con.execute(f"ATTACH ':memory:' AS {CATALOG}")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            con.execute(f"SET temp_directory = '{_sql_str(str(path.parent / 'tmp'))}'")
-            mode = " (READ_ONLY)" if read_only else ""
-            try:
-                con.execute(f"ATTACH '{_sql_str(str(path))}' AS {CATALOG}{mode}")
-            except duckdb.Error as exc:
-                raise _unopenable(path, exc) from exc
         for catalog, file in warehouse.items():
             if not file.is_file():
                 raise StateError(
@@ -351,23 +646,66 @@ def open_state(
                     f"cannot open the dbt database {file}: {exc}. dbt locks it while it "
                     "runs; wait for dbt to finish, then sync."
                 ) from exc
-        state = State(con)
-        if not read_only:
+        if path is None:
+            con.execute(f"ATTACH ':memory:' AS {CATALOG}")
+        else:
+            if not read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                con.execute(f"SET temp_directory = '{_sql_str(str(path.parent / 'tmp'))}'")
+            mode = " (READ_ONLY)" if read_only else ""
+            try:
+                con.execute(f"ATTACH '{_sql_str(str(path))}' AS {CATALOG}{mode}")
+            except duckdb.Error as exc:
+                raise _explain(path, exc, opening=True) from exc
+        state = State(con, path)
+        with state.writing():
+            if read_only and path is not None and state.schema_version() < SCHEMA_VERSION:
+                _into_memory(con)  # to read an older (or empty) state as this version's
             state._migrate()
         yield state
     finally:
         con.close()
 
 
-def _unopenable(path: Path, error: duckdb.Error) -> StateError:
-    if "lock" in str(error).lower():
+def _into_memory(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace the read-only state catalog by an in-memory copy that can be migrated."""
+    con.execute("ATTACH ':memory:' AS klaviyo_sync_copy")
+    con.execute(f"COPY FROM DATABASE {CATALOG} TO klaviyo_sync_copy")
+    con.execute("USE klaviyo_sync_copy")
+    con.execute(f"DETACH {CATALOG}")
+    con.execute(f"ATTACH ':memory:' AS {CATALOG}")
+    con.execute(f"COPY FROM DATABASE klaviyo_sync_copy TO {CATALOG}")
+    con.execute(f"USE {CATALOG}")
+    con.execute("DETACH klaviyo_sync_copy")
+
+
+def _explain(path: Path | None, error: duckdb.Error, *, opening: bool) -> StateError:
+    """A DuckDB error on the state file, as its real cause and the safe remedy."""
+    text = str(error)
+    where = f"the state file {path}" if path else "the sync state"
+    if "Could not set lock on file" in text:
         return StateError(
-            f"the state file {path} is in use by another dbt-klaviyo sync ({error}); wait "
-            "for it to finish. Two syncs on one state never run at once."
+            f"{where} is in use by another dbt-klaviyo sync ({error}); wait for it to finish. "
+            "Two syncs on one state never run at once."
+        )
+    if "No space left on device" in text:
+        return StateError(
+            f"the disk holding {where} is full ({error}). Free some space and run again: "
+            "answers not yet recorded are sent again, which is safe."
+        )
+    if "Read-only file system" in text or "Permission denied" in text:
+        return StateError(
+            f"{where} cannot be written ({error}). Give this user write access to it and its "
+            "folder, or point --state (DBT_KLAVIYO_STATE) at a writable place; nothing is lost."
+        )
+    if not opening:
+        return StateError(
+            f"{where} could not be written ({error}); answers not yet recorded are sent again "
+            "next run, which is safe."
         )
     return StateError(
-        f"the state file {path} cannot be read ({error}). Move it aside (keep it: it may "
-        "be recoverable) and run again with --full-refresh, which sends every row again; "
+        f"{where} cannot be read ({error}): it is damaged. Move it aside (keep it: it may be "
+        "recoverable) and run again with --full-refresh, which sends every row again; "
         "Klaviyo drops events it already has by unique_id, but deletions already made are "
         "requested again."
     )

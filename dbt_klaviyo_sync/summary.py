@@ -51,19 +51,23 @@ class ModelResult:
     samples: list[Change] = field(default_factory=list)  # dry run: some changes, field by field
     seconds: float = 0.0
     error: str | None = None  # why the model stopped, when it did
+    rows: int = 0  # in the model
+    interrupted: bool = False  # the run was asked to stop before this model was done
 
     def rejects_too_many(self, rate: float | None) -> bool:
-        """Whether the rejects should fail the run: any at all, or more than `rate` of
-        the records this run sent (or tried to)."""
-        tried = self.counts.added + self.counts.updated + self.counts.removed + self.counts.rejected
+        """Whether the rejects should fail the run: any at all, or more than `rate` of the
+        model's rows. `rejected` counts every row that stands refused, from this run or an
+        earlier one, so open rejects keep the status at 1 on every run until fixed."""
         if rate is None:
             return self.counts.rejected > 0
-        return self.counts.rejected > rate * tried
+        return self.counts.rejected > rate * max(self.rows, 1)
 
     @property
     def status(self) -> str:
         if self.error:
             return "error"
+        if self.interrupted:
+            return "interrupted"
         if self.counts.failed:
             return "failed"
         return "rejects" if self.counts.rejected else "ok"
@@ -104,10 +108,11 @@ class RunSummary:
     seconds: float = 0.0
     error: str | None = None  # why the run could not run (exit 2)
     reject_rate: float | None = None  # --fail-on-rejects
+    interrupted: bool = False  # SIGINT or SIGTERM stopped it
 
     @property
     def exit_status(self) -> int:
-        if self.error or any(m.error for m in self.models):
+        if self.error or self.interrupted or any(m.error for m in self.models):
             return COULD_NOT_RUN
         if any(m.counts.failed or m.rejects_too_many(self.reject_rate) for m in self.models):
             return RECORDS_FAILED
@@ -116,6 +121,8 @@ class RunSummary:
     @property
     def reason(self) -> str:
         """The exit status in words, for orchestrators and alerts."""
+        if self.interrupted:
+            return "interrupted (what was not sent goes next run)"
         if self.exit_status == COULD_NOT_RUN:
             return "could not run"
         if any(m.counts.failed for m in self.models):
@@ -128,6 +135,7 @@ class RunSummary:
         return {
             "exit_status": self.exit_status,
             "reason": self.reason,
+            "interrupted": self.interrupted,
             "error": self.error,
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),

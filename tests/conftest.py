@@ -24,6 +24,7 @@ from typing import Any
 
 import duckdb
 import pytest
+import requests
 
 from dbt_klaviyo_sync.cli import main
 from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, select_models
@@ -95,11 +96,20 @@ def project(built_project: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(built_project, tmp_path / "project", symlinks=True))
 
 
+def make_emulator(job_seconds: float = 0.0) -> Emulator:
+    """An emulator with the test keys. Every sync reads which account its key belongs to,
+    from an endpoint Klaviyo limits to 1 a second and 15 a minute: fine for a schedule, but
+    tests run syncs back to back, so that one limit is raised here (the others stay)."""
+    emu = Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=job_seconds)
+    emu.set_rate_limit("get_accounts", burst=1000, steady=100_000)
+    return emu
+
+
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
     """The emulator every sync test talks to. Whatever the test, every request we sent
     must have validated against Klaviyo's OpenAPI spec."""
-    with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=0.2) as emu:
+    with make_emulator(job_seconds=0.2) as emu:
         yield emu
         assert emu.stats()["spec_violations"] == 0, [
             entry for entry in emu.request_log() if entry["status"] == 400
@@ -255,3 +265,22 @@ def change_model(project: Path, sql: str) -> None:
     """Change the built model directly, for cases the demo's dbt vars do not cover."""
     with duckdb.connect(str(project / "warehouse.duckdb")) as con:
         con.execute(sql)
+
+
+def klaviyo_api(emulator: Emulator, method: str, path: str, body: Any = None) -> Any:
+    """Change Klaviyo as someone else would (the web app, another tool): one request to
+    the emulator with the test key, outside the sync. Returns the JSON answer, if any."""
+    answer = requests.request(
+        method,
+        emulator.url + path,
+        json=body,
+        headers={
+            "Authorization": f"Klaviyo-API-Key {PRIVATE_KEY}",
+            "revision": "2026-07-15",
+            "Content-Type": "application/vnd.api+json",
+            "Accept": "application/vnd.api+json",
+        },
+        timeout=30,
+    )
+    assert answer.status_code < 300, answer.text
+    return answer.json() if answer.content else None

@@ -16,10 +16,9 @@ import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
 from tests.conftest import (
-    PRIVATE_KEY,
-    PUBLIC_KEY,
     change_model,
     kill_when,
+    make_emulator,
     model_rows,
     sync,
 )
@@ -64,7 +63,7 @@ def assert_klaviyo_equals_models(project: Path, emulator: Emulator, models: set[
 
 @pytest.fixture
 def klaviyo() -> Emulator:
-    emulator = Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=1.0)
+    emulator = make_emulator(job_seconds=1.0)
     emulator.start()
     emulator.create_list("VIPs", list_id="VipLst")
     yield emulator
@@ -92,7 +91,7 @@ KILLS: list[tuple[str, str, Callable[[Emulator], bool]]] = [
         after("get_bulk_import_profiles_job", 3),
     ),
     ("customers", "UPDATE main.customers SET city = city || '3'", after("bulk_import_profiles", 3)),
-    ("customers", "UPDATE main.customers SET city = city || '4'", after("get_profiles", 1)),
+    ("customers", "UPDATE main.customers SET city = city || '4'", after("get_accounts", 1)),
     ("vip_audience", "SELECT 1", after("bulk_import_profiles", 1)),
     (
         "vip_audience",
@@ -108,7 +107,7 @@ KILLS: list[tuple[str, str, Callable[[Emulator], bool]]] = [
     ),
     ("order_events", orders(0, 20_000), after("bulk_create_events", 2)),
     ("order_events", orders(20_000, 8_000), after("bulk_create_events", 5)),
-    ("order_events", orders(28_000, 4_000), after("get_profiles", 1)),  # before any send
+    ("order_events", orders(28_000, 4_000), after("get_accounts", 1)),  # before any send
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
-from tests.conftest import Sync, model_rows, sync_customers
+from tests.conftest import Sync, change_model, model_rows, sync_customers
 
 
 def held(emulator: Emulator) -> set[str]:
@@ -94,24 +94,43 @@ def test_a_job_stuck_in_processing_leaves_its_rows_for_the_next_run(
     assert stuck.returncode == 1, stuck.output
     assert stuck.row("customers")["failed"] == 1200
     assert "did not finish within 2 s" in stuck.stdout
+    # The next run looks at the job once: still running, and older than the job timeout,
+    # it is given up and its rows sent again.
+    again = sync_customers(project, emulator, "--job-timeout", "1")
+    assert again.returncode == 0, again.output
+    assert again.row("customers")["added"] == 1200
+    assert held(emulator) == customers(project)
+
+
+def test_a_refusal_of_the_whole_request_rejects_no_record(
+    project: Path, emulator: Emulator
+) -> None:
+    """Klaviyo (or a proxy in front of it) refuses a whole job, pointing at no profile: that
+    says nothing about the records in it. None is marked rejected; all go again, and the
+    next healthy run leaves Klaviyo holding every one (issue 10, B1)."""
+    emulator.inject(status=400, count=1, operation="bulk_import_profiles")
+    refused = sync_customers(project, emulator)
+    assert refused.returncode == 1, refused.output
+    assert refused.row("customers")["rejected"] == 0
+    assert refused.row("customers")["failed"] == 1200
+    assert "Klaviyo refused the whole request, not this record" in refused.stdout
+    assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] == 1
     again = then_clean_run_completes(project, emulator)
     assert again.row("customers")["added"] == 1200
 
 
-def test_a_record_that_sinks_every_request_it_is_in_is_isolated(
+def test_whole_requests_refused_again_and_again_stop_the_model_loudly(
     project: Path, emulator: Emulator
 ) -> None:
-    """Klaviyo refuses the whole job, pointing at nothing: the job is halved until the bad
-    profile stands alone, so the other 1,199 still go."""
-    poison = next(r["email"] for r in model_rows(project) if r["customer_id"] == "C00042")
-    emulator.inject(status=400, count=100, operation="bulk_import_profiles", body_contains=poison)
-    done = sync_customers(project, emulator)
-    assert done.returncode == 1, done.output
-    assert done.row("customers")["rejected"] == 1
-    assert "rejected customers 'C00042'" in done.stdout
-    assert held(emulator) == customers(project) - {"C00042"}
-    # log2(1,200) halvings, not one request per profile
-    assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] < 30
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00060'")
+    emulator.inject(status=404, count=1000, operation="create_or_update_profile")
+    stopped = sync_customers(project, emulator)
+    assert stopped.returncode == 2, stopped.output
+    assert stopped.row("customers")["rejected"] == 0
+    assert stopped.row("customers")["failed"] == 60
+    assert "requests in a row as a whole, for no record in them" in stopped.output
+    sent = emulator.stats()["requests_by_operation"]["create_or_update_profile"]
+    assert sent < 60  # it stopped sending, instead of trying every record in turn
 
 
 def test_a_refusal_that_points_at_a_record_rejects_only_that_record(

@@ -18,6 +18,7 @@ from tests.conftest import (
     Sync,
     change_model,
     kill_when,
+    klaviyo_api,
     model_rows,
     run_dbt,
     sync,
@@ -145,10 +146,26 @@ def test_update_only_updates_existing_profiles_and_creates_none(
         if key != "C99999":
             assert held[key]["attributes"]["properties"]["loyalty_tier"] == tier
 
+    # Not found is tried again on every run (the profile may be created meanwhile), and
+    # stays visible, with exit 1, until it is.
     before = writes(emulator)
     again = only(project, emulator, "loyalty_updates")
-    assert again.returncode == 0, again.output
+    assert again.returncode == 1, again.output
+    assert again.row("loyalty_updates")["rejected"] == 1
+    assert again.row("loyalty_updates")["unchanged"] == 100
     assert writes(emulator) == before
+    klaviyo_api(
+        emulator,
+        "POST",
+        "/api/profile-import",
+        {"data": {"type": "profile", "attributes": {"external_id": "C99999"}}},
+    )
+    found = only(project, emulator, "loyalty_updates")
+    assert found.returncode == 0, found.output
+    assert (found.row("loyalty_updates")["updated"], found.row("loyalty_updates")["rejected"]) == (
+        1,
+        0,
+    )
 
 
 def test_update_only_changes_an_email_through_patch_by_klaviyo_id(
@@ -219,10 +236,12 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
     ]
     assert len(emulator.deletions()) == 2
 
+    # C77777 has no profile: the erasure is complete already, and counted unchanged.
     third = only(project, emulator, "erasure_requests")
-    assert third.returncode == 1  # C77777 has no profile: nothing to delete
+    assert third.returncode == 0, third.output
     assert third.row("erasure_requests")["removed"] == 1
-    assert "'C77777'" in third.stdout and "nothing to delete" in third.stdout
+    assert third.row("erasure_requests")["unchanged"] == 3
+    assert "nothing to delete for 1 key(s)" in third.stderr
     deletions_done(emulator)
     assert "C00008" not in by_external_id(emulator)
     assert len(emulator.deletions()) == 3

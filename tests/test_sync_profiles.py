@@ -175,14 +175,22 @@ def test_a_conflict_and_a_bad_phone_are_rejected_while_the_rest_sync(
     assert set(rejects) == {"C00005", "C00007"}
     assert other_id in rejects["C00005"]
 
-    # Unchanged, a rejected row is not sent again; once fixed, it is.
-    assert sync_customers(project, emulator).row("customers")["rejected"] == 0
+    # Both stay out of step, so every run says so (exit 1) until they are fixed. The
+    # conflict, which a merge in Klaviyo may resolve, is tried again on every run; the bad
+    # phone waits for its row to change.
+    before = len(emulator.request_log())
+    again = sync_customers(project, emulator)
+    assert again.returncode == 1, again.output
+    assert again.row("customers")["rejected"] == 2
+    assert again.row("customers")["unchanged"] == 1198
+    retried = [e["operation_id"] for e in emulator.request_log()[before:]]
+    assert retried.count("create_or_update_profile") == 1
     change_model(
         project, "UPDATE main.customers SET phone = '+14155559999' WHERE customer_id = 'C00007'"
     )
     fixed = sync_customers(project, emulator)
-    assert fixed.returncode == 0, fixed.output
-    assert fixed.row("customers")["added"] == 1
+    assert fixed.returncode == 1, fixed.output
+    assert (fixed.row("customers")["added"], fixed.row("customers")["rejected"]) == (1, 1)
     assert held(emulator)["C00007"]["phone_number"] == "+14155559999"
 
 
@@ -191,7 +199,9 @@ def test_a_dry_run_sends_nothing_and_keeps_no_state(project: Path, emulator: Emu
     assert dry.returncode == 0, dry.output
     assert "Dry run" in dry.stdout
     assert dry.row("customers")["added"] == 1200
-    assert sum(emulator.stats()["requests_by_operation"].values()) == 0
+    # One read, to know which account's sync state to compare with; nothing written.
+    assert emulator.stats()["requests_by_operation"] == {"get_accounts": 1}
+    assert emulator.stats()["writes"] == 0
     assert not (project / ".klaviyo_sync" / "state.duckdb").exists()
 
     assert sync_customers(project, emulator).returncode == 0
@@ -200,7 +210,7 @@ def test_a_dry_run_sends_nothing_and_keeps_no_state(project: Path, emulator: Emu
     state_before = (project / ".klaviyo_sync" / "state.duckdb").read_bytes()
     dry = sync_customers(project, emulator, "--dry-run")
     assert dry.row("customers")["updated"] == 1
-    assert sum(emulator.stats()["requests_by_operation"].values()) == requests_before
+    assert sum(emulator.stats()["requests_by_operation"].values()) == requests_before + 1
     assert (project / ".klaviyo_sync" / "state.duckdb").read_bytes() == state_before
 
 
@@ -209,7 +219,7 @@ def test_rate_limits_and_server_errors_are_survived(project: Path, emulator: Emu
     emulator.set_rate_limit("get_bulk_import_profiles_job", burst=1, steady=4)
     emulator.inject(status=503, count=2, operation="bulk_import_profiles")
     emulator.inject(status=500, count=1, operation="get_bulk_import_profiles_job")
-    emulator.inject(status=429, count=1, operation="get_profiles", retry_after=1)
+    emulator.inject(status=429, count=1, operation="get_accounts", retry_after=1)
 
     done = sync_customers(project, emulator)
 

@@ -11,10 +11,9 @@ import pytest
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.state import _MIGRATIONS, SCHEMA_VERSION
 from tests.conftest import (
-    PRIVATE_KEY,
-    PUBLIC_KEY,
     change_model,
     kill_when,
+    make_emulator,
     model_rows,
     run_dbt,
     set_model_meta,
@@ -69,7 +68,7 @@ def test_a_sync_killed_while_a_bulk_job_runs_loses_nothing(
            SELECT 'X' || i, 'x' || i || '@example.com', 'X', DATE '2024-01-01', 1
            FROM range(10800) t(i)""",
     )
-    slow = Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=30)
+    slow = make_emulator(job_seconds=30)
     with slow:
         kill_when(
             project,
@@ -160,7 +159,7 @@ def test_a_damaged_or_newer_state_file_is_refused_clearly(
 def test_two_syncs_at_once_the_second_refuses_and_nothing_is_corrupted(
     project: Path, emulator: Emulator
 ) -> None:
-    with Emulator(private_key=PRIVATE_KEY, public_key=PUBLIC_KEY, job_seconds=3) as slow:
+    with make_emulator(job_seconds=3) as slow:
         first = start_sync(project, slow, "customers")
         wait_for(lambda: bool(slow.stats()["requests_by_operation"].get("bulk_import_profiles")))
         second = sync_customers(project, slow)

@@ -15,7 +15,14 @@ import orjson
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks
+from dbt_klaviyo_sync.klaviyo.outcomes import (
+    Outcome,
+    Prepared,
+    Unit,
+    about_the_record,
+    chunks,
+    send_each,
+)
 from dbt_klaviyo_sync.payloads import Record, Reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -33,7 +40,11 @@ def deletion_body(field: str, value: str) -> bytes:
 
 
 class ProfileDeleter:
-    """Requests one deletion job per new key; the state marks each key done for good."""
+    """Requests one deletion job per new key; the state marks each key done for good.
+
+    A key that no profile holds (looked up now, never by an id remembered from an earlier
+    run, which a merge in Klaviyo may have made stale) has nothing left to delete: the
+    erasure is complete, and the key is done like the others."""
 
     def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
         self.client = client
@@ -45,55 +56,45 @@ class ProfileDeleter:
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         return chunks(prepared, lookup.PAGE_SIZE)
 
-    def send(self, unit: list[Prepared]) -> Outcome:
-        records = [p.record for p in unit]
+    def send(self, unit: Unit) -> Outcome:
+        records = unit.records
         try:
             targets = self._targets(records)
-        except (TransientApiError, KlaviyoRejected) as exc:
+        except KlaviyoRejected as exc:
+            return Outcome.refused(records, exc)
+        except TransientApiError as exc:
             return Outcome(failed=[(r, f"looking the profile up failed: {exc}") for r in records])
-        outcome = Outcome()
-        for record in records:
-            target = targets.get(record.key)
-            if target is None:
-                outcome.rejected.append(
+        return send_each(unit.items, lambda item: self._delete(item.record, targets))
+
+    def _delete(self, record: Record, targets: dict[str, tuple[str, str]]) -> Outcome:
+        """One deletion job for the profile holding the record's key, if any does."""
+        target = targets.get(record.key)
+        if target is None:
+            return Outcome(already=[record])
+        field, value = target
+        try:
+            self.client.call("request_profile_deletion", body=deletion_body(field, value))
+        except KlaviyoRejected as exc:
+            error = about_the_record(exc)
+            if error is None:
+                return Outcome.refused([record], exc)
+            return Outcome(
+                rejected=[
                     Reject(
-                        record.key,
-                        record.fingerprint,
-                        record.in_snapshot,
-                        "not_found",
-                        "Klaviyo has no profile with this external_id, so there is nothing "
-                        "to delete; it is tried again when the row changes or with --full-refresh",
+                        record.key, record.fingerprint, record.in_snapshot, error.code, error.detail
                     )
-                )
-                continue
-            field, value = target
-            try:
-                self.client.call("request_profile_deletion", body=deletion_body(field, value))
-            except KlaviyoRejected as exc:
-                outcome.rejected.append(
-                    Reject(
-                        record.key,
-                        record.fingerprint,
-                        record.in_snapshot,
-                        exc.errors[0].code,
-                        exc.detail,
-                    )
-                )
-            except TransientApiError as exc:
-                outcome.failed.append((record, str(exc)))
-            else:
-                outcome.accepted.append((record, value if field == "id" else None))
-        return outcome
+                ]
+            )
+        except TransientApiError as exc:
+            return Outcome(failed=[(record, str(exc))])
+        return Outcome(accepted=[(record, value if field == "id" else None)])
 
     def _targets(self, records: list[Record]) -> dict[str, tuple[str, str]]:
-        """The one identifier each deletion job carries, by record key."""
+        """The one identifier each deletion job carries, by record key; a key no profile
+        holds has none."""
         key_field = self.spec.key_field
         if key_field == "external_id":
-            known = {r.key: r.klaviyo_id for r in records if r.klaviyo_id}
-            found = lookup.profile_ids(
-                self.client, "external_id", [r.key for r in records if not r.klaviyo_id]
-            )
-            known |= {r.key: found[r.key] for r in records if r.key in found}
-            return {key: ("id", klaviyo_id) for key, klaviyo_id in known.items() if klaviyo_id}
+            found = lookup.profile_ids(self.client, "external_id", [r.key for r in records])
+            return {r.key: ("id", found[r.key]) for r in records if r.key in found}
         field = "id" if key_field == "klaviyo_id" else key_field
         return {r.key: (field, str(r.values[key_field])) for r in records}

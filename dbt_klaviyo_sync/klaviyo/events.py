@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import orjson
+
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, send_isolating
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Unit, send_isolating
 from dbt_klaviyo_sync.payloads import Record, Reject, dumps, event_resources
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -36,6 +38,12 @@ class PreparedEvent(Prepared):
     """An event with its serialized profile; events of one profile share a group."""
 
     profile: bytes = b""
+
+    def journal_body(self) -> str | None:
+        """The profile and the event exactly as sent: Klaviyo drops a repeated unique_id
+        only for the same profile and metric, so an event that may have arrived goes again
+        with the profile it first had, even if the row's email was corrected since."""
+        return orjson.dumps([self.profile.decode(), self.body.decode()]).decode()
 
 
 class EventSender:
@@ -63,6 +71,12 @@ class EventSender:
             ready.append(PreparedEvent(record, dumps(event), dumps(profile)))
         return ready, rejects
 
+    @staticmethod
+    def restore(record: Record, journaled: str) -> Prepared:
+        """An event an earlier run sent without seeing the answer, exactly as it went."""
+        profile, event = orjson.loads(journaled)
+        return PreparedEvent(record, event.encode(), profile.encode())
+
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         """Requests as full as Klaviyo allows: 1,000 events and 5 MB."""
         unit: list[Prepared] = []
@@ -78,8 +92,8 @@ class EventSender:
         if unit:
             yield unit
 
-    def send(self, unit: list[Prepared]) -> Outcome:
-        return send_isolating(unit, self._attempt, self._locate, self._reject)
+    def send(self, unit: Unit) -> Outcome:
+        return send_isolating(unit.items, self._attempt, self._locate, self._reject)
 
     def _attempt(self, unit: list[Prepared]) -> Outcome:
         records = [p.record for p in unit]

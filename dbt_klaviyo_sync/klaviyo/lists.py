@@ -8,6 +8,7 @@ deleted and their consent is not touched.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 import orjson
@@ -15,7 +16,7 @@ import orjson
 from dbt_klaviyo_sync.errors import ConfigurationError, TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks
+from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Unit, chunks
 from dbt_klaviyo_sync.payloads import Record, Reject, identifier
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -34,7 +35,13 @@ def check_list(client: KlaviyoClient, spec: SyncSpec) -> None:
 
 
 class ListRemover:
-    """Removes from the list the profiles of rows that left the model."""
+    """Removes from the list the profiles of rows that left the model.
+
+    The profile to remove is the one that holds the row's key now, looked up by that key
+    (a hundred per request), never an id remembered from an earlier run: when a member's
+    email changes, the row under the old email leaves the model while the same profile
+    joins under the new one (and is added first); removing by the remembered id would take
+    it out of the list again. A key no profile holds any more is in no list."""
 
     def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
         self.client = client
@@ -46,34 +53,41 @@ class ListRemover:
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         return chunks(prepared, MAX_MEMBERS_PER_CALL)
 
-    def send(self, unit: list[Prepared]) -> Outcome:
-        records = [p.record for p in unit]
+    def send(self, unit: Unit) -> Outcome:
+        records = unit.records
         try:
-            ids = self._ids(records)
-            if ids:
-                body = orjson.dumps({"data": [{"type": "profile", "id": i} for i in ids.values()]})
-                self.client.call(
-                    "remove_profiles_from_list", path_params=(str(self.spec.list_id),), body=body
-                )
-        except (TransientApiError, KlaviyoRejected) as exc:
+            self._remove(list(self._holders(records)))
+        except KlaviyoRejected as exc:
+            return Outcome.refused(records, exc)
+        except TransientApiError as exc:
             return Outcome(failed=[(r, f"not removed from the list: {exc}") for r in records])
-        # A key Klaviyo has no profile for is in no list: there is nothing to remove.
         return Outcome(removed=records)
 
-    def _ids(self, records: list[Record]) -> dict[str, str]:
-        """Each record's Klaviyo id: remembered from earlier answers, else looked up."""
+    def _holders(self, records: list[Record]) -> set[str]:
+        """The ids of the profiles that hold the records' keys now."""
         field = self.spec.key_field
-        ids = {r.key: r.klaviyo_id for r in records if r.klaviyo_id}
-        unknown = {
-            r.key: value
-            for r in records
-            if not r.klaviyo_id and (value := identifier(field, r.key)) is not None
-        }
-        if unknown:
-            found = lookup.profile_ids(self.client, field, unknown.values())
-            ids |= {
-                key: found[norm]
-                for key, value in unknown.items()
-                if (norm := lookup.normalise(field, value)) in found
-            }
-        return ids
+        values = [value for r in records if (value := identifier(field, r.key)) is not None]
+        return set(lookup.profile_ids(self.client, field, values).values()) if values else set()
+
+    def _remove(self, ids: list[str]) -> None:
+        """Remove the profiles from the list. A profile deleted or merged away since the
+        lookup makes Klaviyo refuse the whole request, pointing at it: it is in no list any
+        more, so it is left out and the rest removed. A refusal that points at no profile
+        (the list is gone, say) is the request's, and propagates."""
+        operation = "remove_profiles_from_list"
+        while ids:
+            body = orjson.dumps({"data": [{"type": "profile", "id": i} for i in ids]})
+            try:
+                self.client.call(operation, path_params=(str(self.spec.list_id),), body=body)
+                return
+            except KlaviyoRejected as exc:
+                gone = {i for e in exc.errors if (i := _member_index(e.pointer)) is not None}
+                if exc.status != 404 or not gone & set(range(len(ids))):
+                    raise
+                ids = [member for i, member in enumerate(ids) if i not in gone]
+
+
+def _member_index(pointer: str | None) -> int | None:
+    """The index of the member an error points at (`/data/3/id`), if it does."""
+    match = re.match(r"^/data/(\d+)(?:/|$)", pointer or "")
+    return int(match.group(1)) if match else None

@@ -1,5 +1,11 @@
-"""What every sender shares: prepared records, Klaviyo's answers, and how to isolate a bad
-record when Klaviyo refuses a whole request for it."""
+"""What every sender shares: units of prepared records, Klaviyo's answers, and how to tell
+an answer about a record from an answer about the whole request.
+
+A record is rejected only when Klaviyo's answer points at it. A refusal of the request as
+a whole (no pointer to a record, a missing list, a gateway's 4xx) says nothing about the
+records in it: they are failed, sent again next run, and the refusal is reported, so that
+repeated ones stop the model with Klaviyo's reason instead of marking good rows rejected.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,10 @@ from typing import Protocol
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoRejected
 from dbt_klaviyo_sync.payloads import Record, Reject
 
+#: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
+#: something about the requests themselves is wrong, and sending the rest would not help.
+MAX_REFUSALS_IN_A_ROW = 3
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -17,6 +27,30 @@ class Prepared:
 
     record: Record
     body: bytes = b""
+
+    def journal_body(self) -> str | None:
+        """What must be sent again exactly if the answer is lost (None: the record may be
+        shaped afresh from its row)."""
+        return None
+
+
+def _no_job(job_id: str) -> None:
+    """A unit sent without a journal has no bulk job to record."""
+
+
+@dataclass
+class Unit:
+    """Records sent together, in one request or one bulk job, and committed together.
+    `job_created` records a bulk job's id the moment Klaviyo names it, so that a re-run
+    follows the job instead of sending its records again."""
+
+    id: str
+    items: list[Prepared]
+    job_created: Callable[[str], None] = _no_job
+
+    @property
+    def records(self) -> list[Record]:
+        return [item.record for item in self.items]
 
 
 @dataclass
@@ -27,13 +61,30 @@ class Outcome:
     rejected: list[Reject] = field(default_factory=list)
     failed: list[tuple[Record, str]] = field(default_factory=list)  # with the passing reason
     removed: list[Record] = field(default_factory=list)  # no longer in Klaviyo's list
+    # Klaviyo already is as the record wants (a profile to delete that no profile holds):
+    # done like an accepted record, but nothing was changed
+    already: list[Record] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # requests refused as a whole
 
     def merge(self, other: Outcome) -> Outcome:
         self.accepted += other.accepted
+        self.already += other.already
         self.rejected += other.rejected
         self.failed += other.failed
         self.removed += other.removed
+        self.refusals += other.refusals
         return self
+
+    @property
+    def answered(self) -> bool:
+        """Whether Klaviyo said anything about a record (so requests are getting through)."""
+        return bool(self.accepted or self.rejected or self.removed or self.already)
+
+    @classmethod
+    def refused(cls, records: Iterable[Record], refusal: KlaviyoRejected) -> Outcome:
+        """A request Klaviyo refused as a whole: its records failed, for the next run."""
+        reason = f"Klaviyo refused the whole request, not this record: {refusal}"
+        return cls(failed=[(r, reason) for r in records], refusals=[str(refusal)])
 
 
 class Sender(Protocol):
@@ -45,7 +96,7 @@ class Sender(Protocol):
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         """Group records into what one worker sends and one commit records."""
 
-    def send(self, unit: list[Prepared]) -> Outcome:
+    def send(self, unit: Unit) -> Outcome:
         """Send a unit; every record ends accepted, rejected, failed or removed."""
 
 
@@ -60,36 +111,62 @@ def chunks(items: Iterable[Prepared], size: int) -> Iterator[list[Prepared]]:
         yield chunk
 
 
+#: Where a single-record request's body holds the record's own data: an error pointing
+#: there is about the record.
+_RECORD_POINTERS = ("/data/attributes", "/data/id", "/data/meta")
+
+
+def about_the_record(refusal: KlaviyoRejected) -> ApiError | None:
+    """For a request that carries one record: the error that is about that record, if any
+    (a pointer into its data, or an identifier conflict), else None: the request itself
+    was refused (a bad revision, a missing list, a proxy's 4xx)."""
+    for error in refusal.errors:
+        if error.code == "duplicate_profile" or error.meta.get("duplicate_profile_id"):
+            return error
+        if (error.pointer or "").startswith(_RECORD_POINTERS):
+            return error
+    return None
+
+
+def send_each(items: list[Prepared], send_one: Callable[[Prepared], Outcome]) -> Outcome:
+    """Send records one request each, until Klaviyo refuses MAX_REFUSALS_IN_A_ROW requests
+    in a row as a whole: the records not tried then are failed, for the next run."""
+    outcome = Outcome()
+    in_a_row = 0
+    for at, item in enumerate(items):
+        if in_a_row >= MAX_REFUSALS_IN_A_ROW:
+            reason = "not sent: Klaviyo refused the requests before it as a whole"
+            return outcome.merge(Outcome(failed=[(p.record, reason) for p in items[at:]]))
+        answer = send_one(item)
+        in_a_row = 0 if answer.answered else in_a_row + len(answer.refusals)
+        outcome.merge(answer)
+    return outcome
+
+
 def send_isolating(
-    unit: list[Prepared],
+    items: list[Prepared],
     attempt: Callable[[list[Prepared]], Outcome],
     locate: Callable[[list[Prepared], ApiError], int | None],
     reject: Callable[[Record, ApiError], Reject],
 ) -> Outcome:
-    """Send a unit with `attempt`, which raises KlaviyoRejected when Klaviyo refuses the
-    whole request (so nothing in it was taken). Then reject the records the errors point
-    at and send the rest again; when they point at none, halve the request until the bad
-    record stands alone. One bad row never sinks its neighbours. A loop, not recursion:
-    Klaviyo may name one bad record per answer, and there may be many."""
+    """Send records with `attempt`, which raises KlaviyoRejected when Klaviyo refuses the
+    whole request (so nothing in it was taken). Reject the records the errors point at and
+    send the rest again; one bad row never sinks its neighbours. When the errors point at no
+    record, the refusal is the request's: every record left is failed, and the refusal
+    reported. A loop, not recursion: Klaviyo may name one bad record per answer."""
     outcome = Outcome()
-    parts = [unit]
-    while parts:
-        part = parts.pop()
+    part = items
+    while part:
         try:
-            outcome.merge(attempt(part))
+            return outcome.merge(attempt(part))
         except KlaviyoRejected as refusal:
             named = {
                 index: error
                 for error in refusal.errors
                 if (index := locate(part, error)) is not None and index < len(part)
             }
-            if len(part) == 1 and not named:
-                named = {0: refusal.errors[0]}
-            if named:
-                outcome.rejected += [reject(part[i].record, e) for i, e in named.items()]
-                rest = [p for i, p in enumerate(part) if i not in named]
-                parts += [rest] if rest else []
-            else:
-                half = len(part) // 2
-                parts += [part[half:], part[:half]]
+            if not named:
+                return outcome.merge(Outcome.refused([p.record for p in part], refusal))
+            outcome.rejected += [reject(part[i].record, e) for i, e in named.items()]
+            part = [p for i, p in enumerate(part) if i not in named]
     return outcome

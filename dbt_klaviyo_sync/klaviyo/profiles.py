@@ -19,8 +19,16 @@ import orjson
 
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
-from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected
-from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, chunks, send_isolating
+from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
+from dbt_klaviyo_sync.klaviyo.outcomes import (
+    Outcome,
+    Prepared,
+    Unit,
+    about_the_record,
+    chunks,
+    send_each,
+    send_isolating,
+)
 from dbt_klaviyo_sync.payloads import Record, Reject, dumps, profile_resource, profile_size_reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -162,7 +170,9 @@ def clears_a_value(spec: SyncSpec, record: Record) -> bool:
 
 
 class BulkImport:
-    """One bulk import job: create it, wait for it, and map its import errors to rows."""
+    """One bulk import job: create it, record its id, wait for it, and map its import
+    errors to rows. A job whose answer a killed run never saw is followed by the next run
+    (`resume`) instead of being sent again."""
 
     def __init__(
         self, client: KlaviyoClient, spec: SyncSpec, job_deadline: float, list_id: str | None
@@ -172,32 +182,68 @@ class BulkImport:
         self.job_deadline = job_deadline
         self.list_id = list_id
 
-    def send(self, job: list[Prepared], ids: dict[str, str] | None = None) -> Outcome:
-        """Import `job`; with `ids`, each profile is updated by its Klaviyo id (a key's id).
-        A job Klaviyo refuses whole is split until the bad profile stands alone."""
+    def send(self, unit: Unit, ids: dict[str, str] | None = None) -> Outcome:
+        """Import the unit's records; with `ids`, each profile is updated by its Klaviyo id
+        (a key's id). Klaviyo validates a job when it is created: a refusal that points at
+        profiles rejects those, and the rest go again in a new job."""
         return send_isolating(
-            job, lambda part: self._attempt(part, ids), lambda _, e: _locate(e), self._reject
+            unit.items,
+            lambda part: self._attempt(unit, part, ids),
+            lambda _, e: _locate(e),
+            self._reject,
         )
 
-    def _attempt(self, job: list[Prepared], ids: dict[str, str] | None) -> Outcome:
-        """Create the job (a refusal of it propagates), wait for it, collect its errors."""
+    def _attempt(self, unit: Unit, job: list[Prepared], ids: dict[str, str] | None) -> Outcome:
+        """Create the job (a refusal of it propagates), record its id, follow it."""
         parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
         body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
         records = [p.record for p in job]
         try:
             created = self.client.call("bulk_import_profiles", body=body)
+            job_id = str(dig(created, "data", "id", operation="bulk_import_profiles"))
         except TransientApiError as exc:
             return Outcome(failed=[(r, str(exc)) for r in records])
-        job_id = created["data"]["id"]
+        unit.job_created(job_id)
+        return self.follow(job_id, records, ids or {})
+
+    def resume(self, job_id: str, records: list[Record], *, expired: bool) -> Outcome | None:
+        """Look once at a job an earlier run created: its outcome when it is complete; None
+        when Klaviyo no longer knows it, cancelled it, or it is `expired` (older than the job
+        timeout), so that its records are sent again; else its records come back failed, to
+        wait for it (sending them meanwhile could land before the job's older values)."""
+        operation = "get_bulk_import_profiles_job"
+        try:
+            job = self.client.call(operation, path_params=(job_id,))
+            status = str(dig(job, "data", "attributes", "status", operation=operation))
+        except KlaviyoRejected as exc:
+            if exc.status == 404:
+                return None
+            return self._unfollowed(job_id, records, exc)
+        except TransientApiError as exc:
+            return self._unfollowed(job_id, records, exc)
+        if status == "cancelled" or (status != "complete" and expired):
+            return None
+        return self._ended(job_id, status if status == "complete" else None, records, {})
+
+    def follow(self, job_id: str, records: list[Record], ids: dict[str, str]) -> Outcome:
+        """Wait for a job just created, then map its import errors to its records."""
         try:
             status = self._wait_for(job_id)
-            if status != "complete":
-                reason = (
-                    f"bulk import job {job_id} ended {status}"
-                    if status
-                    else f"bulk import job {job_id} did not finish within {self.job_deadline:.0f} s"
-                )
-                return Outcome(failed=[(r, reason) for r in records])
+        except (TransientApiError, KlaviyoRejected) as exc:
+            return self._unfollowed(job_id, records, exc)
+        return self._ended(job_id, status, records, ids)
+
+    def _ended(
+        self, job_id: str, status: str | None, records: list[Record], ids: dict[str, str]
+    ) -> Outcome:
+        if status != "complete":
+            reason = (
+                f"bulk import job {job_id} ended {status}"
+                if status
+                else f"bulk import job {job_id} did not finish within {self.job_deadline:.0f} s"
+            )
+            return Outcome(failed=[(r, reason) for r in records])
+        try:
             errors = list(
                 self.client.pages(
                     "get_errors_for_bulk_import_profiles_job",
@@ -206,11 +252,15 @@ class BulkImport:
                 )
             )
         except (TransientApiError, KlaviyoRejected) as exc:
-            reason = f"bulk import job {job_id} could not be followed: {exc}"
-            return Outcome(failed=[(r, reason) for r in records])
-        outcome = self._map_errors(job_id, records, errors, ids or {})
+            return self._unfollowed(job_id, records, exc)
+        outcome = self._map_errors(job_id, records, errors, ids)
         name_conflicts(self.client, records, outcome)
         return outcome
+
+    @staticmethod
+    def _unfollowed(job_id: str, records: list[Record], error: Exception) -> Outcome:
+        reason = f"bulk import job {job_id} could not be followed: {error}"
+        return Outcome(failed=[(r, reason) for r in records])
 
     def _reject(self, record: Record, error: ApiError) -> Reject:
         return _reject(self.spec, record, error)
@@ -219,14 +269,15 @@ class BulkImport:
         """Poll the job until it ends; None when the deadline passes first."""
         deadline = time.monotonic() + self.job_deadline
         interval = 0.2
+        operation = "get_bulk_import_profiles_job"
         while True:
-            job = self.client.call("get_bulk_import_profiles_job", path_params=(job_id,))
-            status: str = job["data"]["attributes"]["status"]
+            job = self.client.call(operation, path_params=(job_id,))
+            status = str(dig(job, "data", "attributes", "status", operation=operation))
             if status in ("complete", "cancelled"):
                 return status
             if time.monotonic() + interval > deadline:
                 return None
-            time.sleep(interval)
+            self.client.sleep(interval)
             interval = min(interval * 1.5, 5.0)
 
     def _map_errors(
@@ -239,13 +290,15 @@ class BulkImport:
         """Each import error names its profile by index (or by its payload); every other
         profile was imported. An error we cannot place makes the unplaced profiles pending,
         so nothing is recorded as synced that might not be."""
+        if not errors:
+            return Outcome(accepted=[(r, ids.get(r.key)) for r in records])
         by_key = {r.key: r for r in records}
         outcome = Outcome()
         rejected: set[str] = set()
         unplaced = 0
         for error in errors:
-            attributes = error.get("attributes") or {}
-            source = attributes.get("source") or {}
+            attributes = _object(error, "attributes")
+            source = _object(attributes, "source")
             record = self._place(records, by_key, source.get("pointer"), attributes)
             if record is None or record.key in rejected:
                 unplaced += record is None
@@ -276,13 +329,20 @@ class BulkImport:
         pointer: str | None,
         attributes: dict[str, Any],
     ) -> Record | None:
-        index = _locate(ApiError(400, "", "", pointer))
+        index = _locate(ApiError(400, "", "", pointer if isinstance(pointer, str) else None))
         if index is not None and index < len(records):
             return records[index]
         payload = attributes.get("original_payload") or {}
         payload = payload.get("attributes", payload) if isinstance(payload, dict) else {}
         key = payload.get(self.spec.key_field) if isinstance(payload, dict) else None
         return by_key.get(str(key)) if key is not None else None
+
+
+def _object(parent: Any, name: str) -> dict[str, Any]:
+    """`parent[name]` when both are JSON objects, else an empty one: an import error that
+    lacks a part is simply not placed."""
+    found = parent.get(name) if isinstance(parent, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def _locate(error: ApiError) -> int | None:
@@ -335,12 +395,10 @@ class ProfileUpserter:
             clearing.clear()
         yield from chunks(clearing, SINGLES_PER_UNIT)
 
-    def send(self, unit: list[Prepared]) -> Outcome:
-        if self.bulk and not clears_a_value(self.spec, unit[0].record):
+    def send(self, unit: Unit) -> Outcome:
+        if self.bulk and not clears_a_value(self.spec, unit.items[0].record):
             return self.jobs.send(unit)
-        outcome = Outcome()
-        for item in unit:
-            outcome.merge(self._send_one(item))
+        outcome = send_each(unit.items, self._send_one)
         if self.list_id and outcome.accepted:
             outcome = self._add_to_list(outcome)
         return outcome
@@ -351,14 +409,17 @@ class ProfileUpserter:
         operation_id = "create_client_profile" if client_api else "create_or_update_profile"
         try:
             answer = self.client.call(operation_id, body=b'{"data":' + item.body + b"}")
+            klaviyo_id = None if client_api else dig(answer, "data", "id", operation=operation_id)
         except KlaviyoRejected as exc:
-            outcome = Outcome(rejected=[_reject(self.spec, item.record, exc.errors[0])])
+            error = about_the_record(exc)
+            if error is None:
+                return Outcome.refused([item.record], exc)
+            outcome = Outcome(rejected=[_reject(self.spec, item.record, error)])
             name_conflicts(self.client, [item.record], outcome)
             return outcome
         except TransientApiError as exc:
             return Outcome(failed=[(item.record, str(exc))])
-        klaviyo_id = None if client_api else (answer or {}).get("data", {}).get("id")
-        return Outcome(accepted=[(item.record, klaviyo_id)])
+        return Outcome(accepted=[(item.record, klaviyo_id and str(klaviyo_id))])
 
     def _add_to_list(self, outcome: Outcome) -> Outcome:
         """Add the upserted profiles to the list by id (a unit is far below 1,000). If that
@@ -370,7 +431,11 @@ class ProfileUpserter:
                 path_params=(str(self.list_id),),
                 body=orjson.dumps({"data": ids}),
             )
-        except (TransientApiError, KlaviyoRejected) as exc:
+        except KlaviyoRejected as exc:
+            records = [record for record, _ in outcome.accepted]
+            outcome.accepted = []
+            return outcome.merge(Outcome.refused(records, exc))
+        except TransientApiError as exc:
             reason = f"upserted, but not added to list {self.list_id}: {exc}"
             outcome.failed += [(record, reason) for record, _ in outcome.accepted]
             outcome.accepted = []
@@ -402,16 +467,18 @@ class ProfileUpdater:
     def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         return chunks(prepared, self.UNIT)
 
-    def send(self, unit: list[Prepared]) -> Outcome:
+    def send(self, unit: Unit) -> Outcome:
         try:
-            found = self._find(unit)
-        except (TransientApiError, KlaviyoRejected) as exc:
+            found = self._find(unit.items)
+        except KlaviyoRejected as exc:
+            return Outcome.refused(unit.records, exc)
+        except TransientApiError as exc:
             return Outcome(
-                failed=[(p.record, f"looking the profile up failed: {exc}") for p in unit]
+                failed=[(r, f"looking the profile up failed: {exc}") for r in unit.records]
             )
         outcome = Outcome()
         patch, job = [], []
-        for item in unit:
+        for item in unit.items:
             profile = found.get(item.record.key)
             if profile is None:
                 outcome.rejected.append(self._not_found(item.record))
@@ -423,11 +490,12 @@ class ProfileUpdater:
                 patch.append((item, profile["id"]))
             else:
                 job.append(item)
-        for item, klaviyo_id in patch:
-            outcome.merge(self._patch(item, klaviyo_id))
+        ids = {item.record.key: klaviyo_id for item, klaviyo_id in patch}
+        patched = [item for item, _ in patch]
+        outcome.merge(send_each(patched, lambda item: self._patch(item, ids[item.record.key])))
         if job:
             ids = {p.record.key: found[p.record.key]["id"] for p in job}
-            outcome.merge(self.jobs.send(job, ids))
+            outcome.merge(self.jobs.send(replace(unit, items=job), ids))
         return outcome
 
     def _find(self, unit: list[Prepared]) -> dict[str, dict[str, Any]]:
@@ -479,9 +547,11 @@ class ProfileUpdater:
         try:
             self.client.call("update_profile", path_params=(klaviyo_id,), body=body)
         except KlaviyoRejected as exc:
-            error = exc.errors[0]
             if exc.status == 404:
                 return Outcome(rejected=[self._not_found(item.record)])
+            error = about_the_record(exc)
+            if error is None:
+                return Outcome.refused([item.record], exc)
             outcome = Outcome(rejected=[_reject(self.spec, item.record, error)])
             name_conflicts(self.client, [item.record], outcome)
             return outcome

@@ -1,0 +1,390 @@
+"""The state and the diff under the trust issue's findings, without dbt or HTTP: stable
+fingerprints, keys as Klaviyo matches them, refusals that stay visible or come back,
+a journal of what is in flight, older states carried over, and honest errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from dbt_klaviyo_sync import diff
+from dbt_klaviyo_sync import state as state_module
+from dbt_klaviyo_sync.errors import StateError
+from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
+from dbt_klaviyo_sync.state import (
+    CATALOG,
+    JOURNAL_SCHEMA,
+    OUTCOME_SCHEMA,
+    State,
+    SyncIdentity,
+    open_state,
+)
+from tests.test_diff import SID, SPEC, accept_all, changes, model, state_path, warehouse
+
+__all__ = ["state_path", "warehouse"]  # fixtures shared with test_diff
+
+EMAIL_SPEC = dataclasses.replace(
+    SPEC,
+    key_column="email",
+    key_field="email",
+    fields=(FieldMap("email", "email"), FieldMap("id", "external_id")),
+)
+
+
+def commit(state: State, rows: list[dict[str, object]], sid: str = SID) -> None:
+    full = [{"in_snapshot": False, **row} for row in rows]
+    state.commit_batch(sid, "run", "customers", pa.Table.from_pylist(full, schema=OUTCOME_SCHEMA))
+
+
+def pending(state: State) -> dict[str, int]:
+    """The fingerprint of each row about to be sent."""
+    rows = state.con.execute(f"SELECT __key, __fingerprint FROM {diff.CHANGES}").fetchall()
+    return dict(rows)
+
+
+# -- B8: a documented, stable fingerprint --------------------------------------------------
+
+
+def test_fingerprints_are_md5_of_a_canonical_text_with_golden_values() -> None:
+    """If a DuckDB upgrade changed how values are written as text, every row would be sent
+    again: these golden values catch it in CI before a user does. The canonical texts are
+    spelled out here, independently of the SQL: U+001F between values, U+001E for NULL."""
+    con = duckdb.connect()
+    con.execute(
+        """CREATE TABLE t AS SELECT * FROM (VALUES
+            (1, 'a', NULL::VARCHAR, 1.5::DOUBLE, DATE '2024-02-29',
+             TIMESTAMP '2024-01-02 03:04:05.123456', 12.50::DECIMAL(10,2), true, [1, 2],
+             {'k': 'v'}),
+            (2, '', 'x', -0.1::DOUBLE, NULL, NULL, NULL, false, [], NULL))
+           AS v(i, s, n, d, dt, ts, dec, b, l, st)"""
+    )
+    columns = [(str(r[0]), str(r[1])) for r in con.execute("DESCRIBE t").fetchall()]
+    sql = diff.fingerprint_sql(columns)
+    found = con.execute(f"SELECT {sql} FROM t ORDER BY i", {"signature": "sig"}).fetchall()
+    texts = [
+        "sig\x1f1\x1fa\x1f\x1e\x1f1.5\x1f2024-02-29\x1f2024-01-02 03:04:05.123456\x1f12.50"
+        '\x1ftrue\x1f[1,2]\x1f{"k":"v"}',
+        "sig\x1f2\x1f\x1fx\x1f-0.1\x1f\x1e\x1f\x1e\x1f\x1e\x1ffalse\x1f[]\x1f\x1e",
+    ]
+    digests = [int(hashlib.md5(t.encode()).hexdigest()[:16], 16) for t in texts]
+    assert digests == [10808806772376796509, 1797785556013234472]
+    assert [f for (f,) in found] == digests
+
+
+def test_fingerprints_tell_null_from_empty_and_column_order_apart() -> None:
+    con = duckdb.connect()
+    sql = diff.fingerprint_sql([("a", "VARCHAR"), ("b", "VARCHAR")])
+    pairs = [("NULL", "'x'"), ("''", "'x'"), ("'x'", "NULL"), ("'x'", "''")]
+    found = {
+        con.execute(
+            f"SELECT {sql} FROM (SELECT {a} AS a, {b} AS b)", {"signature": "s"}
+        ).fetchone()[0]  # type: ignore[index]
+        for a, b in pairs
+    }
+    assert len(found) == 4
+
+
+# -- B5: keys as Klaviyo matches them ------------------------------------------------------
+
+
+def test_case_variants_of_an_email_are_one_key_and_a_duplicate(
+    state_path: Path, warehouse: Path
+) -> None:
+    model(warehouse, "UPDATE customers SET email = upper(email) WHERE id = 'C1'")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        found = _changes(state, EMAIL_SPEC)
+        assert "u1@x.com" in found and "U1@X.COM" not in found
+        rows = state.con.execute(f"SELECT f0 FROM {diff.CHANGES} WHERE __key = 'u1@x.com'")
+        assert rows.fetchall() == [("u1@x.com",)]  # the key is sent as Klaviyo keeps it
+    model(warehouse, "INSERT INTO customers VALUES ('C77', ' u2@X.com ', 'X', 0)")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert _changes(state, EMAIL_SPEC)["u2@x.com"] == "duplicate_key"
+
+
+def test_phone_keys_lose_the_separators_people_write_in_them(
+    state_path: Path, warehouse: Path
+) -> None:
+    spec = dataclasses.replace(
+        SPEC,
+        key_column="phone",
+        key_field="phone_number",
+        fields=(FieldMap("phone", "phone_number"),),
+    )
+    model(
+        warehouse,
+        "ALTER TABLE customers ADD COLUMN phone VARCHAR;"
+        "UPDATE customers SET phone = '+1 (415) 555-01' || lpad(i::VARCHAR, 2, '0') "
+        "FROM (SELECT id AS k, row_number() OVER () AS i FROM customers) WHERE id = k",
+    )
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert "+141555501" + "01" in _changes(state, spec)
+
+
+def _changes(state: State, spec: SyncSpec, sid: str = SID) -> dict[str, str]:
+    diff.compute(state.con, spec, sid)
+    return dict(state.con.execute(f"SELECT __key, __change FROM {diff.CHANGES}").fetchall())
+
+
+# -- B2: refusals stay visible; some come back every run -----------------------------------
+
+
+def test_a_refusal_that_may_pass_is_tried_every_run_others_wait_for_a_change(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        prints = pending(state)
+        commit(
+            state,
+            [
+                {
+                    "key": "C1",
+                    "outcome": "rejected",
+                    "fingerprint": prints["C1"],
+                    "code": "not_found",
+                    "reason": "no profile",
+                    "retry": True,
+                },
+                {
+                    "key": "C2",
+                    "outcome": "rejected",
+                    "fingerprint": prints["C2"],
+                    "code": "invalid",
+                    "reason": "bad email",
+                    "retry": False,
+                },
+            ],
+        )
+        assert changes(state)["C1"] == "add"
+        assert "C2" not in changes(state)  # waits for its row to change
+        assert diff.standing_rejects(state.con, SID) == 1  # C2 is counted still
+
+
+def test_a_row_back_at_its_accepted_version_drops_the_refusal(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state)
+    model(warehouse, "UPDATE customers SET email = 'bad' WHERE id = 'C3'")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        commit(
+            state,
+            [
+                {
+                    "key": "C3",
+                    "outcome": "rejected",
+                    "in_snapshot": True,
+                    "fingerprint": pending(state)["C3"],
+                    "code": "invalid",
+                    "reason": "bad",
+                }
+            ],
+        )
+        assert changes(state) == {}
+        assert diff.standing_rejects(state.con, SID) == 1
+    model(warehouse, "UPDATE customers SET email = 'u3@x.com' WHERE id = 'C3'")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert changes(state) == {"C3": "settle"}
+        commit(state, [{"key": "C3", "outcome": "settled", "in_snapshot": True}])
+        assert changes(state) == {}
+        assert diff.standing_rejects(state.con, SID) == 0
+
+
+# -- B10: migrations only add columns; every INSERT names its own -------------------------
+
+
+def test_commits_survive_a_future_migration_that_adds_columns(
+    state_path: Path, warehouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = state_module.SCHEMA_VERSION + 1
+    future = {
+        **state_module._MIGRATIONS,
+        version: [
+            f"ALTER TABLE {table} ADD COLUMN someday VARCHAR"
+            for table in ("syncs", "snapshot", "runs", "rejects", "journal", "jobs")
+        ],
+    }
+    monkeypatch.setattr(state_module, "_MIGRATIONS", future)
+    monkeypatch.setattr(state_module, "SCHEMA_VERSION", version)
+    with open_state(state_path, {"wh": warehouse}) as state:
+        identity = SyncIdentity.of(SPEC, "dev", "http://k", "ACCT01")
+        state.register(identity, SPEC)
+        run = state.start_run(identity.sid, "customers", dry_run=False, full_refresh=False)
+        diff.compute(state.con, SPEC, identity.sid)
+        prints = pending(state)
+        state.journal(identity.sid, "u1", _journal([("C1", prints["C1"])]))
+        state.job_recorder(identity.sid)("u1", "job-1")
+        commit(
+            state,
+            [
+                {"key": "C1", "outcome": "accepted", "fingerprint": prints["C1"]},
+                {
+                    "key": "C2",
+                    "outcome": "rejected",
+                    "fingerprint": prints["C2"],
+                    "code": "x",
+                    "reason": "y",
+                },
+            ],
+            sid=identity.sid,
+        )
+        state.finish_run(run, state_module.RunCounts(added=1), "ok")
+        waiting = {f"C{i}" for i in range(10)} - {"C1", "C2"}  # C1 accepted, C2 refused
+        assert set(_changes(state, SPEC, identity.sid)) == waiting
+
+
+def _journal(rows: list[tuple[str, int]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "position": i,
+                "key": key,
+                "fingerprint": fp,
+                "in_snapshot": False,
+                "accepted_values": "{}",
+            }
+            for i, (key, fp) in enumerate(rows)
+        ],
+        schema=JOURNAL_SCHEMA,
+    )
+
+
+# -- D5/B7: the journal ---------------------------------------------------------------------
+
+
+def test_the_journal_keeps_unanswered_units_with_their_job_until_answered(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        prints = pending(state)
+        state.journal(SID, "u1", _journal([("C1", prints["C1"]), ("C2", prints["C2"])]))
+        state.journal(SID, "u2", _journal([("C3", prints["C3"])]))
+        state.job_recorder(SID)("u1", "job-1")
+    with open_state(state_path, {"wh": warehouse}) as state:  # the next run
+        units = {u.unit: u for u in state.journaled_units(SID)}
+        assert units["u1"].job_id == "job-1" and units["u2"].job_id is None
+        assert [r["key"] for r in units["u1"].records] == ["C1", "C2"]
+        commit(state, [{"key": "C1", "outcome": "accepted", "fingerprint": prints["C1"]}])
+        assert [r["key"] for r in state.journaled_units(SID)[0].records] == ["C2"]
+        state.drop_journal(SID, ["u1", "u2"])
+        assert state.journaled_units(SID) == []
+        assert state.con.execute(f"SELECT count(*) FROM {CATALOG}.jobs").fetchall() == [(0,)]
+
+
+def test_an_event_in_flight_carries_its_exact_body_into_the_next_diff(
+    state_path: Path, warehouse: Path
+) -> None:
+    spec = dataclasses.replace(SPEC, object="event", behavior="send", key_field="unique_id")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        rows = _journal([("C1", 1)]).to_pylist()
+        rows[0]["body"] = '["{}","{\\"sent\\":1}"]'
+        state.journal(SID, "u1", pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA))
+        diff.compute(state.con, spec, SID)
+        sent = dict(state.con.execute(f"SELECT __key, __sent FROM {diff.CHANGES}").fetchall())
+        assert sent["C1"] == rows[0]["body"] and sent["C2"] is None
+
+
+# -- B6: the account is part of a sync's identity -----------------------------------------
+
+
+def test_a_state_from_before_accounts_is_adopted_by_the_keys_account(
+    state_path: Path, warehouse: Path
+) -> None:
+    legacy = SyncIdentity.of(SPEC, "dev", "http://k", None)
+    with open_state(state_path, {"wh": warehouse}) as state:
+        state.register(legacy, SPEC)
+        diff.compute(state.con, SPEC, legacy.sid)
+        commit(state, [{"key": "C1", "outcome": "accepted", "fingerprint": 7}], sid=legacy.sid)
+        mine = SyncIdentity.of(SPEC, "dev", "http://k", "ACCT01")
+        assert state.resolved(mine) == legacy.sid  # what a dry run reads
+        state.register(mine, SPEC)
+        assert state.con.execute(f"SELECT sync_id, account_id FROM {CATALOG}.syncs").fetchall() == [
+            (mine.sid, "ACCT01")
+        ]
+        assert state.accepted_count(mine.sid) == 1
+        other = SyncIdentity.of(SPEC, "dev", "http://k", "OTHER2")
+        state.register(other, SPEC)  # another account adopts nothing: it starts empty
+        assert state.accepted_count(other.sid) == 0 and other.sid != mine.sid
+
+
+# -- B8 upgrade: a state fingerprinted by hash() is carried over without sending -----------
+
+
+def test_an_older_sync_is_rebased_so_only_rows_that_changed_are_sent(
+    state_path: Path, warehouse: Path
+) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        identity = SyncIdentity.of(EMAIL_SPEC, "dev", "http://k", "A")
+        state.register(identity, EMAIL_SPEC)
+        sid = identity.sid
+        # As versions before md5-v1 left it: raw keys (one in capitals), hash() fingerprints.
+        state.con.execute(
+            f"""INSERT INTO {CATALOG}.snapshot (sync_id, key, fingerprint, updated_at)
+                SELECT $1, CASE WHEN id = 'C1' THEN upper(email) ELSE email END,
+                       hash($2, email, id), now()
+                FROM wh.customers""",
+            [sid, EMAIL_SPEC.signature],
+        )
+        state.con.execute(f"UPDATE {CATALOG}.syncs SET fingerprint_version = NULL")
+    model(warehouse, "UPDATE customers SET id = 'C-changed' WHERE email = 'u4@x.com'")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        assert state.needs_rebase(sid)
+        with state.transaction() as writer:
+            assert diff.rebase(writer, EMAIL_SPEC, sid) == 9
+            state.rebased(sid)
+        assert not state.needs_rebase(sid)
+        assert _changes(state, EMAIL_SPEC, sid) == {"u4@x.com": "update"}
+
+
+# -- D7 and D4: honest state errors, and an empty state file ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "says", "never"),
+    [
+        ('IO Error: Could not set lock on file "s": Conflicting lock is held', "in use", "damaged"),
+        ("IO Error: Corrupt database file: block 12 checksum mismatch", "damaged", "in use"),
+        ('IO Error: Could not write file "s": No space left on device', "disk", "--full-refresh"),
+        ('IO Error: Cannot open file "s": Read-only file system', "write access", "--full-refresh"),
+        ('IO Error: Cannot open file "s": Permission denied', "write access", "--full-refresh"),
+    ],
+)
+def test_state_errors_name_the_real_cause_and_a_safe_remedy(
+    error: str, says: str, never: str
+) -> None:
+    message = str(state_module._explain(Path("s"), duckdb.IOException(error), opening=True))
+    assert says in message and never not in message
+
+
+def test_a_damaged_state_file_is_not_said_to_be_in_use(state_path: Path, warehouse: Path) -> None:
+    with open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+        accept_all(state)
+    data = bytearray(state_path.read_bytes())
+    for at in range(8192, len(data), 997):
+        data[at] ^= 0xFF
+    state_path.write_bytes(bytes(data))
+    with pytest.raises(StateError) as caught, open_state(state_path, {"wh": warehouse}) as state:
+        changes(state)
+    assert "in use" not in str(caught.value)
+    assert str(state_path) in str(caught.value)
+
+
+def test_an_empty_state_file_reads_as_no_state_and_is_not_created_early(
+    state_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(StateError), open_state(state_path, {"wh": tmp_path / "missing.duckdb"}):
+        pass
+    assert not state_path.exists()  # a sync that cannot read its models leaves no state
+    state_path.parent.mkdir(parents=True)
+    duckdb.connect(str(state_path)).close()  # as an older version could leave it
+    with open_state(state_path, {}, read_only=True) as state:
+        assert not state.has_syncs()

@@ -32,7 +32,7 @@ from .accounts import Accounts, Hosted
 from .api import ROUTES, Call, Route
 from .errors import ApiError, SpecViolation, from_status, invalid, not_found
 from .events import state as event_state
-from .faults import Fault, FaultKind, FaultQueue, make_fault
+from .faults import Fault, FaultKind, FaultQueue, echoed, make_fault, trickled
 from .profiles import RecordError
 from .profiles import render as render_profile
 from .store import Account, deletion_state
@@ -116,7 +116,7 @@ class App:
         answer = self._faulted(request, operation, path_params, fault)
         self._log(request, operation_id, None if answer is None else answer.status_code)
         retry_after = None if answer is None else answer.headers.get("Retry-After")
-        if caller is not None and retry_after is not None:
+        if caller is not None and retry_after is not None and retry_after.isdecimal():
             # Whether the limiter or a fault sent it, the caller's account is to be waited for.
             caller.limiter.told_to_wait(operation_id, int(retry_after))
         return answer
@@ -144,6 +144,8 @@ class App:
             if fault.after:
                 time.sleep(fault.seconds)
             return late
+        if fault.kind == "trickle":
+            return trickled(answer(), fault.seconds)
         # The other kinds replace the answer; with `after`, only once the work is done.
         if fault.after:
             answer()
@@ -151,6 +153,10 @@ class App:
             return None
         if fault.kind == "malformed":
             return Response(MALFORMED_BODY, 200, content_type=CONTENT_TYPE)
+        if fault.kind == "raw":
+            return fault.raw_answer()
+        if fault.kind == "echo":
+            return _error(echoed(request.headers.get("Authorization", "")))
         if fault.status == 429:
             return _error(self._throttled(operation, fault.retry_after))
         injected = from_status(fault.status, "Injected by the emulator.")
@@ -471,6 +477,8 @@ class Emulator:
         after: bool = False,
         pointer: str | None = None,
         body_contains: str | None = None,
+        body: bytes | str = b"",
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Make the next `count` requests to `operation` (None: any) fail; see `Fault`."""
         self.app.faults.add(
@@ -484,6 +492,8 @@ class Emulator:
                 after=after,
                 pointer=pointer,
                 body_contains=body_contains,
+                body=body,
+                headers=headers,
             )
         )
 

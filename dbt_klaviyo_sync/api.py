@@ -29,7 +29,7 @@ import orjson
 from dbt_klaviyo_sync import diff
 from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, load_warehouse, select_models
 from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
-from dbt_klaviyo_sync.logs import add_log_file, redact
+from dbt_klaviyo_sync.logs import add_log_file, api_key, redact
 from dbt_klaviyo_sync.manifest import ModelNode
 from dbt_klaviyo_sync.progress import ProgressReporter
 from dbt_klaviyo_sync.runner import SyncOptions, build_specs, make_client, preflight, run
@@ -188,8 +188,8 @@ def _options(**settings: Any) -> SyncOptions:
     """Options with the endpoint and keys from the environment, the only place for keys."""
     return SyncOptions(
         base_url=os.environ.get("KLAVIYO_BASE_URL") or DEFAULT_BASE_URL,
-        private_key=os.environ.get("KLAVIYO_PRIVATE_API_KEY") or None,
-        public_key=os.environ.get("KLAVIYO_PUBLIC_API_KEY") or None,
+        private_key=api_key("KLAVIYO_PRIVATE_API_KEY"),
+        public_key=api_key("KLAVIYO_PUBLIC_API_KEY"),
         allow_insecure_http=os.environ.get("DBT_KLAVIYO_ALLOW_INSECURE_HTTP") == "1",
         **settings,
     )

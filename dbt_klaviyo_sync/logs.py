@@ -1,29 +1,66 @@
-"""Logging set-up, with API keys scrubbed from every line that is written anywhere."""
+"""API keys: read from the environment in one place, and scrubbed from every text that is
+written anywhere (logs, errors, rejects), whatever form they come back in."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from dbt_klaviyo_sync.errors import ConfigurationError
+
 KEY_VARIABLES = ("KLAVIYO_PRIVATE_API_KEY", "KLAVIYO_PUBLIC_API_KEY")
+REDACTED = "[redacted key]"
+#: Anything shaped like a private key, whether or not it is ours.
+_PRIVATE_KEY_SHAPE = re.compile(r"pk_\w{6,}")
+#: The credential after an authorization scheme, as a server or proxy may echo it back.
+_AFTER_SCHEME = re.compile(
+    r"\b(Klaviyo-API-Key|Bearer)(\s+)(?!" + re.escape(REDACTED) + r")[^\s\"',;]+", re.IGNORECASE
+)
+#: What a key may hold: printable ASCII without spaces (it travels in a header).
+_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+
+
+def checked_key(name: str, value: str | None) -> str | None:
+    """`value` without surrounding whitespace (the trailing newline of a Kubernetes secret,
+    the \\r of a CRLF .env file), or None when empty. Whitespace, control or non-ASCII
+    characters inside it are refused with an error that names `name`, never the value."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if not _KEY_CHARACTERS.fullmatch(value):
+        raise ConfigurationError(
+            f"{name} has a space, a control character or a non-ASCII character inside it; "
+            "set it to the key alone, as Klaviyo shows it (the value is not shown here)."
+        )
+    return value
+
+
+def api_key(name: str) -> str | None:
+    """The key in environment variable `name` (see `checked_key`); None when unset."""
+    return checked_key(name, os.environ.get(name))
 
 
 def secrets() -> list[str]:
     """The key values in this process's environment, longest first."""
-    values = {os.environ.get(name, "") for name in KEY_VARIABLES}
+    values = {(os.environ.get(name) or "").strip() for name in KEY_VARIABLES}
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 
-def redact(text: str) -> str:
-    """Replace any API key in `text` with a marker that says which one it was."""
-    for value in secrets():
-        text = text.replace(value, "[redacted key]")
-    return text
+def redact(text: str, keys: Iterable[str | None] = ()) -> str:
+    """`text` with every API key replaced by a marker: the keys in the environment and
+    `keys` (longest first), anything shaped like a private key, and the credential after
+    `Klaviyo-API-Key ` or `Bearer `."""
+    known = {*secrets(), *(key for key in keys if key and len(key) >= 4)}
+    for value in sorted(known, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    text = _AFTER_SCHEME.sub(lambda found: found[1] + found[2] + REDACTED, text)
+    return _PRIVATE_KEY_SHAPE.sub(REDACTED, text)
 
 
 class RedactingFilter(logging.Filter):

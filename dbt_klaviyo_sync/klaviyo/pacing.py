@@ -15,29 +15,76 @@ The documented limits are only a starting point: accounts differ (and so does an
 with scaled limits). Every answer's `RateLimit-Limit` gives the account's steady limit,
 and the burst is scaled with it; a 429 while our count said there was room halves the
 burst. So the pace adapts to the account instead of sleeping a fixed time.
+
+Waiting is bounded three ways. A place is taken, or the time until one frees up is worked
+out, from one reading of the clock under the lock, so no window can empty between the two
+and leave a thread waiting for a wake-up that never comes. Even a wait for another
+request's answer looks again every `RECHECK_SECONDS`. And each call carries a `WaitBudget`
+(the client's `max_wait`): a wait that would go beyond it raises `WaitTooLong` at once,
+instead of sleeping through a `Retry-After: 86400`.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from dbt_klaviyo_sync.clock import Clock, RealClock
+from dbt_klaviyo_sync.errors import Interrupted, TransientApiError
 from dbt_klaviyo_sync.klaviyo.openapi import Operation
 
 #: How long after it was sent a request is taken to reach Klaviyo, until a 429 says otherwise.
 ARRIVAL_MARGIN = 0.05
+#: The longest a request waits for other requests' answers before it looks at the windows
+#: again. An answer wakes it at once; this bounds the wait should a wake-up be missed.
+RECHECK_SECONDS = 1.0
+#: The shortest wait, so a fake clock never spins on a wait too small to move it.
+_MIN_WAIT = 0.001
 
 
-class WaitClock:
-    """Wall-clock seconds during which at least one request waited for a rate limit, so
-    that four threads waiting the same second count one second, not four."""
+class WaitTooLong(TransientApiError):
+    """Waiting for the rate limit would take the call beyond its `max_wait`: its records
+    are left for the next run rather than held for longer than the user allowed."""
 
-    def __init__(self) -> None:
+
+@dataclass
+class WaitBudget:
+    """How long one call may wait for rate limits in all (`max_wait`), and has waited."""
+
+    seconds: float
+    spent: float = 0.0
+
+    @property
+    def left(self) -> float:
+        return self.seconds - self.spent
+
+    def exceeded(self, wait: float, asked: bool) -> WaitTooLong:
+        """The error for a wait longer than is left (infinite: for answers that did not
+        come in time); `asked`: Klaviyo asked for it (a Retry-After)."""
+        if wait == math.inf:
+            return WaitTooLong(
+                f"the rate limit had no room within --max-wait ({self.seconds:g} s); "
+                "sent again next run"
+            )
+        already = f" after {self.spent:.0f} s of waiting" if self.spent >= 1 else ""
+        why = "Klaviyo asked to wait" if asked else "the rate limit has no room for"
+        return WaitTooLong(
+            f"{why} {wait:.0f} s{already}, more than --max-wait ({self.seconds:g} s) "
+            "allows; sent again next run"
+        )
+
+
+class WaitMeter:
+    """Seconds during which at least one request waited for a rate limit, so that four
+    threads waiting the same second count one second, not four."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._waiting = 0
         self._since = 0.0
@@ -47,7 +94,7 @@ class WaitClock:
     def waiting(self) -> Iterator[None]:
         with self._lock:
             if self._waiting == 0:
-                self._since = time.monotonic()
+                self._since = self._clock.now()
             self._waiting += 1
         try:
             yield
@@ -55,12 +102,12 @@ class WaitClock:
             with self._lock:
                 self._waiting -= 1
                 if self._waiting == 0:
-                    self._total += time.monotonic() - self._since
+                    self._total += self._clock.now() - self._since
 
     @property
     def seconds(self) -> float:
         with self._lock:
-            ongoing = time.monotonic() - self._since if self._waiting else 0.0
+            ongoing = self._clock.now() - self._since if self._waiting else 0.0
             return self._total + ongoing
 
 
@@ -71,24 +118,35 @@ class _Window:
     counted: deque[float] = field(default_factory=deque)  # when requests counted, oldest first
     in_flight: int = 0
 
-    def wait(self, now: float) -> float | None:
-        """0 when a request may go now; else seconds to wait, or None to wait for an answer."""
-        while self.counted and self.counted[0] <= now - self.seconds:
+    def wait(self, now: float) -> float:
+        """0 when a request may go at `now`; else seconds to wait (more than 0), or infinity
+        when only answers to requests in flight can make room."""
+        # One expression decides both expiry and the wait, so a full window never reports
+        # a wait of 0 through rounding.
+        while self.counted and self.counted[0] + self.seconds <= now:
             self.counted.popleft()
         if len(self.counted) + self.in_flight < self.limit:
             return 0.0
-        return self.counted[0] + self.seconds - now if self.counted else None
+        return self.counted[0] + self.seconds - now if self.counted else math.inf
 
 
 class EndpointPacer:
     """The pace of one operation; thread-safe."""
 
-    def __init__(self, burst: int, steady: int, clock: WaitClock | None = None) -> None:
-        self._clock = clock or WaitClock()
+    def __init__(
+        self,
+        burst: int,
+        steady: int,
+        meter: WaitMeter | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._clock = clock or RealClock()
+        self._meter = meter or WaitMeter(self._clock)
         self._documented = (burst, steady)
         self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
-        self._blocked_until = 0.0
+        self._blocked_until = -math.inf
         self._cautious = False  # count requests from their answers (after a surprise 429)
+        self._stopped = False
         self._changed = threading.Condition()
 
     @property
@@ -119,57 +177,78 @@ class EndpointPacer:
             elif len(steady.counted) + steady.in_flight <= steady.limit:
                 burst.limit = max(1, burst.limit // 2)
 
+    def block(self, seconds: float) -> None:
+        """No request before `seconds` from now (a Retry-After, or an exhausted window)."""
+        with self._changed:
+            self._blocked_until = max(self._blocked_until, self._clock.now() + seconds)
+
+    def stop(self) -> None:
+        """Wake every waiting request with `Interrupted`; refuse places from now on."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold a place in the windows for one request, waiting for one if need be."""
-        self._acquire()
-        sent = time.monotonic()
+    def slot(self, budget: WaitBudget | None = None) -> Iterator[None]:
+        """Hold a place in the windows for one request, waiting for one if need be, within
+        `budget` (`WaitTooLong` beyond it); `Interrupted` once stopped."""
+        self._acquire(budget or WaitBudget(math.inf))
+        sent = self._clock.now()
         try:
             yield
         finally:
             with self._changed:
-                now = time.monotonic()
+                now = self._clock.now()
                 counted = now if self._cautious else min(now, sent + ARRIVAL_MARGIN)
                 for window in self._windows:
                     window.in_flight -= 1
                     bisect.insort(window.counted, counted)
                 self._changed.notify_all()
 
-    def _acquire(self) -> None:
+    def _acquire(self, budget: WaitBudget) -> None:
         with self._changed:
-            if self._take():
+            now = self._clock.now()
+            wait = self._take(now)
+            if not wait:
                 return
-            with self._clock.waiting():
-                while not self._take():
-                    now = time.monotonic()
-                    waits = [w.wait(now) for w in self._windows]
-                    blocked = self._blocked_until - now
-                    known = [w for w in waits if w] + ([blocked] if blocked > 0 else [])
-                    # With only answers to wait for, a release wakes us; else sleep until due.
-                    self._changed.wait(max(known) if known else None)
+            with self._meter.waiting():
+                while wait:
+                    # Answers in flight may make room any moment: wait for them while any
+                    # budget is left; any other wait is known, and refused if too long.
+                    patient = wait == math.inf and budget.left > 0
+                    if wait > budget.left and not patient:
+                        raise budget.exceeded(wait, asked=self._blocked_until > now)
+                    self._clock.wait(
+                        self._changed, max(_MIN_WAIT, min(wait, RECHECK_SECONDS, budget.left))
+                    )
+                    waited_from, now = now, self._clock.now()
+                    budget.spent += now - waited_from
+                    wait = self._take(now)
 
-    def _take(self) -> bool:
-        """Take a place in both windows if they have room now (the lock is held)."""
-        now = time.monotonic()
-        if self._blocked_until > now or any(w.wait(now) != 0 for w in self._windows):
-            return False
-        for window in self._windows:
-            window.in_flight += 1
-        return True
-
-    def block(self, seconds: float) -> None:
-        """No request before `seconds` from now (a Retry-After, or an exhausted window)."""
-        with self._changed:
-            self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
+    def _take(self, now: float) -> float:
+        """Take a place in both windows if they have room at `now` and return 0; else the
+        seconds until one may free up (infinity: when an answer comes back). The lock is
+        held, and `now` is the only reading of the clock, so the answer is consistent."""
+        if self._stopped:
+            raise Interrupted("the run is stopping")
+        if self._blocked_until > now:
+            return self._blocked_until - now
+        wait = max(window.wait(now) for window in self._windows)
+        if not wait:
+            for window in self._windows:
+                window.in_flight += 1
+        return wait
 
 
 class Pacer:
     """One `EndpointPacer` per operation, seeded with the documented limits."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, clock: Clock | None = None) -> None:
         self._enabled = enabled
-        self.clock = WaitClock()
+        self._clock = clock or RealClock()
+        self.waits = WaitMeter(self._clock)
         self._pacers: dict[str, EndpointPacer] = {}
+        self._stopped = False
         self._lock = threading.Lock()
 
     def endpoint(self, op: Operation) -> EndpointPacer:
@@ -180,5 +259,16 @@ class Pacer:
                     limits = (op.burst_per_second, op.steady_per_minute)
                 else:
                     limits = (10**9, 10**9)
-                pacer = self._pacers[op.operation_id] = EndpointPacer(*limits, self.clock)
+                pacer = EndpointPacer(*limits, self.waits, self._clock)
+                if self._stopped:
+                    pacer.stop()
+                self._pacers[op.operation_id] = pacer
             return pacer
+
+    def stop(self) -> None:
+        """Wake every request waiting for a place, with `Interrupted`."""
+        with self._lock:
+            self._stopped = True
+            pacers = list(self._pacers.values())
+        for pacer in pacers:
+            pacer.stop()

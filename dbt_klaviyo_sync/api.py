@@ -32,7 +32,15 @@ from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
 from dbt_klaviyo_sync.logs import add_log_file, api_key, redact
 from dbt_klaviyo_sync.manifest import ModelNode
 from dbt_klaviyo_sync.progress import ProgressReporter
-from dbt_klaviyo_sync.runner import SyncOptions, build_specs, make_client, preflight, run
+from dbt_klaviyo_sync.runner import (
+    StopRequest,
+    SyncOptions,
+    build_specs,
+    identify_account,
+    make_client,
+    preflight,
+    run,
+)
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.state import open_state
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
@@ -58,15 +66,21 @@ def sync(
     concurrency: int = 4,
     job_timeout: float = 1800.0,
     read_timeout: float = 60.0,
+    max_wait: float = 300.0,
+    allow_removals: bool = False,
     progress: ProgressReporter | None = None,
+    stop: StopRequest | None = None,
 ) -> RunSummary:
     """Sync the selected annotated models (all of them by default) and say what happened.
 
     `select`, `exclude` and `selector` take dbt's selector syntax, and `vars` dbt's vars (a
     dict, or YAML as for `dbt --vars`), as the CLI's options of the same names do.
     `build=True` runs `dbt build` for them first and syncs only those that built and
-    passed their tests. `fail_on_rejects` is the share of rejected records above which the
-    exit status is 1 (by default any reject is).
+    passed their tests. `fail_on_rejects` is the share of a model's rows standing rejected
+    above which the exit status is 1 (by default any reject is). `max_wait` caps the seconds
+    one request may wait for Klaviyo's rate limits; `allow_removals` goes past every model's
+    safety brake on removals and deletions. `stop.request()` (from a signal handler, say)
+    ends the run early, losing nothing.
     """
     summary = RunSummary(dry_run=dry_run, reject_rate=fail_on_rejects)
     started = time.monotonic()
@@ -79,13 +93,15 @@ def sync(
             concurrency=concurrency,
             job_deadline=job_timeout,
             read_timeout=read_timeout,
+            max_wait=max_wait,
+            allow_removals=allow_removals,
         )
         with _logged_to(project):
             models = select_models(project)
             if build:
                 models = _build(project, models, summary)
             if models:
-                run(project, models, options, summary, progress)
+                run(project, models, options, summary, progress, stop)
     except SyncError as exc:
         summary.error = redact(str(exc))
     finally:
@@ -177,6 +193,8 @@ def _validate_credentials(specs: list[SyncSpec], credentials: Check) -> None:
         )
     client = make_client(options)
     try:
+        account = identify_account(client, specs, options)
+        credentials.what = f"credentials (Klaviyo account {account}), and each mirrored list exists"
         preflight(client, specs)
     except SyncError as exc:
         credentials.problems.append(redact(str(exc)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from dbt_klaviyo_sync.errors import ConfigurationError, SyncError
 from dbt_klaviyo_sync.logs import configure, redact
 
 if TYPE_CHECKING:
+    from dbt_klaviyo_sync.runner import StopRequest
     from dbt_klaviyo_sync.state import State
 
 _MULTI_VALUE = {"--select", "-s", "--exclude"}
@@ -155,7 +157,21 @@ _sync_options = _options(
         type=click.FloatRange(min=0.1),
         default=60,
         show_default=True,
-        help="Seconds to wait for Klaviyo's answer before retrying the request.",
+        help="Seconds one request may take, answer and all, before it is retried.",
+    ),
+    click.option(
+        "--max-wait",
+        type=click.FloatRange(min=0),
+        default=300,
+        show_default=True,
+        help="Seconds one request may wait for Klaviyo's rate limits (Retry-After included); "
+        "a longer wait fails its records for this run instead of sleeping.",
+    ),
+    click.option(
+        "--allow-removals",
+        is_flag=True,
+        help="Go past each model's safety brake: a list mirror or delete model that would "
+        "remove more than its max_removal_share of what the last sync left stops otherwise.",
     ),
     _logging_options,
 )
@@ -183,16 +199,41 @@ def plan(**settings: Any) -> None:
     _sync(dry_run=True, **settings)
 
 
+@contextmanager
+def _stopped_by_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGINT and SIGTERM ask the run to stop: no new work, answers already received
+    committed, the run recorded as interrupted, the summary printed, exit status 2. A
+    second signal stops at once (what was not committed is sent again next run)."""
+
+    def handle(number: int, frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {number: signal.signal(number, handle) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def _sync(output: str, reject_rate: float | None, **settings: Any) -> None:
     from dbt_klaviyo_sync import report
     from dbt_klaviyo_sync.api import sync as run_sync
     from dbt_klaviyo_sync.progress import BarProgress, NoProgress
+    from dbt_klaviyo_sync.runner import StopRequest
 
     quiet = logging.getLogger("dbt_klaviyo_sync").getEffectiveLevel() > logging.INFO
     live = output == "text" and not quiet and not settings["dry_run"] and sys.stderr.isatty()
     progress = BarProgress() if live else NoProgress()
+    stop = StopRequest()
     try:
-        summary = run_sync(fail_on_rejects=reject_rate, progress=progress, **settings)
+        with _stopped_by_signals(stop):
+            summary = run_sync(
+                fail_on_rejects=reject_rate, progress=progress, stop=stop, **settings
+            )
     finally:
         progress.close()
     if output == "json":
@@ -367,12 +408,23 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(
+            "Stopped at once. Answers not yet recorded are sent again on the next run, "
+            "which is safe.",
+            err=True,
+        )
         sys.exit(2)
     except SystemExit:
         raise
-    except Exception:
+    except Exception as exc:
+        # Never a traceback on the terminal: it could carry what a library put in it.
+        logging.getLogger(__name__).debug("%s", redact(traceback.format_exc()))
         click.echo(
-            redact("Internal error (please report it):\n" + traceback.format_exc()), err=True
+            redact(
+                f"Internal error (please report it, with the output of --log-level debug): "
+                f"{type(exc).__name__}: {exc}"
+            ),
+            err=True,
         )
         sys.exit(2)

@@ -163,12 +163,15 @@ def run(
                 diff.check_columns(state.con, spec)
             if not options.dry_run and not state.has_syncs():
                 _warn_fresh_state(ready, state_path)
-            account = identify_account(client, ready, options)
             if not options.dry_run:
+                account = identify_account(client, ready, options)
                 preflight(client, ready)
+            else:
+                account = _account_for_plan(state, client, ready, options, warehouse.target_name)
             for spec in ready:
                 if stop.requested:
-                    break
+                    log.warning("the run was interrupted: %s not synced", spec.model)
+                    continue
                 identity = SyncIdentity.of(spec, warehouse.target_name, client.base_url, account)
                 model = ModelSync(state, client, spec, identity, options, progress, stop)
                 summary.models.append(model.result)
@@ -255,6 +258,17 @@ def identify_account(
     raise CredentialsError("KLAVIYO_PRIVATE_API_KEY is not set; export your private key (pk_...)")
 
 
+def _account_for_plan(
+    state: State, client: KlaviyoClient, specs: list[SyncSpec], options: SyncOptions, target: str
+) -> str | None:
+    """A dry run asks Klaviyo which account the keys write to only when the state holds
+    syncs of one of its models for several accounts; otherwise it compares with the one
+    sync it has (or none), and sends no request at all."""
+    if any(len(state.accounts(spec, target, client.base_url)) > 1 for spec in specs):
+        return identify_account(client, specs, options)
+    return None
+
+
 def preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
     """Cheap reads before any state changes: every list a model mirrors exists."""
     try:
@@ -334,7 +348,7 @@ class ModelSync:
 
     def _run(self) -> ModelResult:
         if self.dry_run:
-            self.sid = self.state.resolved(self.identity)
+            self.sid = self.state.resolved(self.identity, self.spec)
         else:
             self.state.register(self.identity, self.spec)
         self._rebase()
@@ -381,6 +395,7 @@ class ModelSync:
             planned = counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0)
             self.progress.start(self.spec.model, planned)
             bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
+            sending = time.monotonic()
             self._send(
                 make_sender(self.client, self.spec, bulk=bulk, options=self.options), _CHANGES
             )
@@ -398,6 +413,12 @@ class ModelSync:
                     self.spec.model,
                     self._already,
                 )
+            log.info(
+                "%s: sent in %.1f s, %.1f s waiting for rate limits",
+                self.spec.model,
+                time.monotonic() - sending,
+                self.client.rate_limit_wait - self._waited_before,
+            )
             unsent = planned - self._handled
             if unsent > 0:  # the run stopped early, or Klaviyo kept refusing requests
                 tally.failed += unsent
@@ -413,6 +434,7 @@ class ModelSync:
                     "account."
                 )
             tally.rejected += standing
+            self.result.interrupted = self.result.interrupted or self.stop.requested
             status = self.result.status
         except Exception as exc:
             error = _error_text(exc)
@@ -429,17 +451,15 @@ class ModelSync:
             if not self.dry_run:
                 self.state.finish_run(self.run_id, tally, status, error)
                 log.info(
-                    "%s: done in %.1f s, %d requests, %.1f s waiting for rate limits",
+                    "%s: done in %.1f s, %d requests",
                     self.spec.model,
                     time.monotonic() - began,
                     tally.requests,
-                    self.client.rate_limit_wait - self._waited_before,
                 )
         return self.result
 
     def _why_stopped(self) -> str:
         if self.stop.requested:
-            self.result.interrupted = True
             return "the run was interrupted; they go next run"
         return "Klaviyo refused the requests before them as a whole; they go next run"
 
@@ -477,8 +497,8 @@ class ModelSync:
                     resend.append(unit.unit)
                 continue
             records = [_journaled_record(row) for row in unit.records]
-            expired = unit.age > self.options.job_deadline
-            outcome = jobs.resume(unit.job_id, records, expired=expired)
+            within = self.options.job_deadline - unit.age
+            outcome = jobs.resume(unit.job_id, records, within=within)
             if outcome is None:
                 resend.append(unit.unit)
                 continue
@@ -576,7 +596,14 @@ class ModelSync:
         """Whether to take no more work: the run was asked to stop (then requests waiting
         in the client give up at once), or Klaviyo keeps refusing whole requests."""
         if self.stop.requested:
-            self.client.stop()
+            if not self.result.interrupted:
+                log.warning(
+                    "%s: stopping: no new requests; waiting for those in flight, then "
+                    "recording their answers",
+                    self.spec.model,
+                )
+                self.result.interrupted = True
+                self.client.stop()
             return True
         return len(self._refusals_in_a_row) >= MAX_REFUSALS_IN_A_ROW
 

@@ -392,16 +392,35 @@ class State:
             [sid, FINGERPRINT_VERSION],
         )
 
-    def resolved(self, sync: SyncIdentity) -> str:
-        """The id a dry run reads, which registers nothing: the sync's own, or the id
-        without an account that a real run would adopt (see `register`)."""
-        found = self.con.execute(
-            f"""SELECT sync_id FROM {CATALOG}.syncs
-                WHERE sync_id = $1 OR (sync_id = $2 AND account_id IS NULL)
-                ORDER BY sync_id = $1 DESC LIMIT 1""",
-            [sync.sid, sync.legacy_sid],
+    def accounts(self, spec: SyncSpec, target: str, base_url: str) -> dict[str, str | None]:
+        """The syncs recorded for this model's object, behaviour and list, target and URL,
+        whatever the account: their ids, with the account of each."""
+        rows = self.con.execute(
+            f"""SELECT sync_id, account_id FROM {CATALOG}.syncs
+                WHERE unique_id = $1 AND object = $2 AND behavior = $3
+                  AND coalesce(list_id, '') = $4 AND target = $5 AND base_url = $6""",
+            [
+                spec.unique_id,
+                spec.object,
+                spec.behavior,
+                spec.list_id or "",
+                target,
+                base_url.rstrip("/"),
+            ],
         ).fetchall()
-        return str(found[0][0]) if found else sync.sid
+        return {str(sid): account for sid, account in rows}
+
+    def resolved(self, sync: SyncIdentity, spec: SyncSpec) -> str:
+        """The id a dry run reads, which registers nothing: the sync's own, or the id
+        without an account that a real run would adopt (see `register`). Without an
+        account (a plan that did not ask Klaviyo), the one sync recorded for the model, if
+        there is one."""
+        known = self.accounts(spec, sync.target, sync.base_url)
+        if sync.account_id is None:
+            return next(iter(known)) if len(known) == 1 else sync.sid
+        if sync.sid in known:
+            return sync.sid
+        return sync.legacy_sid if known.get(sync.legacy_sid, "") is None else sync.sid
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

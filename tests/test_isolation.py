@@ -34,12 +34,18 @@ def test_many_bad_records_named_one_per_answer_are_all_isolated() -> None:
     assert len(requests) == 2001
 
 
-def test_a_refusal_naming_nothing_halves_until_the_bad_record_stands_alone() -> None:
+def test_a_refusal_naming_no_record_rejects_none_and_fails_all() -> None:
+    """A refusal that points at no record is the request's (a gateway, a missing list):
+    it once halved the request down to single records and then rejected every one of
+    them, so the next run saw nothing to send while Klaviyo held none of them."""
+    requests = []
+
     def attempt(part: list[Prepared]) -> Outcome:
-        if any(p.record.key == "K7" for p in part):
-            raise KlaviyoRejected("x", 400, [ApiError(400, "invalid", "refused")])
-        return Outcome(accepted=[(p.record, None) for p in part])
+        requests.append(len(part))
+        raise KlaviyoRejected("x", 400, [ApiError(400, "invalid", "refused")])
 
     outcome = send_isolating(prepared(1000), attempt, lambda _, e: None, reject)
-    assert [r.key for r in outcome.rejected] == ["K7"]
-    assert len(outcome.accepted) == 999
+    assert outcome.rejected == [] and outcome.accepted == []
+    assert len(outcome.failed) == 1000 and requests == [1000]
+    assert outcome.refusals == ["x: HTTP 400: refused"]
+    assert "not this record" in outcome.failed[0][1]

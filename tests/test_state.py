@@ -304,15 +304,18 @@ def test_a_state_from_before_accounts_is_adopted_by_the_keys_account(
         diff.compute(state.con, SPEC, legacy.sid)
         commit(state, [{"key": "C1", "outcome": "accepted", "fingerprint": 7}], sid=legacy.sid)
         mine = SyncIdentity.of(SPEC, "dev", "http://k", "ACCT01")
-        assert state.resolved(mine) == legacy.sid  # what a dry run reads
+        assert state.resolved(mine, SPEC) == legacy.sid  # what a dry run reads
         state.register(mine, SPEC)
         assert state.con.execute(f"SELECT sync_id, account_id FROM {CATALOG}.syncs").fetchall() == [
             (mine.sid, "ACCT01")
         ]
         assert state.accepted_count(mine.sid) == 1
+        unknown = SyncIdentity.of(SPEC, "dev", "http://k", None)  # a plan that did not ask
+        assert state.resolved(unknown, SPEC) == mine.sid  # the one sync there is
         other = SyncIdentity.of(SPEC, "dev", "http://k", "OTHER2")
         state.register(other, SPEC)  # another account adopts nothing: it starts empty
         assert state.accepted_count(other.sid) == 0 and other.sid != mine.sid
+        assert len(state.accounts(SPEC, "dev", "http://k")) == 2  # a plan must ask now
 
 
 # -- B8 upgrade: a state fingerprinted by hash() is carried over without sending -----------

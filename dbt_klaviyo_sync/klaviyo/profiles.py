@@ -206,29 +206,28 @@ class BulkImport:
         unit.job_created(job_id)
         return self.follow(job_id, records, ids or {})
 
-    def resume(self, job_id: str, records: list[Record], *, expired: bool) -> Outcome | None:
-        """Look once at a job an earlier run created: its outcome when it is complete; None
-        when Klaviyo no longer knows it, cancelled it, or it is `expired` (older than the job
-        timeout), so that its records are sent again; else its records come back failed, to
-        wait for it (sending them meanwhile could land before the job's older values)."""
-        operation = "get_bulk_import_profiles_job"
+    def resume(self, job_id: str, records: list[Record], *, within: float) -> Outcome | None:
+        """Follow a job an earlier run created, for what is left of its job timeout
+        (`within` seconds, at least one look): its outcome once it is complete; None when
+        Klaviyo no longer knows it, cancelled it, or it outlived its timeout, so that its
+        records are sent again. When it cannot be followed now, its records come back
+        failed: they wait for it (sent meanwhile, they could land before its older values)."""
         try:
-            job = self.client.call(operation, path_params=(job_id,))
-            status = str(dig(job, "data", "attributes", "status", operation=operation))
+            status = self._wait_for(job_id, max(within, 0.0))
         except KlaviyoRejected as exc:
             if exc.status == 404:
                 return None
             return self._unfollowed(job_id, records, exc)
         except TransientApiError as exc:
             return self._unfollowed(job_id, records, exc)
-        if status == "cancelled" or (status != "complete" and expired):
+        if status != "complete":
             return None
-        return self._ended(job_id, status if status == "complete" else None, records, {})
+        return self._ended(job_id, status, records, {})
 
     def follow(self, job_id: str, records: list[Record], ids: dict[str, str]) -> Outcome:
         """Wait for a job just created, then map its import errors to its records."""
         try:
-            status = self._wait_for(job_id)
+            status = self._wait_for(job_id, self.job_deadline)
         except (TransientApiError, KlaviyoRejected) as exc:
             return self._unfollowed(job_id, records, exc)
         return self._ended(job_id, status, records, ids)
@@ -265,9 +264,9 @@ class BulkImport:
     def _reject(self, record: Record, error: ApiError) -> Reject:
         return _reject(self.spec, record, error)
 
-    def _wait_for(self, job_id: str) -> str | None:
-        """Poll the job until it ends; None when the deadline passes first."""
-        deadline = time.monotonic() + self.job_deadline
+    def _wait_for(self, job_id: str, seconds: float) -> str | None:
+        """Poll the job until it ends; None when `seconds` pass first."""
+        deadline = time.monotonic() + seconds
         interval = 0.2
         operation = "get_bulk_import_profiles_job"
         while True:

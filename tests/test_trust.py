@@ -369,16 +369,20 @@ def test_a_key_echoed_in_a_refusal_reaches_no_output_reject_or_state(
             }
         ]
     }
-    emulator.inject(
-        kind="raw",
-        status=400,
-        body=orjson.dumps(echoed),
-        headers={"Content-Type": "application/vnd.api+json"},
-        operation="create_or_update_profile",
-        count=2,
-    )
+
+    def echo_once() -> None:
+        emulator.inject(
+            kind="raw",
+            status=400,
+            body=orjson.dumps(echoed),
+            headers={"Content-Type": "application/vnd.api+json"},
+            operation="create_or_update_profile",
+        )
+
+    echo_once()
     text = sync(project, emulator, "--select", "customers")
     assert text.returncode == 1 and text.row("customers")["rejected"] == 1, text.output
+    echo_once()
     as_json = sync(project, emulator, "--select", "customers", "--full-refresh", "--output", "json")
     rejects = dbt_klaviyo(project, emulator, "rejects", "customers", "--project-dir", ".")
     outputs = text.output + as_json.output + rejects.output

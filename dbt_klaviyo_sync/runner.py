@@ -334,6 +334,7 @@ class ModelSync:
         self._committed_at = time.monotonic()
         self._handled = 0  # records answered or refused, of those planned
         self._already = 0  # records Klaviyo already held as wanted
+        self._journaling = True  # the units being answered were journaled (values and all)
         self._refusals_in_a_row: list[str] = []
 
     def run(self) -> ModelResult:
@@ -570,8 +571,8 @@ class ModelSync:
                     self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
             self._sample_old_values()
             return
-        journaled = self.spec.object == "event" or bool(getattr(sender, "bulk", False))
-        recorder = self.state.job_recorder(self.sid) if journaled else None
+        self._journaling = sender.journaled
+        recorder = self.state.job_recorder(self.sid) if sender.journaled else None
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
             try:
@@ -619,8 +620,8 @@ class ModelSync:
         (or, in a dry run, counted) straight away. An event an earlier run may have
         delivered goes exactly as it went then, whatever its row says now."""
         for batch in diff.batches(self.state.con, kinds):
-            if isinstance(sender, EventSender):
-                again = pc.is_valid(batch.column("__sent"))
+            again = pc.is_valid(batch.column("__sent"))
+            if isinstance(sender, EventSender) and pc.any(again).as_py():
                 for row in batch.filter(again).to_pylist():
                     record = Record(
                         row["__key"],
@@ -656,16 +657,19 @@ class ModelSync:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.dry_run:
-            self.state.commit_batch(
-                self.sid, self.run_id, self.spec.model, _outcome_table(self._pending)
-            )
+        self._record(self._pending)
         self._pending, self._committed_at = Outcome(), time.monotonic()
 
     def _commit(self, outcome: Outcome) -> None:
-        if not self.dry_run:
-            self.state.commit_batch(self.sid, self.run_id, self.spec.model, _outcome_table(outcome))
+        self._record(outcome)
         self._tally(outcome)
+
+    def _record(self, outcome: Outcome) -> None:
+        """Commit answers to the state. The values of journaled records are in the journal
+        already: they are not serialized a second time."""
+        if not self.dry_run:
+            table = _outcome_table(outcome, values=not self._journaling)
+            self.state.commit_batch(self.sid, self.run_id, self.spec.model, table)
 
     def _tally(self, outcome: Outcome, planned: bool = False) -> None:
         """Count as the summary table shows it: an accepted record is added, updated or
@@ -768,15 +772,16 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _outcome_table(outcome: Outcome) -> pa.Table:
-    """A batch's answers in the shape `State.commit_batch` takes. Every text that came from
-    Klaviyo is scrubbed of keys again before it is stored."""
+def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
+    """A batch's answers in the shape `State.commit_batch` takes; with `values`, the JSON
+    of what each accepted record sent (without, the journal has it). Every text that came
+    from Klaviyo is scrubbed of keys again before it is stored."""
     rows = [
         {
             "key": r.key,
             "outcome": "accepted",
             "fingerprint": r.fingerprint,
-            "accepted_values": payloads.dumps(r.values).decode(),
+            "accepted_values": payloads.dumps(r.values).decode() if values else None,
             "klaviyo_id": klaviyo_id or r.klaviyo_id,
             "in_snapshot": r.in_snapshot,
         }

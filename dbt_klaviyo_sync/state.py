@@ -142,6 +142,13 @@ _SNAPSHOT_COLUMNS = (
 )
 # How `commit_batch` records a batch's outcomes (the registered table `batch_outcomes`).
 # Every INSERT names its columns: migrations only ever add columns.
+# A batch's outcomes, with the values of a journaled record taken from the journal, where
+# they were written (serialized once) before it was sent.
+_OUTCOMES = f"""(SELECT b.* REPLACE (coalesce(b.accepted_values, j.accepted_values)
+                                     AS accepted_values)
+    FROM batch_outcomes AS b LEFT JOIN (
+        SELECT key, arg_max(accepted_values, journaled_at) AS accepted_values
+        FROM {CATALOG}.journal WHERE sync_id = $1 GROUP BY key) AS j USING (key))"""
 _INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key,
         CASE WHEN outcome = 'accepted' THEN fingerprint END,
@@ -150,7 +157,7 @@ _INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
         CASE WHEN outcome = 'rejected' THEN fingerprint END,
         CASE WHEN outcome = 'rejected' THEN retry END,
         current_timestamp
-    FROM batch_outcomes
+    FROM {_OUTCOMES}
     WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')"""
 # Rows already in the snapshot that Klaviyo accepted again are replaced: deleted, with the
 # rows that left a list, in one scan of the snapshot (DuckDB's UPDATE ... FROM scans more
@@ -160,7 +167,7 @@ _DELETE_REPLACED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key
      WHERE (in_snapshot AND outcome = 'accepted') OR outcome IN ('removed', 'forgotten'))"""
 _INSERT_REPLACED = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, NULL, current_timestamp
-    FROM batch_outcomes WHERE in_snapshot AND outcome = 'accepted'"""
+    FROM {_OUTCOMES} WHERE in_snapshot AND outcome = 'accepted'"""
 # A known row Klaviyo now refuses keeps what it last accepted, and remembers the refusal;
 # a row back at the accepted version forgets an earlier refusal.
 _MARK_REJECTED = f"""UPDATE {CATALOG}.snapshot AS s
@@ -679,7 +686,7 @@ def open_state(
         state = State(con, path)
         with state.writing():
             if read_only and path is not None and state.schema_version() < SCHEMA_VERSION:
-                _into_memory(con)  # to read an older (or empty) state as this version's
+                state.in_memory()  # to read an older (or empty) state as this version's
             state._migrate()
         yield state
     finally:

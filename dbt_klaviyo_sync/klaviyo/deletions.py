@@ -46,6 +46,8 @@ class ProfileDeleter:
     run, which a merge in Klaviyo may have made stale) has nothing left to delete: the
     erasure is complete, and the key is done like the others."""
 
+    journaled = False  # a deletion asked twice deletes nothing more
+
     def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
         self.client = client
         self.spec = spec

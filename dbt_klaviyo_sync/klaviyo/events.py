@@ -47,6 +47,8 @@ class PreparedEvent(Prepared):
 
 
 class EventSender:
+    journaled = True  # an event that may have arrived must go again exactly as it went
+
     def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
         self.client = client
         self.spec = spec

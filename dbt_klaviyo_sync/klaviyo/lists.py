@@ -43,6 +43,8 @@ class ListRemover:
     joins under the new one (and is added first); removing by the remembered id would take
     it out of the list again. A key no profile holds any more is in no list."""
 
+    journaled = False  # removing twice removes nothing more
+
     def __init__(self, client: KlaviyoClient, spec: SyncSpec) -> None:
         self.client = client
         self.spec = spec

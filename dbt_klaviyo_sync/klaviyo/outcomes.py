@@ -90,6 +90,11 @@ class Outcome:
 class Sender(Protocol):
     """One sync behaviour's way of turning records into requests."""
 
+    @property
+    def journaled(self) -> bool:
+        """Whether its units are written to the journal before they are sent: those that
+        must go again exactly as they went (events), or become bulk jobs to follow up."""
+
     def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
         """Shape each record for its request; refuse, with the reason, what Klaviyo would."""
 

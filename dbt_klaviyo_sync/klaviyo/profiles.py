@@ -353,6 +353,12 @@ class ProfileUpserter:
     """Update or Create: upsert each changed row's profile; for a list mirror, also make
     it a member of the list (a bulk job adds to the list in the same request)."""
 
+    @property
+    def journaled(self) -> bool:
+        """Bulk jobs are journaled, to be followed after a kill; single upserts are not:
+        sending one again does no harm."""
+        return self.bulk
+
     def __init__(
         self,
         client: KlaviyoClient,
@@ -453,6 +459,12 @@ class ProfileUpdater:
 
     #: Records looked up and updated together: ten lookup pages.
     UNIT = 1000
+
+    @property
+    def journaled(self) -> bool:
+        """Bulk jobs are journaled, to be followed after a kill; single upserts are not:
+        sending one again does no harm."""
+        return self.bulk
 
     def __init__(self, client: KlaviyoClient, spec: SyncSpec, *, bulk: bool, job_deadline: float):
         self.client = client

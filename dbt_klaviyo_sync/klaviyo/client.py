@@ -462,8 +462,8 @@ class KlaviyoClient:
             raise CredentialsError(
                 f"Klaviyo refused the API key (HTTP {status}: {errors[0].detail}). Check "
                 "KLAVIYO_PRIVATE_API_KEY (and KLAVIYO_PUBLIC_API_KEY for `api: client`) "
-                "and the key's scopes (profiles:read/write, lists:read/write, events:write "
-                "for events, data-privacy:write for deletions)."
+                "and the key's scopes (accounts:read, profiles:read/write, lists:read/write, "
+                "events:write for events, data-privacy:write for deletions)."
             )
         if status >= 400:
             errors = _parse_errors(status, response.content, self._keys)

@@ -341,9 +341,7 @@ class State:
         without one: it is adopted, in one transaction, by the account of the key in use now
         (the state was that account's, unless the key changed at the same time as the
         upgrade)."""
-        w = self._writer
-        w.execute("BEGIN TRANSACTION")
-        try:
+        with self.transaction() as w:
             known = w.execute(
                 f"SELECT 1 FROM {CATALOG}.syncs WHERE sync_id = $1", [sync.sid]
             ).fetchall()
@@ -379,10 +377,6 @@ class State:
                     FINGERPRINT_VERSION,
                 ],
             )
-            w.execute("COMMIT")
-        except BaseException:
-            w.execute("ROLLBACK")
-            raise
 
     def needs_rebase(self, sid: str) -> bool:
         """Whether the sync's stored keys and fingerprints predate FINGERPRINT_VERSION."""
@@ -595,19 +589,14 @@ class State:
             (answered, _CLEAR_JOURNAL, [sid]),
             (answered, _CLEAR_JOBS, [sid]),
         ]
-        w = self._writer
-        w.register("batch_outcomes", outcomes)
+        self._writer.register("batch_outcomes", outcomes)
         try:
-            w.execute("BEGIN TRANSACTION")
-            for needed, sql, parameters in statements:
-                if needed:
-                    w.execute(sql, parameters)
-            w.execute("COMMIT")
-        except BaseException:
-            w.execute("ROLLBACK")
-            raise
+            with self.transaction() as w:
+                for needed, sql, parameters in statements:
+                    if needed:
+                        w.execute(sql, parameters)
         finally:
-            w.unregister("batch_outcomes")
+            self._writer.unregister("batch_outcomes")
 
     def memory_for(self, phase: Literal["diff", "send"]) -> None:
         """Give DuckDB the memory budget of the phase the sync is in."""

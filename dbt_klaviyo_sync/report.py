@@ -98,7 +98,8 @@ def _problems(out: Console, m: ModelResult, would: bool) -> None:
         more = m.counts.rejected - len(m.rejects)
         out.print(f"  ... and {more:,} more: dbt-klaviyo rejects {escape(m.model)}")
     for failure in m.failures:
-        out.print(f"  failed {escape(m.model)} {escape(failure)} (sent again next run)")
+        again = "" if "next run" in failure else " (sent again next run)"
+        out.print(f"  failed {escape(m.model)} {escape(failure)}{again}")
     for key in m.planned:
         out.print(f"  would delete {escape(m.model)} {key!r}")
     if m.error:

@@ -98,6 +98,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE jobs (
             sync_id VARCHAR NOT NULL, unit VARCHAR NOT NULL, job_id VARCHAR NOT NULL,
             created_at TIMESTAMPTZ NOT NULL)""",
+        # Refusals recorded before this version that may pass by themselves are tried again.
+        """UPDATE snapshot SET retry_rejected = true
+           WHERE rejected_fingerprint IS NOT NULL AND (sync_id, key) IN (
+               SELECT (sync_id, key) FROM rejects
+               WHERE code IN ('not_found', 'duplicate_profile'))""",
     ],
 }
 

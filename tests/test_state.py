@@ -391,3 +391,27 @@ def test_an_empty_state_file_reads_as_no_state_and_is_not_created_early(
     duckdb.connect(str(state_path)).close()  # as an older version could leave it
     with open_state(state_path, {}, read_only=True) as state:
         assert not state.has_syncs()
+
+
+def test_refusals_recorded_before_the_upgrade_that_may_pass_are_tried_again(
+    state_path: Path, warehouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as older:
+        older.setattr(state_module, "SCHEMA_VERSION", 3)
+        with open_state(state_path, {"wh": warehouse}) as state:
+            for key, code in (("C1", "not_found"), ("C2", "invalid")):
+                state.con.execute(
+                    f"""INSERT INTO {CATALOG}.snapshot (sync_id, key, rejected_fingerprint,
+                        updated_at) VALUES ($1, $2, 1, now())""",
+                    [SID, key],
+                )
+                state.con.execute(
+                    f"""INSERT INTO {CATALOG}.rejects (run_id, sync_id, model, key, code, reason,
+                        rejected_at) VALUES ('r', $1, 'customers', $2, $3, 'x', now())""",
+                    [SID, key, code],
+                )
+    with open_state(state_path, {"wh": warehouse}) as state:
+        retried = state.con.execute(
+            f"SELECT key, retry_rejected FROM {CATALOG}.snapshot ORDER BY key"
+        ).fetchall()
+    assert retried == [("C1", True), ("C2", None)]

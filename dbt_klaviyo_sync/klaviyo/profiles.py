@@ -117,8 +117,8 @@ def _reject(spec: SyncSpec, record: Record, error: ApiError) -> Reject:
 
 
 _CONFLICT_ADVICE = (
-    "Merge those profiles in Klaviyo or correct the row; it is sent again when the row "
-    "changes, or with --full-refresh."
+    "Merge those profiles in Klaviyo or correct the row; it is tried again on every run "
+    "until one of them is done."
 )
 
 

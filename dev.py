@@ -2,7 +2,8 @@
 """Set-up and everyday commands. Needs nothing but Python 3.11.
 
     python3 dev.py demo   # dbt builds 1,200 customers, the emulator starts, two syncs
-    python3 dev.py test   # lint, type checks and the whole test suite (what CI runs)
+    python3 dev.py test   # lint, type checks and the whole test suite (what CI runs),
+                          # with a throwaway PostgreSQL server (scripts/postgres.py)
     python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
 
 Both create `.venv/` and install the project into it on first use (and again whenever
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
 from pathlib import Path
+
+from scripts import postgres
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
@@ -40,18 +44,42 @@ def ensure_venv() -> None:
     stamp.write_text(wanted)
 
 
-def run(*command: str) -> None:
+def run(*command: str, env: dict[str, str] | None = None) -> None:
     print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=ROOT)
-    if done.returncode:
-        sys.exit(done.returncode)
+    with subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}) as process:
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:  # the command got the same Ctrl-C: let it stop its own way
+            returncode = process.wait()
+        except BaseException:
+            process.kill()
+            raise
+    if returncode:
+        sys.exit(returncode)
 
 
 def test(pytest_args: list[str]) -> None:
+    """Lint, type checks, then the tests with a throwaway PostgreSQL server, which is
+    stopped whatever happens (a failure, Ctrl-C, or CI cancelling the job with SIGTERM)."""
     run(str(BIN / "ruff"), "check", ".")
     run(str(BIN / "ruff"), "format", "--check", ".")
     run(str(BIN / "mypy"), "dbt_klaviyo_sync")
-    run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    print("Starting a throwaway PostgreSQL server for the tests ...", flush=True)
+    try:
+        server = postgres.start()
+    except postgres.ServerError as exc:
+        sys.exit(f"cannot start PostgreSQL for the tests: {exc}")
+    print(f"PostgreSQL listens on 127.0.0.1:{server.port} ({server.directory})", flush=True)
+    try:
+        # Required: with the server up, a PostgreSQL test that cannot reach it is an error.
+        env = {**server.env(), "DBT_KLAVIYO_REQUIRE_POSTGRES": "1"}
+        run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args, env=env)
+    finally:
+        try:
+            server.stop()
+        except postgres.ServerError as exc:
+            print(f"warning: stopping PostgreSQL: {exc}", file=sys.stderr)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 {#-
-  1,200 deterministic demo customers, generated with DuckDB's range() (no CSV).
+  1,200 deterministic demo customers, generated in SQL (no CSV). The SQL runs unchanged on
+  DuckDB and PostgreSQL: generate_series, ARRAY[...][i] and dbt's dateadd work on both.
 
   The dbt var `demo_step` moves the data forward, to show what a sync sends:
     0 (default)  customers C00001 .. C01200.
@@ -25,7 +26,7 @@
 with ids as (
 
     select cast(i as integer) as n
-    from range(1, 1202) as r(i)
+    from generate_series(1, 1201) as r(i)
     {% if step == 0 -%}
     where i <= 1200
     {%- else -%}
@@ -39,15 +40,15 @@ base as (
     select
         n,
         'C' || lpad(cast(n as varchar), 5, '0') as customer_id,
-        case when n = 1201 then 'Nora' else [
+        case when n = 1201 then 'Nora' else (array[
             'Ada', 'Ben', 'Chloe', 'Diego', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas',
             'Kemi', 'Liam', 'Maya', 'Noah', 'Olga', 'Priya', 'Quinn', 'Rosa', 'Sami', 'Tara'
-        ][n % 20 + 1] end as first_name,
-        case when n = 1201 then 'Lindqvist' else [
+        ])[n % 20 + 1] end as first_name,
+        case when n = 1201 then 'Lindqvist' else (array[
             'Smith', 'Garcia', 'Chen', 'Okafor', 'Novak', 'Silva', 'Kowalski', 'Nguyen',
             'Haddad', 'Jensen', 'Rossi', 'Tanaka', 'Murphy', 'Dubois', 'Singh', 'Costa',
             'Larsen', 'Moreau', 'Ahmed', 'Fischer', 'Lopez', 'Kim', 'Brown'
-        ][(n * 7) % 23 + 1] end as last_name,
+        ])[(n * 7) % 23 + 1] end as last_name,
         n % 10 as place,
         -- a fixed pseudo-random spend; one customer in 25 has never ordered
         case when n % 25 = 0 then 0 else (n * 7919) % 100000 end as spend_cents
@@ -66,22 +67,25 @@ customers as (
         '+1415555' || lpad(cast(1000 + n as varchar), 4, '0') as phone,
         first_name,
         last_name,
-        [
+        (array[
             'San Francisco', 'New York', 'Austin', 'Chicago', 'Toronto',
             'London', 'Berlin', 'Paris', 'Sydney', 'Tokyo'
-        ][place + 1] as city,
-        [
+        ])[place + 1] as city,
+        (array[
             'United States', 'United States', 'United States', 'United States', 'Canada',
             'United Kingdom', 'Germany', 'France', 'Australia', 'Japan'
-        ][place + 1] as country,
+        ])[place + 1] as country,
         spend_cents,
         spend_cents >= 80000 as is_vip,
         date '2022-01-01' + cast((n * 37) % 1000 as integer) as signup_date,
         -- the last order falls within 300 days after signing up
         case
             when spend_cents > 0
-                then cast(date '2022-01-01' + cast((n * 37) % 1000 as integer) as timestamp)
-                    + to_minutes(cast((n * 7717) % 432000 as bigint))
+                then {{ dbt.dateadd(
+                    'minute',
+                    '(n * 7717) % 432000',
+                    "cast(date '2022-01-01' + cast((n * 37) % 1000 as integer) as timestamp)"
+                ) }}
         end as last_order_at,
         ((n * 31) + {{ step }} * 17) % 997 as internal_score
 
@@ -93,12 +97,19 @@ customers as (
 changed as (
 
     select
-        * replace (
-            case when customer_id = 'C00010' then 'Oakland' else city end as city,
-            case when customer_id = 'C00042' then spend_cents + 25000 else spend_cents end
-                as spend_cents,
-            case when customer_id = 'C00077' then true else is_vip end as is_vip
-        )
+        customer_id,
+        email,
+        phone,
+        first_name,
+        last_name,
+        case when customer_id = 'C00010' then 'Oakland' else city end as city,
+        country,
+        case when customer_id = 'C00042' then spend_cents + 25000 else spend_cents end
+            as spend_cents,
+        case when customer_id = 'C00077' then true else is_vip end as is_vip,
+        signup_date,
+        last_order_at,
+        internal_score
     from customers
 
 )

@@ -9,13 +9,13 @@ select
     'O' || lpad(cast(i as varchar), 6, '0') as order_id,
     c.email,
     c.customer_id,
-    timestamp '2024-01-01 09:00:00' + to_hours(cast(i as bigint)) as ordered_at,
+    {{ dbt.dateadd('hour', 'i', "timestamp '2024-01-01 09:00:00'") }} as ordered_at,
     cast((i % 50) + 9.99 {% if step >= 1 %}+ case when i = 1 then 100 else 0 end{% endif %}
         as decimal(10, 2)) as amount,
     'USD' as currency,
     'SKU-' || cast(i % 7 as varchar) as sku,
     cast(i % 3 + 1 as integer) as quantity
-from range(1, {{ 511 if step >= 1 else 501 }}) as r(i)
+from generate_series(1, {{ 510 if step >= 1 else 500 }}) as r(i)
 join {{ ref('customers') }} as c
     on c.customer_id = 'C' || lpad(cast((i % 1100) + 1 as varchar), 5, '0')
 -- customers who asked to be forgotten place no orders here

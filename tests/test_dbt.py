@@ -35,7 +35,10 @@ PARSING = "parsing the dbt project"
 def selectable(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo with tags, a model without `klaviyo` meta and selectors.yml (whose default
     selector applies when nothing is selected, as in dbt)."""
-    project = Path(shutil.copytree(built_project, tmp_path_factory.mktemp("sel") / "project"))
+    # symlinks=True: dbt_packages/klaviyo_sync links to this checkout; following it copies
+    # the whole checkout (and loops forever when integration_tests/ has its own dbt_packages).
+    copy = tmp_path_factory.mktemp("sel") / "project"
+    project = Path(shutil.copytree(built_project, copy, symlinks=True))
     (project / "models" / "staging_orders.sql").write_text("select 1 as order_id\n")
     with (project / "dbt_project.yml").open("a") as f:
         f.write(

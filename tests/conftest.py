@@ -3,6 +3,13 @@
 dbt takes seconds per invocation, so the demo project is copied and built once per session;
 each test that syncs gets its own copy of that built project (a few MB), so tests never see
 each other's state or data.
+
+The same holds on PostgreSQL (`pg_project`, and `warehouse_project` for a test that runs on
+both): the project is built once per session and worker into a database of its own, and each
+test gets a copy of that database, made with CREATE DATABASE ... TEMPLATE. The server is the
+one `python3 dev.py test` starts (scripts/postgres.py), named by the DBT_KLAVIYO_PG_*
+variables; without them the PostgreSQL tests are skipped, unless
+DBT_KLAVIYO_REQUIRE_POSTGRES=1 (set by dev.py) makes that an error.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import psycopg2
 import pytest
 import requests
+import yaml
+from psycopg2.sql import SQL, Identifier
 
 from dbt_klaviyo_sync.cli import main
 from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, select_models
@@ -45,11 +55,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_dbt(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_dbt(
+    project: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "dbt"), *args, "--profiles-dir", str(project)],
         cwd=project,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=300,
@@ -255,14 +267,31 @@ def kill_when(
 
 
 def model_rows(project: Path, sql: str = "SELECT * FROM main.customers") -> list[dict[str, Any]]:
+    """Rows from the project's warehouse: its DuckDB file, or for a PostgreSQL copy
+    (`pg_project`) its database, with `sql` in that database's dialect."""
+    database = pg_database(project)
+    if database is not None:
+        with database.connect() as con, con.cursor() as cursor:
+            cursor.execute(sql)
+            return _as_dicts(cursor)
     with duckdb.connect(str(project / "warehouse.duckdb"), read_only=True) as con:
-        cursor = con.execute(sql)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _as_dicts(con.execute(sql))
+
+
+def _as_dicts(cursor: Any) -> list[dict[str, Any]]:
+    """A DB-API cursor's rows, each by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def change_model(project: Path, sql: str) -> None:
-    """Change the built model directly, for cases the demo's dbt vars do not cover."""
+    """Change the built model directly, for cases the demo's dbt vars do not cover (in the
+    dialect of the project's warehouse, as for `model_rows`)."""
+    database = pg_database(project)
+    if database is not None:
+        with database.connect() as con, con.cursor() as cursor:
+            cursor.execute(sql)
+        return
     with duckdb.connect(str(project / "warehouse.duckdb")) as con:
         con.execute(sql)
 
@@ -284,3 +313,197 @@ def klaviyo_api(emulator: Emulator, method: str, path: str, body: Any = None) ->
     )
     assert answer.status_code < 300, answer.text
     return answer.json() if answer.content else None
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+PROFILE = "klaviyo_sync_integration_tests"
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    """A database on the test server (`postgres`, the maintenance database, for the server)."""
+
+    host: str
+    port: int
+    user: str
+    name: str = "postgres"
+
+    def env(self) -> dict[str, str]:
+        """The variables integration_tests/profiles.yml reads for its postgres target."""
+        return {
+            "DBT_KLAVIYO_PG_HOST": self.host,
+            "DBT_KLAVIYO_PG_PORT": str(self.port),
+            "DBT_KLAVIYO_PG_USER": self.user,
+            "DBT_KLAVIYO_PG_DATABASE": self.name,
+        }
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[Any]:
+        """A connection whose work is committed when the block ends (rolled back on an
+        error), then closed. psycopg2's own `with` closes nothing."""
+        con = self._connect(self.name)
+        try:
+            with con:
+                yield con
+        finally:
+            con.close()
+
+    def database(self, name: str) -> PgDatabase:
+        return dataclasses.replace(self, name=name)
+
+    def create(self, template: PgDatabase | None = None) -> None:
+        """Create the database afresh (a leftover of a killed run is dropped first), empty or
+        as a copy of `template`, which the server copies block by block: no dbt, no SQL."""
+        create = SQL("CREATE DATABASE {}").format(Identifier(self.name))
+        if template is not None:
+            create += SQL(" TEMPLATE {}").format(Identifier(template.name))
+        self.drop()
+        self._maintenance(create)
+
+    def drop(self) -> None:
+        """Drop the database, closing whatever connections are still open to it."""
+        drop = SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        self._maintenance(drop.format(Identifier(self.name)))
+
+    def _maintenance(self, statement: Any) -> None:
+        """A statement that cannot run in a transaction, from the maintenance database."""
+        con = self._connect("postgres")
+        try:
+            con.autocommit = True
+            with con.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            con.close()
+
+    def _connect(self, name: str) -> Any:
+        return psycopg2.connect(
+            host=self.host, port=self.port, user=self.user, dbname=name, connect_timeout=10
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> PgDatabase:
+    """The server `python3 dev.py test` started, from the variables it sets."""
+    variables = ("DBT_KLAVIYO_PG_HOST", "DBT_KLAVIYO_PG_PORT", "DBT_KLAVIYO_PG_USER")
+    if not all(os.environ.get(name) for name in variables):
+        reason = (
+            "no PostgreSQL server for the tests: run `python3 dev.py test`, which starts one "
+            "(or start one with `python3 scripts/postgres.py` and export the variables it "
+            f"prints: {', '.join(variables)})"
+        )
+        if os.environ.get("DBT_KLAVIYO_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    host, port, user = (os.environ[name] for name in variables)
+    server = PgDatabase(host, int(port), user)
+    try:
+        with server.connect():
+            pass
+    except psycopg2.Error as exc:
+        pytest.fail(f"cannot reach PostgreSQL at {host}:{port} as {user}: {exc}", pytrace=False)
+    return server
+
+
+def write_pg_profile(project: Path, database: PgDatabase) -> None:
+    """Make the project's profile default to its postgres target, connected to `database`
+    with the values written out: the tests' helpers run dbt and the CLI without the caller's
+    DBT_ variables (`clean_env`), so the profile must not depend on them."""
+    profiles_yml = project / "profiles.yml"
+    profiles = yaml.safe_load(profiles_yml.read_text())
+    profiles[PROFILE]["target"] = "postgres"
+    output = profiles[PROFILE]["outputs"]["postgres"]
+    output.update(host=database.host, port=database.port, user=database.user)
+    output.update(dbname=database.name)
+    profiles_yml.write_text(yaml.safe_dump(profiles, sort_keys=False))
+
+
+def pg_database(project: Path) -> PgDatabase | None:
+    """The database a project copy's profile reads by default, when it is PostgreSQL."""
+    try:
+        profile = yaml.safe_load((project / "profiles.yml").read_text())[PROFILE]
+        output = profile["outputs"][profile["target"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    if output.get("type") != "postgres":
+        return None
+    return PgDatabase(output["host"], int(output["port"]), output["user"], output["dbname"])
+
+
+def _pg_names() -> tuple[str, str]:
+    """This worker's database names (pytest-xdist runs workers side by side): the built
+    project, and each test's copy of it. The same on every run, so that a run drops what a
+    killed one left behind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return f"klaviyo_built_{worker}", f"klaviyo_test_{worker}"
+
+
+@pytest.fixture(scope="session")
+def built_pg_project(
+    pg_server: PgDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """The demo project built on PostgreSQL, once per session and worker, into a database of
+    its own: the template of every test's copy (`pg_project`). Dropped at the end."""
+    built_name, copy_name = _pg_names()
+    built = pg_server.database(built_name)
+    built.create()
+    project = copy_integration_project(tmp_path_factory.mktemp("built_pg") / "integration_tests")
+    # Built through the repository's own profile, as a user would: DBT_TARGET and the
+    # variables its postgres target reads.
+    env = {**built.env(), "DBT_TARGET": "postgres"}
+    try:
+        for args in (("deps",), ("build",)):
+            done = run_dbt(project, *args, env=env)
+            assert done.returncode == 0, done.stdout + done.stderr
+        # The copies live in a database of their own; parse once for it, as for the DuckDB
+        # project, so that each copy starts without parsing again.
+        write_pg_profile(project, pg_server.database(copy_name))
+        with environment(project, clean_env()):
+            select_models(DbtProject.locate(DbtArgs(project_dir=".", profiles_dir=".")))
+        yield project
+    finally:
+        built.drop()
+
+
+@pytest.fixture
+def make_pg_project(
+    built_pg_project: Path, pg_server: PgDatabase, tmp_path: Path
+) -> Iterator[Callable[[str], Path]]:
+    """Makes private copies of the built PostgreSQL project: `make_pg_project("")` is the
+    one `pg_project` gives, `make_pg_project("b")` another, in a database of its own (its
+    first sync parses the project again, for that database). Dropped after the test."""
+    built_name, copy_name = _pg_names()
+    made: list[PgDatabase] = []
+
+    def make(suffix: str = "") -> Path:
+        database = pg_server.database(copy_name + (f"_{suffix}" if suffix else ""))
+        assert database not in made, f"a copy with the suffix {suffix!r} exists: pick another"
+        database.create(template=pg_server.database(built_name))
+        made.append(database)
+        project = Path(
+            shutil.copytree(built_pg_project, tmp_path / f"pg_project{suffix}", symlinks=True)
+        )
+        if suffix:
+            write_pg_profile(project, database)
+        return project
+
+    yield make
+    for database in made:
+        database.drop()
+
+
+@pytest.fixture
+def pg_project(make_pg_project: Callable[[str], Path]) -> Path:
+    """A private copy of the demo project built on PostgreSQL: its own database (the
+    sync's state schema goes there too) and its own folder, whose profiles.yml defaults to
+    that database's postgres target. The helpers take it as they take `project`:
+    `sync(pg_project, emulator)` runs the real CLI against PostgreSQL, and `model_rows` and
+    `change_model` query its database (in PostgreSQL's SQL)."""
+    return make_pg_project("")
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def warehouse_project(request: pytest.FixtureRequest) -> Path:
+    """`project` and then `pg_project`: a test taking this fixture runs on each warehouse,
+    as test_x[duckdb] and test_x[postgres] (`-k postgres` picks the PostgreSQL runs)."""
+    return Path(request.getfixturevalue("project" if request.param == "duckdb" else "pg_project"))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dbt_klaviyo_sync import diff
 from dbt_klaviyo_sync.manifest import read_models
 from dbt_klaviyo_sync.spec import build_spec
-from dbt_klaviyo_sync.state import open_state
+from dbt_klaviyo_sync.warehouse.duckdb import diff
+from dbt_klaviyo_sync.warehouse.duckdb.state import open_state
 
 
 def main(directory: Path, state: Path) -> None:

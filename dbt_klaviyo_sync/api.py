@@ -26,8 +26,7 @@ from typing import Any
 
 import orjson
 
-from dbt_klaviyo_sync import diff
-from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, load_warehouse, select_models
+from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, select_models
 from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
 from dbt_klaviyo_sync.logs import add_log_file, api_key, redact
 from dbt_klaviyo_sync.manifest import ModelNode
@@ -42,8 +41,8 @@ from dbt_klaviyo_sync.runner import (
     run,
 )
 from dbt_klaviyo_sync.spec import SyncSpec
-from dbt_klaviyo_sync.state import open_state
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
+from dbt_klaviyo_sync.warehouse import open_warehouse
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 LOG_FILE = "dbt-klaviyo.log"
@@ -173,10 +172,10 @@ def _validate(project: DbtProject, check: Callable[[str], Check]) -> None:
         return
     annotations.what = f"annotations of {len(specs)} model(s): {', '.join(s.model for s in specs)}"
     columns = check("each mapped column is in the built relation")
-    with open_state(None, load_warehouse(project, models).databases) as state:
+    with open_warehouse(project, models, None, dry_run=True, state=False) as (warehouse, _, _):
         for spec in specs:
             try:
-                diff.check_columns(state.con, spec)
+                warehouse.describe(spec)
             except AnnotationErrors as exc:
                 columns.problems += [str(p) for p in exc.problems]
             except SyncError as exc:

@@ -22,7 +22,7 @@ from dbt_klaviyo_sync.logs import configure, redact
 
 if TYPE_CHECKING:
     from dbt_klaviyo_sync.runner import StopRequest
-    from dbt_klaviyo_sync.state import State
+    from dbt_klaviyo_sync.warehouse import Warehouse
 
 _MULTI_VALUE = {"--select", "-s", "--exclude"}
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
@@ -258,10 +258,10 @@ def status(
     model: str | None, project_dir: str | None, state_path: Path | None, runs: int, output: str
 ) -> None:
     """The last runs of each synced model (or of MODEL): when, counts, rejects, time taken."""
-    from dbt_klaviyo_sync import history, report
+    from dbt_klaviyo_sync import report
 
-    with _state(project_dir, state_path) as state:
-        rows = history.last_runs(state, model, runs)
+    with _history(project_dir, state_path) as warehouse:
+        rows = warehouse.last_runs(model, runs)
     if output == "json":
         click.echo(orjson.dumps(rows, default=str, option=orjson.OPT_INDENT_2).decode())
     elif rows:
@@ -293,10 +293,10 @@ def rejects(
 ) -> None:
     """MODEL's rejected records with their reasons: those still rejected (the row has not
     changed since), or with --all the whole log."""
-    from dbt_klaviyo_sync import history, report
+    from dbt_klaviyo_sync import report
 
-    with _state(project_dir, state_path) as state:
-        found = history.rejects(state, model, every)
+    with _history(project_dir, state_path) as warehouse:
+        found = warehouse.rejects(model, every)
         total = found.count()
         if csv_path:
             found.export_csv(csv_path)
@@ -320,9 +320,9 @@ def validate(**settings: Any) -> None:
 
 
 @contextmanager
-def _state(project_dir: str | None, state_path: Path | None) -> Iterator[State]:
-    """The state file, read-only, for the history commands."""
-    from dbt_klaviyo_sync.state import default_path, open_state
+def _history(project_dir: str | None, state_path: Path | None) -> Iterator[Warehouse]:
+    """The sync state, read-only, for the history commands."""
+    from dbt_klaviyo_sync.warehouse.duckdb import default_path, open_duckdb
 
     if state_path is None:
         project = Path(project_dir or ".").resolve()
@@ -334,8 +334,8 @@ def _state(project_dir: str | None, state_path: Path | None) -> Iterator[State]:
         state_path = default_path(project)
     if not state_path.is_file():
         raise ConfigurationError(f"no sync state at {state_path}: nothing has been synced yet.")
-    with open_state(state_path, {}, read_only=True) as state:
-        yield state
+    with open_duckdb(state_path, {}, read_only=True) as warehouse:
+        yield warehouse
 
 
 @cli.command()

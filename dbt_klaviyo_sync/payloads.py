@@ -15,7 +15,6 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from functools import cache
@@ -25,7 +24,18 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dbt_klaviyo_sync.diff import field_column
+from dbt_klaviyo_sync.changeset import (
+    CHANGE,
+    FINGERPRINT,
+    IN_SNAPSHOT,
+    JSON_TEXT,
+    KEY,
+    KLAVIYO_ID,
+    NUMBER_FIELDS,
+    Record,
+    Reject,
+    field_column,
+)
 from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164, maybe_invalid_emails
 from dbt_klaviyo_sync.spec import EVENT_FIELDS, SyncSpec
 
@@ -47,48 +57,6 @@ _INTERVAL = (
     "an INTERVAL cannot be sent: Klaviyo has no durations; cast it in the model to a number "
     "of seconds (epoch(x)) or to text"
 )
-
-
-@dataclass(frozen=True)
-class Record:
-    """One row, converted and ready to be shaped into a request."""
-
-    key: str
-    fingerprint: int
-    change: str
-    in_snapshot: bool
-    klaviyo_id: str | None
-    values: dict[str, Any]  # Klaviyo field -> value; None where the model has NULL
-
-
-#: Klaviyo's refusals that are tried again on every run (see `Reject.retry`).
-RETRIED_CODES = frozenset({"not_found", "duplicate_profile"})
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A row that will not be sent, and why. Stored in the rejects table."""
-
-    key: str | None
-    fingerprint: int | None
-    in_snapshot: bool
-    code: str
-    reason: str
-    column: str | None = None
-    field: str | None = None
-
-    @property
-    def invalid_row(self) -> bool:
-        """Rejects of the row's shape (NULL or duplicated key) are reported every run."""
-        return self.code in ("null_key", "duplicate_key")
-
-    @property
-    def retry(self) -> bool:
-        """A refusal that may pass while the row stays as it is: the profile may be
-        created, or the profiles holding its identifiers merged, in Klaviyo. Such rows are
-        sent again on every run, as Census and Hightouch do; the others (a malformed
-        email, say) wait for the row to change."""
-        return self.code in RETRIED_CODES
 
 
 def _json_value(value: Any) -> Any:
@@ -263,9 +231,6 @@ def _metric(value: Any) -> Any:
     return text
 
 
-#: Fields Klaviyo takes a number in; custom properties take any JSON, the rest text.
-NUMBER_FIELDS = frozenset({"value", "location.latitude", "location.longitude"})
-
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "email": _email,
     "phone_number": _phone,
@@ -294,62 +259,6 @@ def identifier(field: str, value: str) -> str | None:
     except InvalidValue:
         return None
     return None if converted is None else str(converted)
-
-
-#: The one field of the STRUCT that `value_sql` wraps JSON text in, so that it reaches
-#: `_column` as JSON to parse, not as a string to send.
-JSON_TEXT = "klaviyo_sync:json"
-_WHOLE_NUMBERS = frozenset({"HUGEINT", "UHUGEINT", "BIGNUM", "VARINT"})
-#: Types that Arrow hands to Python inexactly, or not at all, inside a LIST, STRUCT or MAP:
-#: 128-bit and arbitrary integers, BIT, JSON (as a string), time zones, nanoseconds, TIME
-#: (24:00:00).
-_INEXACT_INSIDE = re.compile(
-    r"\b(?:U?HUGEINT|BIGNUM|VARINT|BIT|JSON|TIMESTAMP_NS|TIME_NS|TIME WITH TIME ZONE)\b"
-    r"|(?<!WITH )\bTIME\b(?! ZONE)"
-)
-
-
-def value_sql(column: str, duckdb_type: str, field: str) -> str:
-    """The SQL that selects a mapped column (`column`, quoted) for the changes table, so
-    that Arrow carries each value to Python exactly:
-    - FLOAT as the DOUBLE nearest its shortest text, so 1.1 goes as 1.1;
-    - HUGEINT, UHUGEINT, VARINT (Arrow has no such integers; a UHUGEINT over 2^127 turns
-      negative) as their digits: text for a text field, JSON for the others;
-    - TIME WITH TIME ZONE (Arrow drops the offset) and BIT as their text, but BIT as itself
-      where a number or a time is wanted, to be rejected there;
-    - JSON as JSON to parse where a number or a custom property is wanted;
-    - a LIST, STRUCT or MAP holding one of those, outside text fields, as DuckDB's JSON of it.
-    A text field (the sync key among them) always gets a value whose VARCHAR cast is the
-    text sent."""
-    kind = _field_kind(field)
-    text = f"CAST({column} AS VARCHAR)"
-    if duckdb_type == "FLOAT":
-        return f"CAST({text} AS DOUBLE)"
-    if duckdb_type in _WHOLE_NUMBERS:
-        return text if kind == "text" else _json_text_sql(column, text)
-    if duckdb_type == "TIME WITH TIME ZONE" or (duckdb_type == "BIT" and kind in ("text", "json")):
-        return text
-    if kind == "text":
-        return column
-    if duckdb_type == "JSON" and kind in ("number", "json"):
-        return _json_text_sql(column, text)
-    if _nested_type(duckdb_type) and _INEXACT_INSIDE.search(duckdb_type):
-        return _json_text_sql(column, f"CAST(to_json({column}) AS VARCHAR)")
-    return column
-
-
-def _field_kind(field: str) -> str:
-    if field.startswith("properties."):
-        return "json"
-    return "number" if field in NUMBER_FIELDS else "time" if field == "time" else "text"
-
-
-def _nested_type(duckdb_type: str) -> bool:
-    return "[" in duckdb_type or duckdb_type.startswith(("STRUCT", "MAP", "UNION"))
-
-
-def _json_text_sql(column: str, json_text: str) -> str:
-    return f"CASE WHEN {column} IS NOT NULL THEN {{'{JSON_TEXT}': {json_text}}} END"
 
 
 def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
@@ -535,7 +444,7 @@ def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[R
     """Convert a batch of changed rows; rows with any bad value become rejects."""
     meta = {
         name: batch.column(name).to_pylist()
-        for name in ("__key", "__fingerprint", "__in_snapshot", "__change", "__klaviyo_id")
+        for name in (KEY, FINGERPRINT, IN_SNAPSHOT, CHANGE, KLAVIYO_ID)
     }
     converted = [_column(f.field, batch.column(field_column(i))) for i, f in enumerate(spec.fields)]
     names = [f.field for f in spec.fields]
@@ -545,8 +454,8 @@ def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[R
     good: list[Record] = []
     bad: list[Reject] = []
     for i in range(batch.num_rows):
-        key, fingerprint = meta["__key"][i], meta["__fingerprint"][i]
-        in_snapshot, change = bool(meta["__in_snapshot"][i]), meta["__change"][i]
+        key, fingerprint = meta[KEY][i], meta[FINGERPRINT][i]
+        in_snapshot, change = bool(meta[IN_SNAPSHOT][i]), meta[CHANGE][i]
         if change in ("null_key", "duplicate_key"):
             bad.append(_shape_reject(spec, key, change))
             continue
@@ -567,7 +476,7 @@ def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[R
             )
             continue
         values = {name: column[i] for name, (column, _) in zip(names, converted, strict=True)}
-        good.append(Record(key, fingerprint, change, in_snapshot, meta["__klaviyo_id"][i], values))
+        good.append(Record(key, fingerprint, change, in_snapshot, meta[KLAVIYO_ID][i], values))
     return good, bad
 
 

@@ -13,8 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dbt_klaviyo_sync.api import Check
-from dbt_klaviyo_sync.history import REJECT_COLUMNS, RUN_COLUMNS
-from dbt_klaviyo_sync.state import RunCounts
+from dbt_klaviyo_sync.changeset import REJECT_COLUMNS, RUN_COLUMNS, RunCounts
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
 
 #: Fields of a sample record shown in a plan (a new record has them all; --output json
@@ -43,6 +42,11 @@ def summary(out: Console, run: RunSummary) -> None:
         if run.dry_run:
             _plan(out, m)
         _problems(out, m, would=run.dry_run)
+    if run.interrupted:
+        out.print(
+            "[yellow]Interrupted:[/yellow] stopped on request. Every answer received was "
+            "recorded; what was not sent goes on the next run."
+        )
     if run.error:
         out.print(f"[red]Error:[/red] {escape(run.error)}")
 

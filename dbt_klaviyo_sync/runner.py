@@ -29,8 +29,21 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dbt_klaviyo_sync import diff, payloads
-from dbt_klaviyo_sync.dbt import DbtProject, load_warehouse
+from dbt_klaviyo_sync import payloads
+from dbt_klaviyo_sync.changeset import (
+    CHANGE,
+    FINGERPRINT,
+    IN_SNAPSHOT,
+    JOURNAL_SCHEMA,
+    KEY,
+    KLAVIYO_ID,
+    OUTCOME_SCHEMA,
+    SENT,
+    ChangeCounts,
+    Record,
+    SyncIdentity,
+)
+from dbt_klaviyo_sync.dbt import DbtProject
 from dbt_klaviyo_sync.errors import (
     AnnotationErrors,
     ApiUnavailableError,
@@ -53,18 +66,8 @@ from dbt_klaviyo_sync.klaviyo.outcomes import (
 from dbt_klaviyo_sync.klaviyo.profiles import BulkImport, ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.logs import redact
 from dbt_klaviyo_sync.manifest import ModelNode
-from dbt_klaviyo_sync.payloads import Record
 from dbt_klaviyo_sync.progress import NoProgress, ProgressReporter
 from dbt_klaviyo_sync.spec import SyncSpec, build_spec
-from dbt_klaviyo_sync.state import (
-    FINGERPRINT_VERSION,
-    JOURNAL_SCHEMA,
-    OUTCOME_SCHEMA,
-    State,
-    SyncIdentity,
-    default_path,
-    open_state,
-)
 from dbt_klaviyo_sync.summary import (
     PRINTED_REJECTS,
     SAMPLE_SIZE,
@@ -73,6 +76,7 @@ from dbt_klaviyo_sync.summary import (
     RunSummary,
     changed_fields,
 )
+from dbt_klaviyo_sync.warehouse import Warehouse, open_warehouse
 
 log = logging.getLogger(__name__)
 
@@ -146,34 +150,30 @@ def run(
     model's result to `summary` as it starts, so that a run that stops midway still says how
     far it got."""
     specs = build_specs(models)
-    warehouse = load_warehouse(project, models)
-    state_path = options.state_path or default_path(project.project_dir)
-    databases = _without_state(warehouse.databases, state_path)
     stop = stop or StopRequest()
     client = make_client(options)  # a dry run builds requests to show them, sends none
     try:
-        with open_state(
-            # None: an empty state in memory, for a dry run before the first sync
-            None if options.dry_run and not state_path.exists() else state_path,
-            databases,
-            read_only=options.dry_run,
-        ) as state:
-            ready = [spec for spec in specs if _buildable(state, spec, summary)]
+        with open_warehouse(project, models, options.state_path, dry_run=options.dry_run) as (
+            warehouse,
+            target,
+            state_location,
+        ):
+            ready = [spec for spec in specs if _readable(warehouse, spec, summary)]
             for spec in ready:
-                diff.check_columns(state.con, spec)
-            if not options.dry_run and not state.has_syncs():
-                _warn_fresh_state(ready, state_path)
+                warehouse.describe(spec)
+            if not options.dry_run and not warehouse.has_syncs():
+                _warn_fresh_state(ready, state_location)
             if not options.dry_run:
                 account = identify_account(client, ready, options)
                 preflight(client, ready)
             else:
-                account = _account_for_plan(state, client, ready, options, warehouse.target_name)
+                account = _account_for_plan(warehouse, client, ready, options, target)
             for spec in ready:
                 if stop.requested:
                     log.warning("the run was interrupted: %s not synced", spec.model)
                     continue
-                identity = SyncIdentity.of(spec, warehouse.target_name, client.base_url, account)
-                model = ModelSync(state, client, spec, identity, options, progress, stop)
+                identity = SyncIdentity.of(spec, target, client.base_url, account)
+                model = ModelSync(warehouse, client, spec, identity, options, progress, stop)
                 summary.models.append(model.result)
                 try:
                     model.run()
@@ -184,11 +184,11 @@ def run(
         summary.interrupted = stop.requested
 
 
-def _buildable(state: State, spec: SyncSpec, summary: RunSummary) -> bool:
+def _readable(warehouse: Warehouse, spec: SyncSpec, summary: RunSummary) -> bool:
     """Whether the model's relation can be read; if not, its result says why (exit 2) and
     the other models go on."""
     try:
-        diff.relation_columns(state.con, spec)
+        warehouse.readable(spec)
     except ModelError as exc:
         summary.models.append(
             ModelResult(spec.model, spec.object, spec.behavior, error=_error_text(exc))
@@ -208,14 +208,7 @@ def make_client(options: SyncOptions) -> KlaviyoClient:
     )
 
 
-def _without_state(databases: dict[str, Path], state_path: Path) -> dict[str, Path]:
-    """The warehouse's databases, less the state file when profiles.yml attaches it (to
-    offer the run history to dbt as a source): the state is opened on its own."""
-    state = state_path.resolve()
-    return {name: path for name, path in databases.items() if path != state}
-
-
-def _warn_fresh_state(specs: list[SyncSpec], path: Path) -> None:
+def _warn_fresh_state(specs: list[SyncSpec], path: str) -> None:
     """Without a sync state nothing looks sent: fine for a first sync, but if the state was
     lost, events and deletions are requested again. Say so, loudly, before sending."""
     once = ", ".join(spec.model for spec in specs if spec.once)
@@ -259,12 +252,16 @@ def identify_account(
 
 
 def _account_for_plan(
-    state: State, client: KlaviyoClient, specs: list[SyncSpec], options: SyncOptions, target: str
+    warehouse: Warehouse,
+    client: KlaviyoClient,
+    specs: list[SyncSpec],
+    options: SyncOptions,
+    target: str,
 ) -> str | None:
     """A dry run asks Klaviyo which account the keys write to only when the state holds
     syncs of one of its models for several accounts; otherwise it compares with the one
     sync it has (or none), and sends no request at all."""
-    if any(len(state.accounts(spec, target, client.base_url)) > 1 for spec in specs):
+    if any(len(warehouse.accounts(spec, target, client.base_url)) > 1 for spec in specs):
         return identify_account(client, specs, options)
     return None
 
@@ -308,7 +305,7 @@ class ModelSync:
 
     def __init__(
         self,
-        state: State,
+        warehouse: Warehouse,
         client: KlaviyoClient,
         spec: SyncSpec,
         identity: SyncIdentity,
@@ -316,7 +313,7 @@ class ModelSync:
         progress: ProgressReporter | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.state = state
+        self.warehouse = warehouse
         self.client = client
         self.spec = spec
         self.identity = identity
@@ -349,15 +346,15 @@ class ModelSync:
 
     def _run(self) -> ModelResult:
         if self.dry_run:
-            self.sid = self.state.resolved(self.identity, self.spec)
+            self.sid = self.warehouse.resolved(self.identity, self.spec)
         else:
-            self.state.register(self.identity, self.spec)
+            self.warehouse.register(self.identity, self.spec)
         self._rebase()
         if not self.dry_run:
             if self.options.full_refresh:
-                self.state.forget(self.sid, keep_accepted=self.spec.once)
-            self.run_id = self.state.start_run(
-                self.sid, self.spec.model, dry_run=False, full_refresh=self.options.full_refresh
+                self.warehouse.forget(self.sid, keep_accepted=self.spec.once)
+            self.run_id = self.warehouse.start_run(
+                self.sid, self.spec.model, full_refresh=self.options.full_refresh
             )
         status, error = "error", None
         began = time.monotonic()
@@ -367,11 +364,9 @@ class ModelSync:
         try:
             waiting = [] if self.dry_run else self._resume()
             self._handled = 0  # what the follow-up settled is not part of this run's plan
-            self.state.memory_for("diff")
             started = time.monotonic()
-            counts = diff.compute(self.state.con, self.spec, self.sid, waiting)
-            standing = diff.standing_rejects(self.state.con, self.sid)
-            self.state.memory_for("send")
+            counts = self.warehouse.diff(self.spec, self.sid, waiting)
+            standing = self.warehouse.standing_rejects(self.sid)
             self.result.rows = counts.model_rows
             log.info(
                 "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
@@ -407,7 +402,7 @@ class ModelSync:
                 # row is forgotten, so it is sent again if it comes back.
                 tally.removed = counts.remove
                 if not self.dry_run:
-                    self.state.forget_removed(self.sid, diff.CHANGES)
+                    self.warehouse.forget_removed(self.sid)
             if self._already:
                 log.info(
                     "%s: nothing to delete for %d key(s): no profile holds them any more",
@@ -450,7 +445,7 @@ class ModelSync:
             tally.unchanged = max(0, self.result.rows - acted - tally.rejected - tally.failed)
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
-                self.state.finish_run(self.run_id, tally, status, error)
+                self.warehouse.finish_run(self.run_id, tally, status, error)
                 log.info(
                     "%s: done in %.1f s, %d requests",
                     self.spec.model,
@@ -466,27 +461,22 @@ class ModelSync:
 
     def _rebase(self) -> None:
         """Carry a sync recorded by an earlier version over to today's keys and fingerprints
-        (see `diff.rebase`); a dry run does it on a copy of the state in memory."""
-        if not self.state.needs_rebase(self.sid):
-            return
-        if self.dry_run:
-            self.state.in_memory()
-        with self.state.transaction() as writer:
-            carried = diff.rebase(writer, self.spec, self.sid)
-            self.state.rebased(self.sid)
-        log.info(
-            "%s: %d rows carried over to fingerprint %s without sending anything",
-            self.spec.model,
-            carried,
-            FINGERPRINT_VERSION,
-        )
+        without sending anything (a dry run does it in what it keeps to itself)."""
+        carried = self.warehouse.rebase(self.spec, self.sid)
+        if carried is not None:
+            log.info(
+                "%s: %d rows carried over to fingerprint %s without sending anything",
+                self.spec.model,
+                carried,
+                self.warehouse.fingerprints,
+            )
 
     def _resume(self) -> list[str]:
         """Follow what an earlier run sent and never saw answered. A bulk job it created is
         polled and its answer committed, instead of sending its rows again; rows it left
         without a job are sent afresh (events keep their exact bodies, for the diff). The
         units whose job is still running, whose rows wait for it."""
-        units = self.state.journaled_units(self.sid)
+        units = self.warehouse.journaled_units(self.sid)
         if not units:
             return []
         list_id = self.spec.list_id if self.spec.mirrors else None
@@ -508,10 +498,10 @@ class ModelSync:
                 waiting.append(unit.unit)
                 outcome.failed = []  # not counted here: the diff holds their rows
             self._commit(outcome)
-        self.state.drop_journal(self.sid, resend)
+        self.warehouse.drop_journal(self.sid, resend)
         return waiting
 
-    def _brake(self, counts: diff.ChangeCounts) -> None:
+    def _brake(self, counts: ChangeCounts) -> None:
         """Stop before sending when the model would remove (list) or delete (profiles) more
         than its `max_removal_share` of what the previous sync left in Klaviyo: the sign of a
         wrong database file or a broken model, not of a change anyone meant."""
@@ -521,7 +511,7 @@ class ModelSync:
             acting, verb = counts.add, "delete"
         else:
             return
-        before = self.state.accepted_count(self.sid)
+        before = self.warehouse.accepted_count(self.sid)
         share = self.spec.max_removal_share
         if self.options.allow_removals or not before or acting < BRAKE_MINIMUM:
             return
@@ -544,17 +534,17 @@ class ModelSync:
         deletions that left the model before Klaviyo took them are forgotten."""
         if self.dry_run:
             return
-        for batch in diff.batches(self.state.con, ("settle", "forget")):
+        for batch in self.warehouse.changes(("settle", "forget")):
             rows = pa.table(
                 {
-                    "key": batch.column("__key"),
+                    "key": batch.column(KEY),
                     "outcome": pc.if_else(
-                        pc.equal(batch.column("__change"), "settle"), "settled", "forgotten"
+                        pc.equal(batch.column(CHANGE), "settle"), "settled", "forgotten"
                     ),
-                    "in_snapshot": batch.column("__in_snapshot"),
+                    "in_snapshot": batch.column(IN_SNAPSHOT),
                 }
             )
-            self.state.commit_batch(
+            self.warehouse.commit(
                 self.sid, self.run_id, self.spec.model, _conform(rows, OUTCOME_SCHEMA)
             )
 
@@ -572,7 +562,7 @@ class ModelSync:
             self._sample_old_values()
             return
         self._journaling = sender.journaled
-        recorder = self.state.job_recorder(self.sid) if sender.journaled else None
+        recorder = self.warehouse.job_recorder(self.sid) if sender.journaled else None
         with ThreadPoolExecutor(self.options.concurrency, "klaviyo-send") as pool:
             in_flight: set[Future[Outcome]] = set()
             try:
@@ -582,7 +572,7 @@ class ModelSync:
                     unit = Unit(uuid.uuid4().hex, items)
                     if recorder is not None:
                         unit.job_created = partial(recorder, unit.id)
-                        self.state.journal(self.sid, unit.id, _journal_table(items))
+                        self.warehouse.journal(self.sid, unit.id, _journal_table(items))
                     in_flight.add(pool.submit(sender.send, unit))
                     while len(in_flight) >= self.options.concurrency * 2:
                         in_flight = self._await(in_flight)
@@ -619,19 +609,19 @@ class ModelSync:
         """Changed rows, converted and shaped; rejects found on the way are committed
         (or, in a dry run, counted) straight away. An event an earlier run may have
         delivered goes exactly as it went then, whatever its row says now."""
-        for batch in diff.batches(self.state.con, kinds):
-            again = pc.is_valid(batch.column("__sent"))
+        for batch in self.warehouse.changes(kinds):
+            again = pc.is_valid(batch.column(SENT))
             if isinstance(sender, EventSender) and pc.any(again).as_py():
                 for row in batch.filter(again).to_pylist():
                     record = Record(
-                        row["__key"],
-                        row["__fingerprint"],
-                        row["__change"],
-                        row["__in_snapshot"],
-                        row["__klaviyo_id"],
+                        row[KEY],
+                        row[FINGERPRINT],
+                        row[CHANGE],
+                        row[IN_SNAPSHOT],
+                        row[KLAVIYO_ID],
                         {},
                     )
-                    yield EventSender.restore(record, row["__sent"])
+                    yield EventSender.restore(record, row[SENT])
                 batch = batch.filter(pc.invert(again))
             records, rejects = payloads.records(self.spec, batch)
             ready, refused = sender.prepare(records)
@@ -669,7 +659,7 @@ class ModelSync:
         already: they are not serialized a second time."""
         if not self.dry_run:
             table = _outcome_table(outcome, values=not self._journaling)
-            self.state.commit_batch(self.sid, self.run_id, self.spec.model, table)
+            self.warehouse.commit(self.sid, self.run_id, self.spec.model, table)
 
     def _tally(self, outcome: Outcome, planned: bool = False) -> None:
         """Count as the summary table shows it: an accepted record is added, updated or
@@ -712,7 +702,7 @@ class ModelSync:
 
     def _sample_old_values(self) -> None:
         """Each sample's changed fields, old value against new, as the plan shows them."""
-        old = self.state.accepted_values(self.sid, [r.key for r in self._samples])
+        old = self.warehouse.accepted_values(self.sid, [r.key for r in self._samples])
         self.result.samples = [
             # Compared as JSON, the form Klaviyo received them in.
             Change(r.key, r.change, changed_fields(old.get(r.key), self._as_sent(r)))
@@ -773,7 +763,7 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
-    """A batch's answers in the shape `State.commit_batch` takes; with `values`, the JSON
+    """A batch's answers in the shape `Warehouse.commit` takes; with `values`, the JSON
     of what each accepted record sent (without, the journal has it). Every text that came
     from Klaviyo is scrubbed of keys again before it is stored."""
     rows = [

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dbt_klaviyo_sync.payloads import Reject
-from dbt_klaviyo_sync.state import RunCounts
+from dbt_klaviyo_sync.changeset import Reject, RunCounts
 
 #: How many records of each kind a plan shows, and how many rejects a console run prints.
 SAMPLE_SIZE = 5

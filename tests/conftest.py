@@ -36,10 +36,10 @@ import requests
 import yaml
 from psycopg2.sql import SQL, Identifier
 
+from dbt_klaviyo_sync.changeset import RunCounts
 from dbt_klaviyo_sync.cli import main
 from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, select_models
 from dbt_klaviyo_sync.emulator import Emulator
-from dbt_klaviyo_sync.state import RunCounts
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -8,9 +8,10 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from dbt_klaviyo_sync import diff
+from dbt_klaviyo_sync.changeset import OUTCOME_SCHEMA
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
-from dbt_klaviyo_sync.state import OUTCOME_SCHEMA, State, open_state
+from dbt_klaviyo_sync.warehouse.duckdb import diff
+from dbt_klaviyo_sync.warehouse.duckdb.state import State, open_state
 
 SPEC = SyncSpec(
     model="customers",
@@ -74,7 +75,7 @@ def accept_all(state: State, outcome: str = "accepted") -> None:
                     "reason": "because",
                 }
             )
-    state.commit_batch(SID, "run-1", SPEC.model, pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA))
+    state.commit(SID, "run-1", SPEC.model, pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA))
 
 
 def test_first_diff_adds_every_row_and_an_accepted_snapshot_is_quiet(
@@ -148,7 +149,7 @@ def test_forget_removed_drops_rows_so_they_are_sent_if_they_return(
     )
     with open_state(state_path, {"wh": warehouse}) as state:
         assert changes(state) == {"C4": "remove"}
-        state.forget_removed(SID, diff.CHANGES)
+        diff.forget_removed(state.con, SID)
     model(warehouse, "INSERT INTO customers SELECT * FROM gone")
     with open_state(state_path, {"wh": warehouse}) as state:
         assert changes(state) == {"C4": "add"}
@@ -182,7 +183,8 @@ def test_a_second_writer_is_refused_with_a_clear_message(state_path: Path, wareh
             [
                 sys.executable,
                 "-c",
-                "import sys, pathlib; from dbt_klaviyo_sync.state import open_state\n"
+                "import sys, pathlib\n"
+                "from dbt_klaviyo_sync.warehouse.duckdb.state import open_state\n"
                 "with open_state(pathlib.Path(sys.argv[1]), {}): pass",
                 str(state_path),
             ],

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoRejected
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, send_isolating
-from dbt_klaviyo_sync.payloads import Record, Reject
 
 
 def prepared(count: int) -> list[Prepared]:

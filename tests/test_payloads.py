@@ -10,9 +10,9 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync.changeset import Record
 from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.payloads import (
-    Record,
     _converter,
     dumps,
     event_resources,

@@ -12,18 +12,12 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from dbt_klaviyo_sync import diff
-from dbt_klaviyo_sync import state as state_module
+from dbt_klaviyo_sync.changeset import JOURNAL_SCHEMA, OUTCOME_SCHEMA, RunCounts, SyncIdentity
 from dbt_klaviyo_sync.errors import StateError
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
-from dbt_klaviyo_sync.state import (
-    CATALOG,
-    JOURNAL_SCHEMA,
-    OUTCOME_SCHEMA,
-    State,
-    SyncIdentity,
-    open_state,
-)
+from dbt_klaviyo_sync.warehouse.duckdb import diff
+from dbt_klaviyo_sync.warehouse.duckdb import state as state_module
+from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG, State, open_state
 from tests.test_diff import SID, SPEC, accept_all, changes, model, state_path, warehouse
 
 __all__ = ["state_path", "warehouse"]  # fixtures shared with test_diff
@@ -38,7 +32,7 @@ EMAIL_SPEC = dataclasses.replace(
 
 def commit(state: State, rows: list[dict[str, object]], sid: str = SID) -> None:
     full = [{"in_snapshot": False, **row} for row in rows]
-    state.commit_batch(sid, "run", "customers", pa.Table.from_pylist(full, schema=OUTCOME_SCHEMA))
+    state.commit(sid, "run", "customers", pa.Table.from_pylist(full, schema=OUTCOME_SCHEMA))
 
 
 def pending(state: State) -> dict[str, int]:
@@ -216,7 +210,7 @@ def test_commits_survive_a_future_migration_that_adds_columns(
     with open_state(state_path, {"wh": warehouse}) as state:
         identity = SyncIdentity.of(SPEC, "dev", "http://k", "ACCT01")
         state.register(identity, SPEC)
-        run = state.start_run(identity.sid, "customers", dry_run=False, full_refresh=False)
+        run = state.start_run(identity.sid, "customers", full_refresh=False)
         diff.compute(state.con, SPEC, identity.sid)
         prints = pending(state)
         state.journal(identity.sid, "u1", _journal([("C1", prints["C1"])]))
@@ -235,7 +229,7 @@ def test_commits_survive_a_future_migration_that_adds_columns(
             ],
             sid=identity.sid,
         )
-        state.finish_run(run, state_module.RunCounts(added=1), "ok")
+        state.finish_run(run, RunCounts(added=1), "ok")
         waiting = {f"C{i}" for i in range(10)} - {"C1", "C2"}  # C1 accepted, C2 refused
         assert set(_changes(state, SPEC, identity.sid)) == waiting
 

@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from dbt_klaviyo_sync.emulator import Emulator
-from dbt_klaviyo_sync.state import _MIGRATIONS, SCHEMA_VERSION
+from dbt_klaviyo_sync.warehouse.duckdb.state import _MIGRATIONS, SCHEMA_VERSION
 from tests.conftest import (
     change_model,
     kill_when,

@@ -18,11 +18,12 @@ import duckdb
 import orjson
 import pytest
 
-from dbt_klaviyo_sync import diff, payloads
+from dbt_klaviyo_sync import payloads
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
-from dbt_klaviyo_sync.state import State, open_state
+from dbt_klaviyo_sync.warehouse.duckdb import diff
+from dbt_klaviyo_sync.warehouse.duckdb.state import State, open_state
 from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
 
 NESTED = "!nested value cannot be sent as a text attribute"

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
@@ -23,7 +24,6 @@ from dbt_klaviyo_sync.klaviyo.outcomes import (
     chunks,
     send_each,
 )
-from dbt_klaviyo_sync.payloads import Record, Reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
 

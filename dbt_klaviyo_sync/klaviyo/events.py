@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.identifiers import InvalidValue
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Unit, send_isolating
-from dbt_klaviyo_sync.payloads import Record, Reject, dumps, event_resources
+from dbt_klaviyo_sync.payloads import dumps, event_resources
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_EVENTS_PER_REQUEST = 1000

@@ -13,11 +13,12 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.errors import ConfigurationError, TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Unit, chunks
-from dbt_klaviyo_sync.payloads import Record, Reject, identifier
+from dbt_klaviyo_sync.payloads import identifier
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_MEMBERS_PER_CALL = 1000

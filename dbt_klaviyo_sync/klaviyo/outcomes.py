@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoRejected
-from dbt_klaviyo_sync.payloads import Record, Reject
 
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
 #: something about the requests themselves is wrong, and sending the rest would not help.

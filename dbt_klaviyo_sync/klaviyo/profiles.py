@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
@@ -29,7 +30,7 @@ from dbt_klaviyo_sync.klaviyo.outcomes import (
     send_each,
     send_isolating,
 )
-from dbt_klaviyo_sync.payloads import Record, Reject, dumps, profile_resource, profile_size_reject
+from dbt_klaviyo_sync.payloads import dumps, profile_resource, profile_size_reject
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_JOB_PROFILES = 10_000

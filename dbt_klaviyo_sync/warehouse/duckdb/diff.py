@@ -18,14 +18,15 @@ never an `update` or a `remove`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
+from dbt_klaviyo_sync.changeset import ChangeCounts, field_column
 from dbt_klaviyo_sync.errors import AnnotationError, AnnotationErrors, ModelError
 from dbt_klaviyo_sync.spec import SyncSpec
-from dbt_klaviyo_sync.state import CATALOG
+from dbt_klaviyo_sync.warehouse.duckdb.columns import value_sql
+from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG
 
 CHANGES = "klaviyo_changes"
 
@@ -35,25 +36,6 @@ READ_BATCH_ROWS = 10_000
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def field_column(index: int) -> str:
-    """The name of a mapped field's column in the changes table: f0 is the sync key."""
-    return f"f{index}"
-
-
-@dataclass(frozen=True)
-class ChangeCounts:
-    add: int
-    update: int
-    remove: int
-    invalid: int
-    model_rows: int
-    held: int = 0  # rows waiting for a bulk job of an earlier run
-
-    @property
-    def to_send(self) -> int:
-        return self.add + self.update
 
 
 def relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, tuple[str, str]]:
@@ -74,15 +56,6 @@ def relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str
             "Run `dbt run` (or `dbt build`) for it first."
         ) from exc
     return {row[0].lower(): (row[0], row[1]) for row in described}
-
-
-def column_sql(column: str, duckdb_type: str, field: str) -> str:
-    """The SQL that selects a mapped column for the changes table: the column itself, or
-    a cast where Arrow would not carry the DuckDB type exactly to Python (see
-    `payloads.value_sql`, next to the code that reads what it selects)."""
-    from dbt_klaviyo_sync.payloads import value_sql  # payloads imports this module
-
-    return value_sql(_ident(column), duckdb_type, field)
 
 
 def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[str, str]]:
@@ -143,9 +116,9 @@ def _selected(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
     sync key (as text), `f1`... each selected by its type."""
     columns = check_columns(con, spec)
     return [
-        key_sql(f"CAST({column_sql(name, kind, f.field)} AS VARCHAR)", spec.key_field)
+        key_sql(f"CAST({value_sql(_ident(name), kind, f.field)} AS VARCHAR)", spec.key_field)
         if i == 0
-        else column_sql(name, kind, f.field)
+        else value_sql(_ident(name), kind, f.field)
         for i, ((name, kind), f) in enumerate(zip(columns, spec.fields, strict=True))
     ]
 
@@ -273,6 +246,16 @@ def rebase(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> int:
         ).fetchall()
         carried += int(count)
     return carried
+
+
+def forget_removed(con: duckdb.DuckDBPyConnection, sid: str) -> None:
+    """Drop the rows that left the model from the snapshot, so they are sent again if they
+    come back. Runs on the connection that owns the temporary changes table."""
+    con.execute(
+        f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
+            (SELECT __key FROM {CHANGES} WHERE __change = 'remove')""",
+        [sid],
+    )
 
 
 def standing_rejects(con: duckdb.DuckDBPyConnection, sid: str) -> int:

@@ -10,14 +10,12 @@ single SQL join. All SQL that writes state lives in this module.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -25,6 +23,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from dbt_klaviyo_sync.changeset import JournaledUnit, RunCounts, SyncIdentity
 from dbt_klaviyo_sync.errors import StateError
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -106,46 +105,11 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
-#: The columns of a batch's outcome table, as `commit_batch` expects them.
-OUTCOME_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        # accepted | rejected | removed (left the model, and Klaviyo was told) | invalid (a
-        # reject with no record to remember it by, such as a NULL or duplicated sync key:
-        # reported on every run until the data is fixed) | settled (back to the version
-        # Klaviyo accepted: an earlier refusal no longer stands) | forgotten (left the model
-        # before Klaviyo ever accepted it; nothing to tell Klaviyo)
-        ("outcome", pa.string()),
-        ("fingerprint", pa.uint64()),
-        ("accepted_values", pa.string()),  # JSON text of the values sent, when accepted
-        ("klaviyo_id", pa.string()),
-        ("in_snapshot", pa.bool_()),
-        ("column_name", pa.string()),
-        ("field", pa.string()),
-        ("code", pa.string()),
-        ("reason", pa.string()),
-        ("retry", pa.bool_()),  # a refusal that is tried again on every run
-    ]
-)
-
-#: The columns of a unit's journal rows, as `journal` expects them.
-JOURNAL_SCHEMA = pa.schema(
-    [
-        ("position", pa.int32()),
-        ("key", pa.string()),
-        ("fingerprint", pa.uint64()),
-        ("in_snapshot", pa.bool_()),
-        ("klaviyo_id", pa.string()),
-        ("accepted_values", pa.string()),
-        ("body", pa.string()),
-    ]
-)
-
 _SNAPSHOT_COLUMNS = (
     "sync_id, key, fingerprint, accepted_values, klaviyo_id, rejected_fingerprint, "
     "retry_rejected, updated_at"
 )
-# How `commit_batch` records a batch's outcomes (the registered table `batch_outcomes`).
+# How `commit` records a batch's outcomes (the registered table `batch_outcomes`).
 # Every INSERT names its columns: migrations only ever add columns.
 # A batch's outcomes, with the values of a journaled record taken from the journal, where
 # they were written (serialized once) before it was sent.
@@ -195,46 +159,6 @@ _CLEAR_JOBS = f"""DELETE FROM {CATALOG}.jobs WHERE sync_id = $1 AND unit NOT IN
     (SELECT DISTINCT unit FROM {CATALOG}.journal WHERE sync_id = $1)"""
 
 
-def sync_id(spec: SyncSpec, target: str, base_url: str, account_id: str | None) -> str:
-    """Identify a sync by what it writes where: a different target, Klaviyo account (by the
-    key's account id, and the URL), object, behaviour or list is a different sync with a
-    state of its own. Without an account id this is the id earlier versions used."""
-    parts = [base_url.rstrip("/"), target, spec.unique_id, spec.object, spec.behavior]
-    parts += [spec.list_id or ""] + ([account_id] if account_id else [])
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class SyncIdentity:
-    """Which sync a model's run is: its id, and what the id stands for."""
-
-    sid: str
-    legacy_sid: str  # the id before syncs knew their account, to adopt an older state
-    target: str
-    base_url: str
-    account_id: str | None
-
-    @classmethod
-    def of(cls, spec: SyncSpec, target: str, base_url: str, account_id: str | None) -> SyncIdentity:
-        return cls(
-            sync_id(spec, target, base_url, account_id),
-            sync_id(spec, target, base_url, None),
-            target,
-            base_url.rstrip("/"),
-            account_id,
-        )
-
-
-@dataclass(frozen=True)
-class JournaledUnit:
-    """Records an earlier run sent together and never saw answered, in sending order."""
-
-    unit: str
-    job_id: str | None  # the bulk job Klaviyo made of them, if it said so
-    records: list[dict[str, Any]]  # the JOURNAL_SCHEMA columns, by position
-    age: float  # seconds since they were sent
-
-
 class JobRecorder:
     """Records bulk job ids from the sending threads, on a connection of its own."""
 
@@ -255,20 +179,8 @@ class JobRecorder:
         self._con.close()
 
 
-@dataclass
-class RunCounts:
-    """The numbers of one model's run, in the order the summary table shows them."""
-
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    rejected: int = 0
-    failed: int = 0
-    requests: int = 0
-
-
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+S = TypeVar("S", bound="State")
 
 
 def _writes(method: _Method) -> _Method:
@@ -285,9 +197,12 @@ def _writes(method: _Method) -> _Method:
 class State:
     """The state tables, reached through the shared connection."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path | None = None) -> None:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, path: Path | None = None, read_only: bool = False
+    ) -> None:
         self.con = con
         self.path = path
+        self.read_only = read_only  # a dry run's: it keeps nothing of what it does
         # Writes go through a second connection to the same database, so that a diff
         # result can be streamed on `con` while batches are committed.
         self._writer = con.cursor()
@@ -445,7 +360,7 @@ class State:
         """Go on with a copy of the state in memory: a dry run may then change it freely."""
         if self.path is not None:
             _into_memory(self.con)
-            self.path = None
+            self.path, self.read_only = None, False
 
     def accepted_count(self, sid: str) -> int:
         """How many of the sync's rows Klaviyo has accepted (what the last sync left)."""
@@ -476,12 +391,13 @@ class State:
         )
 
     @_writes
-    def start_run(self, sid: str, model: str, *, dry_run: bool, full_refresh: bool) -> str:
+    def start_run(self, sid: str, model: str, *, full_refresh: bool) -> str:
         run_id = uuid.uuid4().hex
         self._writer.execute(
             f"""INSERT INTO {CATALOG}.runs (run_id, sync_id, model, started_at, dry_run,
-                full_refresh, status) VALUES ($1, $2, $3, current_timestamp, $4, $5, 'running')""",
-            [run_id, sid, model, dry_run, full_refresh],
+                full_refresh, status)
+                VALUES ($1, $2, $3, current_timestamp, false, $4, 'running')""",
+            [run_id, sid, model, full_refresh],
         )
         return run_id
 
@@ -557,7 +473,7 @@ class State:
             self._writer.execute(_CLEAR_JOBS, [sid])
 
     @_writes
-    def commit_batch(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
+    def commit(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
         """Record one batch's answers in a single transaction: accepted rows update the
         snapshot, rejected rows are logged and remembered so they are not re-sent until
         they change (unless the refusal may pass by itself). Failed rows are simply absent,
@@ -620,16 +536,6 @@ class State:
         ).fetchall()
         return {key: orjson.loads(values) for key, values in rows}
 
-    @_writes
-    def forget_removed(self, sid: str, changes_table: str) -> None:
-        """Drop rows that left the model, so they are sent again if they come back.
-        Runs on the main connection, which owns the temporary changes table."""
-        self.con.execute(
-            f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
-                (SELECT __key FROM {changes_table} WHERE __change = 'remove')""",
-            [sid],
-        )
-
 
 def default_path(project_dir: Path) -> Path:
     """Next to the dbt project, outside `target/`, so `dbt clean` leaves it alone."""
@@ -638,8 +544,12 @@ def default_path(project_dir: Path) -> Path:
 
 @contextmanager
 def open_state(
-    path: Path | None, warehouse: Mapping[str, Path], *, read_only: bool = False
-) -> Iterator[State]:
+    path: Path | None,
+    warehouse: Mapping[str, Path],
+    *,
+    read_only: bool = False,
+    kind: type[S] = State,  # type: ignore[assignment]
+) -> Iterator[S]:
     """Open the state and the warehouse in one DuckDB connection.
 
     `path=None` gives an empty in-memory state (a dry run before the first sync). The
@@ -677,7 +587,7 @@ def open_state(
                 con.execute(f"ATTACH '{_sql_str(str(path))}' AS {CATALOG}{mode}")
             except duckdb.Error as exc:
                 raise _explain(path, exc, opening=True) from exc
-        state = State(con, path)
+        state = kind(con, path, read_only and path is not None)
         with state.writing():
             if read_only and path is not None and state.schema_version() < SCHEMA_VERSION:
                 state.in_memory()  # to read an older (or empty) state as this version's

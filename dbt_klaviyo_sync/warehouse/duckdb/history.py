@@ -10,23 +10,9 @@ from typing import Any
 import duckdb
 import pyarrow.csv as pacsv
 
+from dbt_klaviyo_sync.changeset import RUN_COLUMNS
 from dbt_klaviyo_sync.errors import ConfigurationError
-from dbt_klaviyo_sync.state import CATALOG, State
-
-RUN_COLUMNS = (
-    "model",
-    "started_at",
-    "seconds",
-    "status",
-    "added",
-    "updated",
-    "removed",
-    "unchanged",
-    "rejected",
-    "failed",
-    "requests",
-    "error",
-)
+from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG, State
 
 _LAST_RUNS = f"""
     SELECT model, started_at, round(epoch(finished_at - started_at), 1) AS seconds, status,
@@ -35,8 +21,6 @@ _LAST_RUNS = f"""
     WHERE $model IS NULL OR model = $model
     QUALIFY row_number() OVER (PARTITION BY model ORDER BY started_at DESC) <= $runs
     ORDER BY model, started_at DESC"""
-
-REJECT_COLUMNS = ("model", "key", "column_name", "field", "code", "reason", "rejected_at")
 
 # Outstanding rejects: records whose current version was refused (the snapshot keeps its
 # fingerprint until the row changes), with the latest reason given; plus the rows the

@@ -1,0 +1,80 @@
+"""The DuckDB warehouse: the dbt database attached read-only next to a local state file,
+in one DuckDB connection, so that the diff is a single SQL join and only changed rows reach
+Python. `state` holds the state tables, `diff` the SQL over the models, `columns` how each
+type is selected, `history` the queries of `status` and `rejects`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dbt_klaviyo_sync.changeset import ChangeCounts
+from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.warehouse.duckdb import diff, history
+from dbt_klaviyo_sync.warehouse.duckdb.state import (
+    FINGERPRINT_VERSION,
+    State,
+    default_path,
+    open_state,
+)
+
+__all__ = ["DuckDBWarehouse", "default_path", "open_duckdb"]
+
+
+class DuckDBWarehouse(State):
+    """The `Warehouse` of a dbt-duckdb target: the state's own tables and writes (`State`),
+    and the diff over the attached models."""
+
+    fingerprints = FINGERPRINT_VERSION
+
+    def describe(self, spec: SyncSpec) -> None:
+        diff.check_columns(self.con, spec)
+
+    def readable(self, spec: SyncSpec) -> None:
+        diff.relation_columns(self.con, spec)
+
+    def rebase(self, spec: SyncSpec, sid: str) -> int | None:
+        if not self.needs_rebase(sid):
+            return None
+        if self.read_only:
+            self.in_memory()  # a dry run carries the sync over in a copy
+        with self.transaction() as writer:
+            carried = diff.rebase(writer, spec, sid)
+            self.rebased(sid)
+        return carried
+
+    def diff(self, spec: SyncSpec, sid: str, held: list[str]) -> ChangeCounts:
+        self.memory_for("diff")
+        try:
+            return diff.compute(self.con, spec, sid, held)
+        finally:
+            self.memory_for("send")
+
+    def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
+        return diff.batches(self.con, kinds)
+
+    def standing_rejects(self, sid: str) -> int:
+        return diff.standing_rejects(self.con, sid)
+
+    def forget_removed(self, sid: str) -> None:
+        with self.writing():
+            diff.forget_removed(self.con, sid)
+
+    def last_runs(self, model: str | None, runs: int) -> list[dict[str, Any]]:
+        return history.last_runs(self, model, runs)
+
+    def rejects(self, model: str, every: bool = False) -> history.Rejects:
+        return history.rejects(self, model, every)
+
+
+@contextmanager
+def open_duckdb(
+    state_path: Path | None, databases: Mapping[str, Path], *, read_only: bool = False
+) -> Iterator[DuckDBWarehouse]:
+    """The warehouse of a dbt-duckdb target (see `state.open_state`)."""
+    with open_state(state_path, databases, read_only=read_only, kind=DuckDBWarehouse) as wh:
+        yield wh

@@ -98,12 +98,15 @@ def test_each_copy_has_a_database_of_its_own(make_pg_project: Callable[[str], Pa
 
 
 def test_validate_reads_the_postgres_target(pg_project: Path) -> None:
-    """The CLI loads the copy's profile and its postgres target. Until dbt-klaviyo reads
-    PostgreSQL models, it then stops with a clear message (exit status 2)."""
+    """The CLI loads the copy's profile, its postgres target and the manifest parsed for it.
+    What it does next depends on how far reading PostgreSQL models has come, so only the
+    target is asserted here: "the dbt target 'postgres' uses the 'postgres' adapter" while
+    dbt-klaviyo refused non-DuckDB targets, "reading ... from the postgres target 'postgres'"
+    once it reads them."""
     argv = ("validate", "--project-dir", ".", "--profiles-dir", ".", "--target", "postgres")
     done = dbt_klaviyo(pg_project, None, *argv)
-    assert done.returncode == 2, done.output
-    assert "the dbt target 'postgres' uses the 'postgres' adapter" in done.output
+    assert done.returncode == 2, done.output  # no emulator: Klaviyo cannot be reached
+    assert "target 'postgres'" in done.output, done.output
     assert "parsing the dbt project" not in done.output  # the copy's manifest was ready
 
 

@@ -247,20 +247,29 @@ def _sync(output: str, reject_rate: float | None, **settings: Any) -> None:
     sys.exit(summary.exit_status)
 
 
+_history_options = _options(
+    click.option("--project-dir", type=click.Path(file_okay=False), help="The dbt project."),
+    click.option(
+        "--profiles-dir",
+        type=click.Path(file_okay=False),
+        help="Where profiles.yml is, for a target that keeps the state in its warehouse.",
+    ),
+    click.option("--target", "-t", help="The dbt target whose sync history to read."),
+    _state_option,
+)
+
+
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--project-dir", type=click.Path(file_okay=False), help="The dbt project.")
-@_state_option
+@_history_options
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @_logging_options
-def status(
-    model: str | None, project_dir: str | None, state_path: Path | None, runs: int, output: str
-) -> None:
+def status(model: str | None, runs: int, output: str, **where: Any) -> None:
     """The last runs of each synced model (or of MODEL): when, counts, rejects, time taken."""
     from dbt_klaviyo_sync import report
 
-    with _history(project_dir, state_path) as warehouse:
+    with _history(**where) as warehouse:
         rows = warehouse.last_runs(model, runs)
     if output == "json":
         click.echo(orjson.dumps(rows, default=str, option=orjson.OPT_INDENT_2).decode())
@@ -272,8 +281,7 @@ def status(
 
 @cli.command()
 @click.argument("model")
-@click.option("--project-dir", type=click.Path(file_okay=False), help="The dbt project.")
-@_state_option
+@_history_options
 @click.option("--all", "every", is_flag=True, help="Every reject ever logged, not only open ones.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option(
@@ -283,19 +291,12 @@ def status(
     help="Write all of them to this CSV file instead of printing.",
 )
 @_logging_options
-def rejects(
-    model: str,
-    project_dir: str | None,
-    state_path: Path | None,
-    every: bool,
-    limit: int,
-    csv_path: Path | None,
-) -> None:
+def rejects(model: str, every: bool, limit: int, csv_path: Path | None, **where: Any) -> None:
     """MODEL's rejected records with their reasons: those still rejected (the row has not
     changed since), or with --all the whole log."""
     from dbt_klaviyo_sync import report
 
-    with _history(project_dir, state_path) as warehouse:
+    with _history(**where) as warehouse:
         found = warehouse.rejects(model, every)
         total = found.count()
         if csv_path:
@@ -320,18 +321,29 @@ def validate(**settings: Any) -> None:
 
 
 @contextmanager
-def _history(project_dir: str | None, state_path: Path | None) -> Iterator[Warehouse]:
-    """The sync state, read-only, for the history commands."""
+def _history(
+    project_dir: str | None, profiles_dir: str | None, target: str | None, state_path: Path | None
+) -> Iterator[Warehouse]:
+    """The sync state, read-only, for the history commands: the state file of a dbt-duckdb
+    project (found without starting dbt when it is in its default place), or the state
+    schema in the warehouse of another target."""
     from dbt_klaviyo_sync.warehouse.duckdb import default_path, open_duckdb
 
+    here = Path(project_dir or ".").resolve()
+    if state_path is None and default_path(here).is_file():
+        state_path = default_path(here)
     if state_path is None:
-        project = Path(project_dir or ".").resolve()
-        if not (project / "dbt_project.yml").is_file():
-            raise ConfigurationError(
-                f"no dbt_project.yml in {project}: run from your dbt project or pass "
-                "--project-dir (or --state)."
-            )
-        state_path = default_path(project)
+        from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, current_manifest
+        from dbt_klaviyo_sync.warehouse import open_warehouse
+
+        project = DbtProject.locate(DbtArgs(project_dir, profiles_dir, target))
+        if project.config.credentials.type == "duckdb":
+            state_path = default_path(project.project_dir)
+        else:
+            current_manifest(project)
+            with open_warehouse(project, [], None, dry_run=True) as (warehouse, _, _):
+                yield warehouse
+            return
     if not state_path.is_file():
         raise ConfigurationError(f"no sync state at {state_path}: nothing has been synced yet.")
     with open_duckdb(state_path, {}, read_only=True) as warehouse:

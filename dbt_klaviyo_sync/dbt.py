@@ -270,6 +270,11 @@ def _why_parse(project: DbtProject, stamp: dict[str, Any]) -> str | None:
     return None
 
 
+def current_manifest(project: DbtProject) -> dict[str, Any]:
+    """manifest.json parsed for this run's target, profile and vars (see below)."""
+    return _current_manifest(project)[0]
+
+
 def _current_manifest(project: DbtProject) -> tuple[dict[str, Any], Any | None]:
     """manifest.json parsed for this run's target, profile and vars, as plain data; and dbt's
     own Manifest when this call had to parse.
@@ -553,3 +558,32 @@ def _check_file(project: DbtProject, given: str, file: Path) -> None:
                 f"if that is the one you mean, {fix}"
             ),
         )
+
+
+# -- The adapter, for a warehouse that keeps the sync state ----------------------------------
+
+
+@contextmanager
+def adapter(project: DbtProject) -> Iterator[Any]:
+    """dbt's adapter for the project's target, as a dbt command sets it up (the project's
+    macros, ours among them, resolvable; one connection for this thread), for the length
+    of the block. The manifest must be current (`select_models` makes it so)."""
+    from dbt.adapters.factory import cleanup_connections, get_adapter, register_adapter
+    from dbt.context.providers import generate_runtime_macro_context
+    from dbt.mp_context import get_mp_context
+    from dbt_common.exceptions import DbtBaseException
+
+    with _dbt():
+        try:
+            register_adapter(project.config, get_mp_context())
+            found = get_adapter(project.config)
+            found.set_macro_context_generator(generate_runtime_macro_context)
+            found.set_macro_resolver(_dbt_manifest(project.manifest_path))
+            with found.connection_named("dbt-klaviyo"):
+                yield found
+        except DbtBaseException as exc:
+            raise ConfigurationError(
+                _scrub(f"dbt's {project.config.credentials.type} adapter failed: {_said(exc)}")
+            ) from exc
+        finally:
+            cleanup_connections()  # type: ignore[no-untyped-call]  # dbt leaves it unannotated

@@ -62,6 +62,10 @@ class SyncSpec:
     list_id: str | None = None
     metric: str | None = None
     materialized: str = ""
+    # where the relation is, for a warehouse that looks it up in its catalog
+    database: str = ""
+    schema: str = ""
+    identifier: str = ""
     max_removal_share: float = DEFAULT_MAX_REMOVAL_SHARE
 
     @property
@@ -192,6 +196,9 @@ def build_spec(node: ModelNode) -> SyncSpec:
         unique_id=node.unique_id,
         relation=node.relation_name,
         materialized=node.materialized,
+        database=node.database,
+        schema=node.schema,
+        identifier=node.alias or node.name,
         max_removal_share=meta.get("max_removal_share", DEFAULT_MAX_REMOVAL_SHARE),
         object=obj,
         behavior=behavior,

@@ -10,6 +10,7 @@ user's warehouse, where the diff runs too.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 
 from dbt_klaviyo_sync.changeset import ChangeCounts, JournaledUnit, RunCounts, SyncIdentity
+from dbt_klaviyo_sync.errors import ConfigurationError
 from dbt_klaviyo_sync.spec import SyncSpec
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dbt_klaviyo_sync.dbt import DbtProject
@@ -154,6 +158,45 @@ def open_warehouse(
     """The warehouse of the project's target, for one run: with the target's name and where
     the sync state lives (for messages). A dry run's warehouse keeps nothing; without
     `state`, the sync state is not even read (to check the models alone)."""
+    kind = project.config.credentials.type
+    if kind == "duckdb":
+        with _open_duckdb(project, models, state_path, dry_run=dry_run, state=state) as opened:
+            yield opened
+        return
+    if state_path is not None:
+        raise ConfigurationError(
+            f"--state (or DBT_KLAVIYO_STATE) names a state file, which only dbt-duckdb targets "
+            f"keep; the {kind} target '{project.target_name}' keeps the sync state in a schema "
+            "of its warehouse (the var klaviyo_sync_schema, klaviyo_sync by default)."
+        )
+    from dbt_klaviyo_sync.dbt import adapter
+    from dbt_klaviyo_sync.warehouse.adapter import AdapterWarehouse
+
+    for model in models:
+        log.info(
+            "%s: reading %s from the %s target '%s'",
+            model.name,
+            model.relation_name,
+            kind,
+            project.target_name,
+        )
+    with adapter(project) as found:
+        warehouse = AdapterWarehouse(found, dry_run=dry_run or not state)
+        try:
+            yield warehouse, project.target_name, f"schema {warehouse.schema} of the warehouse"
+        finally:
+            warehouse.close()
+
+
+@contextmanager
+def _open_duckdb(
+    project: DbtProject,
+    models: list[ModelNode],
+    state_path: Path | None,
+    *,
+    dry_run: bool,
+    state: bool,
+) -> Iterator[tuple[Warehouse, str, str]]:
     from dbt_klaviyo_sync.dbt import load_warehouse
     from dbt_klaviyo_sync.warehouse.duckdb import default_path, open_duckdb
 

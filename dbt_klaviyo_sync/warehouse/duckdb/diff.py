@@ -23,8 +23,8 @@ import duckdb
 import pyarrow as pa
 
 from dbt_klaviyo_sync.changeset import ChangeCounts, field_column
-from dbt_klaviyo_sync.errors import AnnotationError, AnnotationErrors, ModelError
 from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreadable
 from dbt_klaviyo_sync.warehouse.duckdb.columns import value_sql
 from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG
 
@@ -41,43 +41,18 @@ def _ident(name: str) -> str:
 def relation_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> dict[str, tuple[str, str]]:
     """The relation's real column names and DuckDB types, by lower-case name (DuckDB
     ignores case)."""
-    if spec.materialized == "ephemeral" or not spec.relation:
-        raise ModelError(
-            f"model '{spec.model}' is materialized as "
-            f"{spec.materialized or 'something without a relation'}: there is no table or "
-            "view to read. Materialize it as a table or a view (`config: materialized: "
-            "table`), run dbt, then sync."
-        )
+    unreadable(spec)
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {spec.relation}").fetchall()
     except duckdb.CatalogException as exc:
-        raise ModelError(
-            f"model '{spec.model}': its relation {spec.relation} is not in the dbt database. "
-            "Run `dbt run` (or `dbt build`) for it first."
-        ) from exc
+        raise not_built(spec) from exc
     return {row[0].lower(): (row[0], row[1]) for row in described}
 
 
 def check_columns(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[tuple[str, str]]:
     """The relation's real name and type of each mapped column, in `spec.fields` order;
     raises when the model is not built or lacks an annotated column."""
-    columns = relation_columns(con, spec)
-    missing = [f for f in spec.fields if f.column.lower() not in columns]
-    if missing:
-        raise AnnotationErrors(
-            [
-                AnnotationError(
-                    spec.model,
-                    f"the column is annotated but {spec.relation} has no such column (it has: "
-                    f"{', '.join(name for name, _ in columns.values())}). Fix the annotation "
-                    "or the model, "
-                    "then run dbt.",
-                    f.column,
-                )
-                for f in missing
-            ]
-        )
-    return [columns[f.column.lower()] for f in spec.fields]
+    return mapped_columns(spec, relation_columns(con, spec))
 
 
 def key_sql(text: str, key_field: str) -> str:

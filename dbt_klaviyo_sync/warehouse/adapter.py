@@ -1,0 +1,496 @@
+"""The warehouse of any target dbt reaches through its adapter (PostgreSQL is tested): the
+models and the sync state both live in the user's warehouse, the state in a schema of its
+own (`klaviyo_sync` by default, the var `klaviyo_sync_schema`), and the diff runs there, so
+that only the changed rows travel.
+
+Every statement comes from the dbt package's dispatched macros (macros/warehouse/), rendered
+through dbt's adapter: an engine that needs other SQL for a job overrides that job's macro.
+This module runs them on the adapter's connection (a DB-API connection), commits after each
+write (a dry run commits nothing and rolls everything back), and turns the change rows into
+Arrow batches. One sync at a time per sync id: the sync holds a lock in the warehouse (on
+PostgreSQL an advisory lock, released when the session ends).
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dbt_klaviyo_sync.changeset import (
+    FINGERPRINT,
+    JSON_TEXT,
+    REJECT_COLUMNS,
+    RUN_COLUMNS,
+    ChangeCounts,
+    JournaledUnit,
+    RunCounts,
+    SyncIdentity,
+    field_kind,
+)
+from dbt_klaviyo_sync.errors import ConfigurationError, StateError
+from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreadable
+
+#: The state's schema version in the warehouse (the meta table). Later versions migrate.
+SCHEMA_VERSION = 1
+#: How many change rows travel from the warehouse to Python at a time.
+READ_BATCH_ROWS = 10_000
+#: Types whose values are JSON documents, sent parsed where Klaviyo takes JSON or a number.
+_JSON_TYPES = frozenset({"json", "jsonb", "variant", "object", "super"})
+_TWO_64 = 2**64
+
+
+def _signed(fingerprint: int | None) -> int | None:
+    """A fingerprint as the warehouse's signed 64-bit integer."""
+    if fingerprint is None:
+        return None
+    return fingerprint - _TWO_64 if fingerprint >= 2**63 else fingerprint
+
+
+def _unsigned(fingerprint: int | None) -> int | None:
+    """A fingerprint as `changeset` carries it: unsigned 64 bits."""
+    return None if fingerprint is None else fingerprint % _TWO_64
+
+
+class AdapterWarehouse:
+    """The `Warehouse` of a target reached through dbt's adapter."""
+
+    def __init__(self, adapter: Any, *, dry_run: bool) -> None:
+        self._adapter = adapter
+        self._dry_run = dry_run
+        self._lock = threading.RLock()  # one connection, shared with the sending threads
+        self._db = adapter.connections.get_thread_connection().handle
+        self._json_columns: list[int] = []  # the changes' f-columns that hold JSON text
+        self.schema = str(self._macro("state_schema"))
+        self.fingerprints = str(self._macro("fingerprint_version"))
+        self._set_up()
+
+    # -- rendering and running SQL ---------------------------------------------------
+
+    def _macro(self, macro: str, /, **kwargs: Any) -> Any:
+        return self._adapter.execute_macro(macro, project="klaviyo_sync", kwargs=kwargs)
+
+    def _sql(self, name: str, **values: Any) -> str:
+        return str(self._macro("state_sql", name=name, schema=self.schema, a=values))
+
+    def _run(self, *statements: str, commit: bool = True) -> None:
+        with self._lock:
+            try:
+                with self._db.cursor() as cursor:
+                    for statement in statements:
+                        cursor.execute(statement)
+            except Exception as exc:
+                self._db.rollback()
+                raise self._failed(exc) from exc
+            if commit and not self._dry_run:
+                self._db.commit()
+
+    def _commit(self) -> None:
+        if not self._dry_run:
+            with self._lock:
+                self._db.commit()
+
+    def _rows(self, sql: str) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                with self._db.cursor() as cursor:
+                    cursor.execute(sql)
+                    return list(cursor.fetchall())
+            except Exception as exc:
+                self._db.rollback()
+                raise self._failed(exc) from exc
+
+    def _value(self, sql: str) -> Any:
+        rows = self._rows(sql)
+        return rows[0][0] if rows else None
+
+    def _insert(self, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+        """Many rows into a table in one statement (psycopg2's execute_values)."""
+        from psycopg2.extras import execute_values
+
+        if not rows:
+            return
+        with self._db.cursor() as cursor:
+            execute_values(
+                cursor, f"insert into {table} ({', '.join(columns)}) values %s", rows, None, 1000
+            )
+
+    def _failed(self, error: Exception) -> StateError:
+        return StateError(
+            f"the sync state in the warehouse's schema {self.schema} could not be read or "
+            f"written ({type(error).__name__}: {str(error).strip()}). Nothing of this step was "
+            "recorded; what was not recorded is sent again next run."
+        )
+
+    def _set_up(self) -> None:
+        """Create the state's schema and tables when they are not there (a dry run's are
+        rolled back with the rest of it)."""
+        self._run(*self._macro("state_tables", schema=self.schema))
+        version = self._value(self._sql("schema_version"))
+        if version is None:
+            self._run(*self._sql("set_schema_version", version=str(SCHEMA_VERSION)).split("; "))
+        elif int(version) > SCHEMA_VERSION:
+            raise StateError(
+                f"the sync state in schema {self.schema} has version {version}, newer than "
+                f"this dbt-klaviyo-sync understands ({SCHEMA_VERSION}); upgrade it."
+            )
+
+    def close(self) -> None:
+        """A dry run keeps nothing; a real run has committed as it went."""
+        with self._lock:
+            self._db.rollback()
+
+    # -- the models ------------------------------------------------------------------
+
+    def _columns(self, spec: SyncSpec) -> dict[str, tuple[str, str]]:
+        unreadable(spec)
+        relation = self._adapter.Relation.create(
+            database=spec.database, schema=spec.schema, identifier=spec.identifier
+        )
+        with self._lock:
+            found = self._adapter.get_columns_in_relation(relation)
+        if not found:
+            raise not_built(spec)
+        return {c.name.lower(): (c.name, str(c.dtype)) for c in found}
+
+    def readable(self, spec: SyncSpec) -> None:
+        self._columns(spec)
+
+    def describe(self, spec: SyncSpec) -> None:
+        mapped_columns(spec, self._columns(spec))
+
+    # -- which sync ------------------------------------------------------------------
+
+    def has_syncs(self) -> bool:
+        return bool(self._value(self._sql("has_syncs")))
+
+    def accounts(self, spec: SyncSpec, target: str, base_url: str) -> dict[str, str | None]:
+        rows = self._rows(
+            self._sql(
+                "accounts",
+                unique_id=spec.unique_id,
+                object=spec.object,
+                behavior=spec.behavior,
+                list_id=spec.list_id or "",
+                target=target,
+                base_url=base_url.rstrip("/"),
+            )
+        )
+        return {str(sid): account for sid, account in rows}
+
+    def resolved(self, sync: SyncIdentity, spec: SyncSpec) -> str:
+        if sync.account_id is not None:
+            return sync.sid
+        known = self.accounts(spec, sync.target, sync.base_url)
+        return next(iter(known)) if len(known) == 1 else sync.sid
+
+    def register(self, sync: SyncIdentity, spec: SyncSpec) -> None:
+        """Record the sync, and take its lock: one run at a time per sync id."""
+        if not self._value(self._sql("lock", sid=sync.sid)):
+            raise StateError(
+                f"model '{spec.model}' is being synced by another dbt-klaviyo run (it holds "
+                f"the sync's lock in the warehouse); wait for it to finish. Two syncs of one "
+                "model never run at once."
+            )
+        self._run(
+            self._sql(
+                "register",
+                sid=sync.sid,
+                model=spec.model,
+                unique_id=spec.unique_id,
+                object=spec.object,
+                behavior=spec.behavior,
+                list_id=spec.list_id,
+                target=sync.target,
+                base_url=sync.base_url,
+                account_id=sync.account_id,
+                fingerprint_version=self.fingerprints,
+            )
+        )
+
+    def rebase(self, spec: SyncSpec, sid: str) -> int | None:
+        """Nothing to carry over yet: this is the first version to keep state here."""
+        return None
+
+    def forget(self, sid: str, *, keep_accepted: bool) -> None:
+        self._run(self._sql("forget", sid=sid, keep_accepted=keep_accepted))
+
+    # -- a run's record --------------------------------------------------------------
+
+    def start_run(self, sid: str, model: str, *, full_refresh: bool) -> str:
+        import uuid
+
+        run_id = uuid.uuid4().hex
+        self._run(
+            self._sql("start_run", run_id=run_id, sid=sid, model=model, full_refresh=full_refresh)
+        )
+        return run_id
+
+    def finish_run(
+        self, run_id: str, counts: RunCounts, status: str, error: str | None = None
+    ) -> None:
+        self._run(
+            self._sql(
+                "finish_run",
+                run_id=run_id,
+                status=status,
+                error=error,
+                **{name: getattr(counts, name) for name in vars(counts)},
+            )
+        )
+
+    # -- the journal -----------------------------------------------------------------
+
+    def journal(self, sid: str, unit: str, rows: pa.Table) -> None:
+        import datetime as dt
+
+        now = dt.datetime.now(dt.UTC)
+        values = [
+            (
+                sid,
+                unit,
+                row["position"],
+                row["key"],
+                _signed(row["fingerprint"]),
+                row["in_snapshot"],
+                row["klaviyo_id"],
+                row["accepted_values"],
+                row["body"],
+                now,
+            )
+            for row in rows.to_pylist()
+        ]
+        columns = [
+            "sync_id, unit, position, key, fingerprint, in_snapshot, klaviyo_id",
+            "accepted_values, body, journaled_at",
+        ]
+        with self._lock:
+            try:
+                self._insert(f"{self.schema}.journal", columns, values)
+            except Exception as exc:
+                self._db.rollback()
+                raise self._failed(exc) from exc
+            if not self._dry_run:
+                self._db.commit()
+
+    def job_recorder(self, sid: str) -> JobRecorder:
+        return JobRecorder(self, sid)
+
+    def record_job(self, sid: str, unit: str, job_id: str) -> None:
+        self._run(self._sql("record_job", sid=sid, unit=unit, job_id=job_id))
+
+    def journaled_units(self, sid: str) -> list[JournaledUnit]:
+        units: dict[str, JournaledUnit] = {}
+        for (
+            unit,
+            job_id,
+            position,
+            key,
+            fingerprint,
+            in_snapshot,
+            klaviyo_id,
+            values,
+            age,
+        ) in self._rows(self._sql("journaled", sid=sid)):
+            found = units.setdefault(unit, JournaledUnit(unit, job_id, [], float(age)))
+            found.records.append(
+                {
+                    "position": position,
+                    "key": key,
+                    "fingerprint": _unsigned(fingerprint),
+                    "in_snapshot": in_snapshot,
+                    "klaviyo_id": klaviyo_id,
+                    "accepted_values": values,
+                }
+            )
+        return list(units.values())
+
+    def drop_journal(self, sid: str, units: list[str]) -> None:
+        if units:
+            self._run(*self._sql("drop_journal", sid=sid, units=units).split("; "))
+
+    # -- the diff --------------------------------------------------------------------
+
+    def diff(self, spec: SyncSpec, sid: str, held: list[str]) -> ChangeCounts:
+        columns = mapped_columns(spec, self._columns(spec))
+        quote = self._adapter.quote
+        values, texts, self._json_columns = [], [], []
+        for index, ((name, dtype), mapping) in enumerate(
+            zip(columns[1:], spec.fields[1:], strict=True), start=1
+        ):
+            as_json = dtype.lower() in _JSON_TYPES and field_kind(mapping.field) != "text"
+            text = self._macro("as_text", expression=quote(name))
+            values.append(text if as_json or field_kind(mapping.field) == "text" else quote(name))
+            texts.append(self._macro("as_text", expression=f"f{index}"))
+            if as_json:
+                self._json_columns.append(index)
+        statements = self._macro(
+            "change_set",
+            schema=self.schema,
+            relation=spec.relation,
+            key_text=self._macro("as_text", expression=quote(columns[0][0])),
+            key_field=spec.key_field,
+            values=values,
+            texts=texts,
+            signature=spec.signature,
+            sid=sid,
+            once=spec.once,
+            events=spec.object == "event",
+        )
+        self._run(statements["drop"], statements["create"], commit=False)
+        held_rows = 0
+        if held:
+            held_rows = int(self._value(self._sql("held", sid=sid, units=held)) or 0)
+            self._run(self._sql("hold", sid=sid, units=held), commit=False)
+        counts = dict(self._rows(statements["counts"]))
+        if counts.get("add") or counts.get("update"):
+            self._run(statements["duplicates"], commit=False)
+            counts = dict(self._rows(statements["counts"]))
+        self._commit()  # the temporary table stays for the session
+        return ChangeCounts(
+            add=int(counts.get("add", 0)),
+            update=int(counts.get("update", 0)),
+            remove=int(counts.get("remove", 0)),
+            invalid=int(counts.get("invalid", 0)),
+            model_rows=int(self._value(statements["rows"]) or 0),
+            held=held_rows,
+        )
+
+    def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
+        """The change rows, from a server-side cursor that outlives the commits made while
+        they are sent (WITH HOLD), a batch at a time."""
+        with self._lock:
+            cursor = self._db.cursor(name="klaviyo_changes_rows", withhold=True)
+            cursor.execute(self._sql("changes", kinds=list(kinds)))
+        try:
+            while True:
+                with self._lock:
+                    rows = cursor.fetchmany(READ_BATCH_ROWS)
+                    names = [d[0] for d in cursor.description or []]
+                if not rows:
+                    return
+                yield self._batch(names, rows)
+        finally:
+            with self._lock:
+                cursor.close()
+
+    def _batch(self, names: list[str], rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
+        arrays = []
+        for at, name in enumerate(names):
+            values = [row[at] for row in rows]
+            if name == FINGERPRINT:
+                arrays.append(pa.array([_unsigned(v) for v in values], pa.uint64()))
+            elif name.startswith("f") and int(name[1:]) in self._json_columns:
+                texts = pa.array(values, pa.string())
+                arrays.append(
+                    pa.StructArray.from_arrays([texts], [JSON_TEXT], mask=pc.is_null(texts))
+                )
+            else:
+                arrays.append(pa.array([_plain(v) for v in values]))
+        return pa.RecordBatch.from_arrays(arrays, names=names)
+
+    def standing_rejects(self, sid: str) -> int:
+        return int(self._value(self._sql("standing_rejects", sid=sid)) or 0)
+
+    def accepted_count(self, sid: str) -> int:
+        return int(self._value(self._sql("accepted_count", sid=sid)) or 0)
+
+    def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        import orjson
+
+        if not keys:
+            return {}
+        rows = self._rows(self._sql("accepted_values", sid=sid, keys=keys))
+        return {key: orjson.loads(values) for key, values in rows}
+
+    # -- the answers -----------------------------------------------------------------
+
+    def commit(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
+        if outcomes.num_rows == 0:
+            return
+        statements = self._macro(
+            "commit_outcomes", schema=self.schema, sid=sid, run_id=run_id, model=model
+        )
+        names = outcomes.column_names
+        rows = [
+            tuple(_signed(v) if n == "fingerprint" else v for n, v in zip(names, row, strict=True))
+            for row in zip(*(outcomes.column(n).to_pylist() for n in names), strict=True)
+        ]
+        with self._lock:
+            try:
+                with self._db.cursor() as cursor:
+                    cursor.execute(statements["table"])
+                    cursor.execute("truncate klaviyo_outcomes")
+                self._insert("klaviyo_outcomes", names, rows)
+                with self._db.cursor() as cursor:
+                    for statement in statements["steps"]:
+                        cursor.execute(statement)
+            except Exception as exc:
+                self._db.rollback()
+                raise self._failed(exc) from exc
+            if not self._dry_run:
+                self._db.commit()
+
+    def forget_removed(self, sid: str) -> None:
+        self._run(self._sql("forget_removed", sid=sid))
+
+    # -- the history -----------------------------------------------------------------
+
+    def last_runs(self, model: str | None, runs: int) -> list[dict[str, Any]]:
+        rows = self._rows(self._sql("last_runs", model=model, runs=runs))
+        return [dict(zip(RUN_COLUMNS, row, strict=True)) for row in rows]
+
+    def rejects(self, model: str, every: bool = False) -> AdapterRejects:
+        if not self._value(self._sql("known_model", model=model)):
+            synced = [name for (name,) in self._rows(self._sql("synced_models"))]
+            raise ConfigurationError(
+                f"model '{model}' has never been synced with this state (synced models: "
+                f"{', '.join(synced) or 'none'})"
+            )
+        return AdapterRejects(self, self._sql("rejects", model=model, every=every))
+
+
+def _plain(value: Any) -> Any:
+    """A value the driver gave, as Arrow takes it (bytes for a memoryview)."""
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+class JobRecorder:
+    """Records bulk job ids from the sending threads, through the shared connection."""
+
+    def __init__(self, warehouse: AdapterWarehouse, sid: str) -> None:
+        self._warehouse = warehouse
+        self._sid = sid
+
+    def __call__(self, unit: str, job_id: str) -> None:
+        self._warehouse.record_job(self._sid, unit, job_id)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AdapterRejects:
+    """A model's rejects, as a query to count, page through or export."""
+
+    warehouse: AdapterWarehouse
+    sql: str
+
+    def count(self) -> int:
+        return int(self.warehouse._value(f"select count(*) from ({self.sql}) as r") or 0)
+
+    def first(self, limit: int) -> list[tuple[Any, ...]]:
+        return self.warehouse._rows(f"select * from ({self.sql}) as r limit {int(limit)}")
+
+    def export_csv(self, path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out)
+            writer.writerow(REJECT_COLUMNS)
+            writer.writerows(self.first(10**12))

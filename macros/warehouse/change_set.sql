@@ -1,0 +1,87 @@
+{#- klaviyo_sync.change_set(...): the statements that work out, inside the warehouse, the
+    rows of a model to act on, into the session's temporary table `klaviyo_changes` (the
+    columns of dbt_klaviyo_sync/changeset.py): the model's rows, their normalised sync key
+    and fingerprint, full-outer-joined with the sync's snapshot, so that only added,
+    changed and removed rows come out, and only they leave the warehouse.
+
+    schema: the state schema; relation: the model; key_text: the SQL of the sync key
+    column's text; key_field: the identifier it is; values: the SQL of the other mapped
+    values, in order (f1, f2, ...); texts: the SQL of their texts over f1, f2, ..., for the
+    fingerprint; signature: the mapping's digest; sid: the sync id; once: deletions and
+    events act once per key; events: the bodies of events in flight come along. Returns the
+    statements by name: drop, create, duplicates, counts, rows. -#}
+{% macro change_set(schema, relation, key_text, key_field, values, texts, signature, sid, once, events) -%}
+  {{ return(adapter.dispatch('change_set', 'klaviyo_sync')(
+      schema, relation, key_text, key_field, values, texts, signature, sid, once, events)) }}
+{%- endmacro %}
+
+{% macro default__change_set(schema, relation, key_text, key_field, values, texts, signature, sid, once, events) -%}
+  {%- set sid_ = klaviyo_sync.literal(sid) -%}
+  {%- set once_ = 'true' if once else 'false' -%}
+  {%- set key = klaviyo_sync.sync_key(key_text, key_field) -%}
+  {%- set fields = [] -%}
+  {%- for i in range(1, values | length + 1) %}{% do fields.append('f' ~ i) %}{% endfor -%}
+  {%- set sent -%}
+    {%- if events -%}
+      select key, body from (
+        select key, body, row_number() over (partition by key order by journaled_at desc) as n
+        from {{ schema }}.journal where sync_id = {{ sid_ }} and body is not null) as j0
+      where n = 1
+    {%- else -%}
+      select cast(null as {{ type_string() }}) as key, cast(null as {{ type_string() }}) as body
+      where 1 = 0
+    {%- endif -%}
+  {%- endset -%}
+  {%- set create -%}
+    create temporary table klaviyo_changes as
+    with model as (
+        select __key,
+               {{ klaviyo_sync.fingerprint(signature, ['__key'] + texts) }} as __fingerprint,
+               __key as f0{% for f in fields %}, {{ f }}{% endfor %}
+        from (select {{ key }} as __key
+                     {%- for value in values %}, {{ value }} as f{{ loop.index }}{% endfor %}
+              from {{ relation }}) as m0
+    ),
+    snap as (
+        select key, fingerprint, rejected_fingerprint, retry_rejected, klaviyo_id
+        from {{ schema }}.snapshot where sync_id = {{ sid_ }}
+    ),
+    sent as ({{ sent }})
+    select case when m.__fingerprint is null then
+                     case when {{ once_ }} then 'forget' else 'remove' end
+                when m.__key is null then 'null_key'
+                when s.fingerprint is null then 'add'
+                when m.__fingerprint = s.fingerprint then 'settle'
+                else 'update' end as __change,
+           s.key is not null as __in_snapshot,
+           s.klaviyo_id as __klaviyo_id,
+           coalesce(m.__key, s.key) as __key,
+           coalesce(m.__fingerprint, s.fingerprint) as __fingerprint,
+           j.body as __sent,
+           m.f0{% for f in fields %}, m.{{ f }}{% endfor %}
+    from model as m
+    full outer join snap as s on s.key = m.__key
+    left join sent as j on j.key = coalesce(m.__key, s.key)
+    where case when m.__fingerprint is null then not {{ once_ }} or s.fingerprint is null
+               when m.__key is null then true
+               when m.__fingerprint = s.fingerprint then s.rejected_fingerprint is not null
+               else (m.__fingerprint is distinct from s.rejected_fingerprint
+                     or coalesce(s.retry_rejected, false))
+                    and (not {{ once_ }} or s.fingerprint is null) end
+  {%- endset -%}
+  {%- set duplicates -%}
+    update klaviyo_changes set __change = 'duplicate_key'
+    where __change in ('add', 'update') and __key in (
+        select k from (select {{ key }} as k from {{ relation }}) as keys
+        where k in (select __key from klaviyo_changes where __change in ('add', 'update'))
+        group by k having count(*) > 1)
+  {%- endset -%}
+  {{ return({
+      'drop': 'drop table if exists klaviyo_changes',
+      'create': create,
+      'duplicates': duplicates,
+      'counts': "select case when __change like '%\\_key' then 'invalid' else __change end,"
+                ~ " count(*) from klaviyo_changes group by 1",
+      'rows': 'select count(*) from ' ~ relation,
+  }) }}
+{%- endmacro %}

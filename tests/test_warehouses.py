@@ -18,7 +18,9 @@ from tests.conftest import (
     model_rows,
     pg_database,
     run_dbt,
+    start_sync,
     sync,
+    wait_for,
 )
 
 LIST_ID = "VipLst"
@@ -216,3 +218,17 @@ def test_dbt_reads_the_history_in_the_warehouse_through_the_packages_sources(
     )
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "customers" in shown.stdout and "1200" in shown.stdout
+
+
+def test_two_syncs_of_one_model_never_run_at_once(pg_project: Path) -> None:
+    """On PostgreSQL the sync holds a lock in the warehouse for its model (on DuckDB, the
+    state file's own lock: see test_sync_safety)."""
+    with make_emulator(job_seconds=3) as slow:
+        first = start_sync(pg_project, slow, "customers")
+        wait_for(lambda: bool(slow.stats()["requests_by_operation"].get("bulk_import_profiles")))
+        second = only(pg_project, slow, "customers")
+        out, err = first.communicate(timeout=120)
+        assert second.returncode == 2, second.output
+        assert "is being synced by another dbt-klaviyo run" in second.output
+        assert first.returncode == 0, out + err
+        assert only(pg_project, slow, "customers").row("customers")["unchanged"] == 1200

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dbt_klaviyo_sync.emulator import Emulator
 from tests.conftest import (
     BIN,
     REPO,
@@ -97,16 +98,15 @@ def test_each_copy_has_a_database_of_its_own(make_pg_project: Callable[[str], Pa
     assert first_db.name != second_db.name
 
 
-def test_validate_reads_the_postgres_target(pg_project: Path) -> None:
-    """The CLI loads the copy's profile, its postgres target and the manifest parsed for it.
-    What it does next depends on how far reading PostgreSQL models has come, so only the
-    target is asserted here: "the dbt target 'postgres' uses the 'postgres' adapter" while
-    dbt-klaviyo refused non-DuckDB targets, "reading ... from the postgres target 'postgres'"
-    once it reads them."""
+def test_validate_reads_the_postgres_target(pg_project: Path, emulator: Emulator) -> None:
+    """The CLI loads the copy's profile, its postgres target and the manifest parsed for it,
+    and checks every model's columns in PostgreSQL."""
+    emulator.create_list("VIP customers", list_id="VipLst")
     argv = ("validate", "--project-dir", ".", "--profiles-dir", ".", "--target", "postgres")
-    done = dbt_klaviyo(pg_project, None, *argv)
-    assert done.returncode == 2, done.output  # no emulator: Klaviyo cannot be reached
-    assert "target 'postgres'" in done.output, done.output
+    done = dbt_klaviyo(pg_project, emulator, *argv)
+    assert done.returncode == 0, done.output
+    assert "FAIL" not in done.output
+    assert "from the postgres target 'postgres'" in done.output
     assert "parsing the dbt project" not in done.output  # the copy's manifest was ready
 
 

@@ -124,9 +124,10 @@ class AdapterWarehouse:
 
     def _failed(self, error: Exception) -> StateError:
         return StateError(
-            f"the sync state in the warehouse's schema {self.schema} could not be read or "
-            f"written ({type(error).__name__}: {str(error).strip()}). Nothing of this step was "
-            "recorded; what was not recorded is sent again next run."
+            f"the {self._adapter.type()} warehouse refused a statement of the sync, on the "
+            f"models or on the sync state in schema {self.schema} ({type(error).__name__}: "
+            f"{str(error).strip()}). Nothing of this step was recorded; what was not recorded "
+            "is sent again next run."
         )
 
     def _set_up(self) -> None:

@@ -8,13 +8,19 @@ through dbt's adapter: an engine that needs other SQL for a job overrides that j
 This module runs them on the adapter's connection (a DB-API connection), commits after each
 write (a dry run commits nothing and rolls everything back), and turns the change rows into
 Arrow batches. One sync at a time per sync id: the sync holds a lock in the warehouse (on
-PostgreSQL an advisory lock, released when the session ends).
+PostgreSQL an advisory lock, elsewhere a lease row: the package's sync_lock), given back when
+the warehouse closes.
+
+psycopg2 gets its fast paths (execute_values, a WITH HOLD server-side cursor); any other
+DB-API driver gets executemany and fetchmany on an ordinary cursor.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +74,9 @@ class AdapterWarehouse:
         self._lock = threading.RLock()  # one connection, shared with the sending threads
         self._db = adapter.connections.get_thread_connection().handle
         self._json_columns: list[int] = []  # the changes' f-columns that hold JSON text
+        self._holder = uuid.uuid4().hex  # whose the sync locks taken here are
+        self._locks: list[list[str]] = []  # the statements that release them
+        self._diffed = ""  # the sync id of the last diff, whose change rows `changes` reads
         self.schema = str(self._macro("state_schema"))
         self.fingerprints = str(self._macro("fingerprint_version"))
         self._set_up()
@@ -111,16 +120,22 @@ class AdapterWarehouse:
         rows = self._rows(sql)
         return rows[0][0] if rows else None
 
-    def _insert(self, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
-        """Many rows into a table in one statement (psycopg2's execute_values)."""
-        from psycopg2.extras import execute_values
+    def _psycopg2(self) -> bool:
+        return type(self._db).__module__.startswith("psycopg2")
 
+    def _insert(self, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+        """Many rows into a table: in one statement with psycopg2 (execute_values), with the
+        driver's executemany otherwise (Snowflake's makes one multi-row insert of it)."""
         if not rows:
             return
+        sql = f"insert into {table} ({', '.join(columns)}) values "
         with self._db.cursor() as cursor:
-            execute_values(
-                cursor, f"insert into {table} ({', '.join(columns)}) values %s", rows, None, 1000
-            )
+            if self._psycopg2():
+                from psycopg2.extras import execute_values
+
+                execute_values(cursor, sql + "%s", rows, None, 1000)
+            else:
+                cursor.executemany(sql + _marks(self._db, len(columns)), rows)
 
     def _failed(self, error: Exception) -> StateError:
         return StateError(
@@ -144,9 +159,13 @@ class AdapterWarehouse:
             )
 
     def close(self) -> None:
-        """A dry run keeps nothing; a real run has committed as it went."""
+        """A dry run keeps nothing; a real run has committed as it went. The sync locks
+        taken are given back."""
         with self._lock:
             self._db.rollback()
+        for release in self._locks:
+            self._run(*release)
+        self._locks.clear()
 
     # -- the models ------------------------------------------------------------------
 
@@ -194,12 +213,16 @@ class AdapterWarehouse:
 
     def register(self, sync: SyncIdentity, spec: SyncSpec) -> None:
         """Record the sync, and take its lock: one run at a time per sync id."""
-        if not self._value(self._sql("lock", sid=sync.sid)):
+        lock = self._macro("sync_lock", schema=self.schema, sid=sync.sid, holder=self._holder)
+        *take, held = lock["take"]
+        self._run(*take)
+        if not self._value(held):
             raise StateError(
                 f"model '{spec.model}' is being synced by another dbt-klaviyo run (it holds "
                 f"the sync's lock in the warehouse); wait for it to finish. Two syncs of one "
                 "model never run at once."
             )
+        self._locks.append(lock["release"])
         self._run(
             self._sql(
                 "register",
@@ -355,6 +378,7 @@ class AdapterWarehouse:
             self._run(statements["duplicates"], commit=False)
             counts = dict(self._rows(statements["counts"]))
         self._commit()  # the temporary table stays for the session
+        self._diffed = sid
         return ChangeCounts(
             add=int(counts.get("add", 0)),
             update=int(counts.get("update", 0)),
@@ -365,11 +389,16 @@ class AdapterWarehouse:
         )
 
     def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
-        """The change rows, from a server-side cursor that outlives the commits made while
-        they are sent (WITH HOLD), a batch at a time."""
+        """The change rows, a batch at a time: with psycopg2 from a server-side cursor that
+        outlives the commits made while they are sent (WITH HOLD); other drivers keep a
+        query's result apart from the statements run after it (Snowflake's in result
+        chunks), so an ordinary cursor does."""
         with self._lock:
-            cursor = self._db.cursor(name="klaviyo_changes_rows", withhold=True)
-            cursor.execute(self._sql("changes", kinds=list(kinds)))
+            if self._psycopg2():
+                cursor = self._db.cursor(name="klaviyo_changes_rows", withhold=True)
+            else:
+                cursor = self._db.cursor()
+            cursor.execute(self._sql("changes", sid=self._diffed, kinds=list(kinds)))
         try:
             while True:
                 with self._lock:
@@ -428,8 +457,8 @@ class AdapterWarehouse:
             try:
                 with self._db.cursor() as cursor:
                     cursor.execute(statements["table"])
-                    cursor.execute("truncate klaviyo_outcomes")
-                self._insert("klaviyo_outcomes", names, rows)
+                    cursor.execute(statements["clear"])
+                self._insert(statements["name"], names, rows)
                 with self._db.cursor() as cursor:
                     for statement in statements["steps"]:
                         cursor.execute(statement)
@@ -456,6 +485,21 @@ class AdapterWarehouse:
                 f"{', '.join(synced) or 'none'})"
             )
         return AdapterRejects(self, self._sql("rejects", model=model, every=every))
+
+
+def _marks(connection: Any, count: int) -> str:
+    """A row's parameter marks in the DB-API paramstyle of the connection's driver (qmark,
+    numeric, or format and pyformat's %s)."""
+    module, style = type(connection).__module__, "format"
+    while module and not isinstance(getattr(sys.modules.get(module), "paramstyle", None), str):
+        module = module.rpartition(".")[0]
+    if module:
+        style = sys.modules[module].paramstyle
+    marks = {
+        "qmark": ["?"] * count,
+        "numeric": [f":{at}" for at in range(1, count + 1)],
+    }.get(style, ["%s"] * count)
+    return f"({', '.join(marks)})"
 
 
 def _plain(value: Any) -> Any:

@@ -7,6 +7,7 @@
   {{ return('cast(' ~ expression ~ ' as ' ~ type_string() ~ ')') }}
 {%- endmacro %}
 
-{% macro bigquery__as_text(expression) -%}
-  {{ return('to_json_string(' ~ expression ~ ')') }}
+{#- Redshift's VARCHAR is 256 bytes unless told otherwise. -#}
+{% macro redshift__as_text(expression) -%}
+  {{ return('cast(' ~ expression ~ ' as ' ~ klaviyo_sync.text_type() ~ ')') }}
 {%- endmacro %}

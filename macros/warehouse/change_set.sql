@@ -1,6 +1,7 @@
 {#- klaviyo_sync.change_set(...): the statements that work out, inside the warehouse, the
-    rows of a model to act on, into the session's temporary table `klaviyo_changes` (the
-    columns of dbt_klaviyo_sync/changeset.py): the model's rows, their normalised sync key
+    rows of a model to act on, into the session's temporary table `klaviyo_changes` (or
+    the sync's work table where the engine has none: see work_table) with the columns of
+    dbt_klaviyo_sync/changeset.py: the model's rows, their normalised sync key
     and fingerprint, full-outer-joined with the sync's snapshot, so that only added,
     changed and removed rows come out, and only they leave the warehouse.
 
@@ -19,6 +20,7 @@
   {%- set sid_ = klaviyo_sync.literal(sid) -%}
   {%- set once_ = 'true' if once else 'false' -%}
   {%- set key = klaviyo_sync.sync_key(key_text, key_field) -%}
+  {%- set changes = klaviyo_sync.work_table(schema, 'changes', sid) -%}
   {%- set fields = [] -%}
   {%- for i in range(1, values | length + 1) %}{% do fields.append('f' ~ i) %}{% endfor -%}
   {%- set sent -%}
@@ -29,11 +31,11 @@
       where n = 1
     {%- else -%}
       select cast(null as {{ type_string() }}) as key, cast(null as {{ type_string() }}) as body
-      where 1 = 0
+      limit 0
     {%- endif -%}
   {%- endset -%}
-  {%- set create -%}
-    create temporary table klaviyo_changes as
+  {%- set query -%}
+    as
     with model as (
         select __key,
                {{ klaviyo_sync.fingerprint(signature, ['__key'] + texts) }} as __fingerprint,
@@ -65,23 +67,22 @@
     where case when m.__fingerprint is null then not {{ once_ }} or s.fingerprint is null
                when m.__key is null then true
                when m.__fingerprint = s.fingerprint then s.rejected_fingerprint is not null
-               else (m.__fingerprint is distinct from s.rejected_fingerprint
+               else (s.rejected_fingerprint is null or m.__fingerprint <> s.rejected_fingerprint
                      or coalesce(s.retry_rejected, false))
                     and (not {{ once_ }} or s.fingerprint is null) end
   {%- endset -%}
-  {%- set duplicates -%}
-    update klaviyo_changes set __change = 'duplicate_key'
-    where __change in ('add', 'update') and __key in (
-        select k from (select {{ key }} as k from {{ relation }}) as keys
-        where k in (select __key from klaviyo_changes where __change in ('add', 'update'))
-        group by k having count(*) > 1)
+  {%- set duplicated -%}
+    select k from (select {{ key }} as k from {{ relation }}) as keys
+    where k in (select __key from {{ changes }} where __change in ('add', 'update'))
+    group by k having count(*) > 1
   {%- endset -%}
   {{ return({
-      'drop': 'drop table if exists klaviyo_changes',
-      'create': create,
-      'duplicates': duplicates,
-      'counts': "select case when __change like '%\\_key' then 'invalid' else __change end,"
-                ~ " count(*) from klaviyo_changes group by 1",
+      'drop': 'drop table if exists ' ~ changes,
+      'create': klaviyo_sync.create_table(changes, query, work=true),
+      'duplicates': klaviyo_sync.keyed_change(changes, '__key', duplicated,
+          condition="__change in ('add', 'update')", set="__change = 'duplicate_key'"),
+      'counts': "select case when __change in ('null_key', 'duplicate_key') then 'invalid'"
+                ~ " else __change end, count(*) from " ~ changes ~ " group by 1",
       'rows': 'select count(*) from ' ~ relation,
   }) }}
 {%- endmacro %}

@@ -1,7 +1,7 @@
 {#- klaviyo_sync.state_sql(name, schema, a): the SQL of one of the sync's smaller jobs on its
     state in the user's warehouse, by name, with the values in `a` (a dict) written as SQL
     literals. The bigger jobs have macros of their own (state_tables, change_set,
-    commit_outcomes). An adapter that needs other SQL for a job overrides the job here. -#}
+    commit_outcomes, sync_lock); what differs between engines comes from dialect.sql. -#}
 {% macro state_sql(name, schema, a) -%}
   {{ return(adapter.dispatch('state_sql', 'klaviyo_sync')(name, schema, a)) }}
 {%- endmacro %}
@@ -18,6 +18,8 @@
     {%- endif -%}
   {%- endfor -%}
   {%- set s = schema -%}
+  {%- set now = klaviyo_sync.now() -%}
+  {%- set changes = klaviyo_sync.work_table(schema, 'changes', a.get('sid')) -%}
   {%- set every_reject = "select * from " ~ s ~ ".rejects where model = " ~ v.get('model') -%}
   {%- set open_rejects = "select l.model, l.key, l.column_name, l.field, l.code, l.reason,"
       ~ " l.rejected_at from (select *, row_number() over (partition by sync_id, key order by"
@@ -33,18 +35,19 @@
     'schema_version': "select value from " ~ s ~ ".meta where key = 'schema_version'",
     'set_schema_version': "delete from " ~ s ~ ".meta where key = 'schema_version'; insert into "
       ~ s ~ ".meta (key, value) values ('schema_version', " ~ v.get('version') ~ ")",
-    'lock': "select pg_try_advisory_lock(hashtextextended(" ~ v.get('sid') ~ ", 0))",
     'has_syncs': "select count(*) from " ~ s ~ ".syncs",
     'accounts': "select sync_id, account_id from " ~ s ~ ".syncs where unique_id = "
       ~ v.get('unique_id') ~ " and object = " ~ v.get('object') ~ " and behavior = "
       ~ v.get('behavior') ~ " and coalesce(list_id, '') = " ~ v.get('list_id') ~ " and target = "
       ~ v.get('target') ~ " and base_url = " ~ v.get('base_url'),
     'register': "insert into " ~ s ~ ".syncs (sync_id, model, unique_id, object, behavior,"
-      ~ " list_id, target, base_url, account_id, fingerprint_version) select " ~ v.get('sid')
+      ~ " list_id, target, base_url, account_id, fingerprint_version, created_at) select "
+      ~ v.get('sid')
       ~ ", " ~ v.get('model') ~ ", " ~ v.get('unique_id') ~ ", " ~ v.get('object') ~ ", "
       ~ v.get('behavior') ~ ", " ~ v.get('list_id') ~ ", " ~ v.get('target') ~ ", "
       ~ v.get('base_url') ~ ", " ~ v.get('account_id') ~ ", " ~ v.get('fingerprint_version')
-      ~ " where not exists (select 1 from " ~ s ~ ".syncs where sync_id = " ~ v.get('sid') ~ ")",
+      ~ ", " ~ now ~ " from (select 1 as one) as once where not exists (select 1 from " ~ s
+      ~ ".syncs where sync_id = " ~ v.get('sid') ~ ")",
     'fingerprint_version': "select fingerprint_version from " ~ s ~ ".syncs where sync_id = "
       ~ v.get('sid'),
     'forget': "update " ~ s ~ ".snapshot set fingerprint = case when " ~ v.get('keep_accepted')
@@ -53,38 +56,38 @@
       ~ " where sync_id = " ~ v.get('sid'),
     'start_run': "insert into " ~ s ~ ".runs (run_id, sync_id, model, started_at, dry_run,"
       ~ " full_refresh, status) values (" ~ v.get('run_id') ~ ", " ~ v.get('sid') ~ ", "
-      ~ v.get('model') ~ ", current_timestamp, false, " ~ v.get('full_refresh') ~ ", 'running')",
-    'finish_run': "update " ~ s ~ ".runs set finished_at = current_timestamp, added = "
+      ~ v.get('model') ~ ", " ~ now ~ ", false, " ~ v.get('full_refresh') ~ ", 'running')",
+    'finish_run': "update " ~ s ~ ".runs set finished_at = " ~ now ~ ", added = "
       ~ v.get('added') ~ ", updated = " ~ v.get('updated') ~ ", removed = " ~ v.get('removed')
       ~ ", unchanged = " ~ v.get('unchanged') ~ ", rejected = " ~ v.get('rejected')
       ~ ", failed = " ~ v.get('failed') ~ ", requests = " ~ v.get('requests') ~ ", status = "
       ~ v.get('status') ~ ", error = " ~ v.get('error') ~ " where run_id = " ~ v.get('run_id'),
     'record_job': "insert into " ~ s ~ ".jobs (sync_id, unit, job_id, created_at) values ("
-      ~ v.get('sid') ~ ", " ~ v.get('unit') ~ ", " ~ v.get('job_id') ~ ", current_timestamp)",
+      ~ v.get('sid') ~ ", " ~ v.get('unit') ~ ", " ~ v.get('job_id') ~ ", " ~ now ~ ")",
     'journaled': "select j.unit, b.job_id, j.position, j.key, j.fingerprint, j.in_snapshot,"
-      ~ " j.klaviyo_id, j.accepted_values, extract(epoch from current_timestamp - j.journaled_at)"
+      ~ " j.klaviyo_id, j.accepted_values, " ~ klaviyo_sync.seconds_between('j.journaled_at', now)
       ~ " from " ~ s ~ ".journal as j left join " ~ s ~ ".jobs as b on b.sync_id = j.sync_id"
       ~ " and b.unit = j.unit where j.sync_id = " ~ v.get('sid')
       ~ " order by j.journaled_at, j.unit, j.position",
     'drop_journal': "delete from " ~ s ~ ".journal where sync_id = " ~ v.get('sid')
       ~ " and unit in " ~ v.get('units') ~ "; delete from " ~ s ~ ".jobs where sync_id = "
       ~ v.get('sid') ~ " and unit in " ~ v.get('units'),
-    'hold': "delete from klaviyo_changes where __key in (select key from " ~ s
-      ~ ".journal where sync_id = " ~ v.get('sid') ~ " and unit in " ~ v.get('units') ~ ")",
-    'held': "select count(*) from klaviyo_changes where __key in (select key from " ~ s
+    'hold': klaviyo_sync.keyed_change(changes, '__key', "select key from " ~ s
+      ~ ".journal where sync_id = " ~ v.get('sid') ~ " and unit in " ~ v.get('units')),
+    'held': "select count(*) from " ~ changes ~ " where __key in (select key from " ~ s
       ~ ".journal where sync_id = " ~ v.get('sid') ~ " and unit in " ~ v.get('units') ~ ")",
     'standing_rejects': "select count(*) from " ~ s ~ ".snapshot where sync_id = "
       ~ v.get('sid') ~ " and rejected_fingerprint is not null and key not in (select __key"
-      ~ " from klaviyo_changes where __key is not null)",
+      ~ " from " ~ changes ~ " where __key is not null)",
     'accepted_count': "select count(*) from " ~ s ~ ".snapshot where sync_id = "
       ~ v.get('sid') ~ " and fingerprint is not null",
     'accepted_values': "select key, accepted_values from " ~ s ~ ".snapshot where sync_id = "
       ~ v.get('sid') ~ " and key in " ~ v.get('keys') ~ " and accepted_values is not null",
-    'forget_removed': "delete from " ~ s ~ ".snapshot where sync_id = " ~ v.get('sid')
-      ~ " and key in (select __key from klaviyo_changes where __change = 'remove')",
-    'changes': "select * from klaviyo_changes where __change in " ~ v.get('kinds'),
-    'last_runs': "select model, started_at, round(cast(extract(epoch from finished_at -"
-      ~ " started_at) as numeric), 1) as seconds, status, added, updated, removed, unchanged,"
+    'forget_removed': klaviyo_sync.keyed_change(s ~ '.snapshot', 'key', "select __key from "
+      ~ changes ~ " where __change = 'remove'", condition="sync_id = " ~ v.get('sid')),
+    'changes': "select * from " ~ changes ~ " where __change in " ~ v.get('kinds'),
+    'last_runs': "select model, started_at, round(cast("
+      ~ klaviyo_sync.seconds_between('started_at', 'finished_at') ~ " as decimal(18, 3)), 1) as seconds, status, added, updated, removed, unchanged,"
       ~ " rejected, failed, requests, error from (select r.*, row_number() over (partition by"
       ~ " model order by started_at desc) as n from " ~ s ~ ".runs as r where "
       ~ v.get('model') ~ " is null or model = " ~ v.get('model') ~ ") as r0 where n <= "

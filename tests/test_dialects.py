@@ -473,3 +473,97 @@ def test_canonical_text_tells_null_from_empty_and_counts_column_order() -> None:
     mine = [v for (v,) in con.execute(f"select {ours} from {rows}").fetchall()]
     reference = con.execute(f"select {theirs} from {rows}", {"signature": "sig"}).fetchall()
     assert mine == [v - 2**64 if v >= 2**63 else v for (v,) in reference]
+
+
+# -- Snowflake for real, through fakesnow -----------------------------------------------------
+
+SNOWFLAKE_PROFILE = """    snowflake:
+      type: snowflake
+      account: fake
+      user: fake
+      password: fake
+      role: fake
+      warehouse: fake
+      database: demo
+      schema: analytics
+      threads: 1
+"""
+# The demo's customers model as Snowflake SQL (its own SQL is PostgreSQL's and DuckDB's):
+# the columns schema.yml maps, 1,200 rows.
+SNOWFLAKE_CUSTOMERS = """create or replace table demo.analytics.customers as
+select 'C' || lpad(to_varchar(n), 5, '0') as customer_id,
+       'customer.' || n || '@example.com' as email,
+       '+1415555' || lpad(to_varchar(1000 + n), 4, '0') as phone,
+       'First' || n as first_name, 'Last' || n as last_name,
+       iff(n % 2 = 0, 'Oslo', 'Paris') as city, 'Norway' as country,
+       cast(n * 1.5 as number(12, 2)) as lifetime_value, n % 7 = 0 as is_vip,
+       to_date('2022-01-01') as signup_date,
+       to_timestamp('2023-01-01 10:00:00') as last_order_at, n % 997 as internal_score
+from (select seq4() + 1 as n from table(generator(rowcount => 1200)))"""
+
+
+@pytest.mark.slow
+def test_snowflake_syncs_through_fakesnow(
+    tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole sync on a Snowflake target, dbt-snowflake's adapter and the Snowflake
+    connector patched onto DuckDB by fakesnow, in this process: a first sync, a no-op, then
+    2 changed rows and 1 removed; the lease given back. Skipped unless dbt-snowflake and
+    fakesnow are installed, which pin versions the project's own environment does not take:
+    in a separate virtualenv, `pip install -e '.[dev]' 'dbt-snowflake>=1.10,<1.12'
+    'fakesnow>=0.12,<0.13'`, then `pytest -m slow -k fakesnow tests/test_dialects.py`.
+    fakesnow cannot translate MD5_NUMBER_UPPER64; the test gives its DuckDB translation the
+    meaning Snowflake documents (the first 8 bytes of the MD5, unsigned).
+    """
+    fakesnow = pytest.importorskip("fakesnow")
+    pytest.importorskip("dbt.adapters.snowflake")
+    from dbt.cli.main import dbtRunner
+    from sqlglot.dialects.duckdb import DuckDB
+
+    from tests.conftest import copy_integration_project, sync
+
+    monkeypatch.setitem(
+        DuckDB.Generator.TRANSFORMS,
+        exp.MD5NumberUpper64,
+        lambda self, e: (
+            f"cast(cast(('0x' || left(md5({self.sql(e, 'this')}), 16)) as ubigint) as hugeint)"
+        ),
+    )
+    project = copy_integration_project(tmp_path / "project")
+    profiles = project / "profiles.yml"
+    profiles.write_text(profiles.read_text() + SNOWFLAKE_PROFILE)
+    (tmp_path / "db").mkdir()
+    env = {"DBT_TARGET": "snowflake"}
+    with fakesnow.patch(db_path=str(tmp_path / "db")):
+        import snowflake.connector
+
+        connection = snowflake.connector.connect(database="demo", schema="analytics")
+        cursor = connection.cursor()
+        cursor.execute(SNOWFLAKE_CUSTOMERS)
+        deps = dbtRunner().invoke(["deps", "--project-dir", str(project)])
+        assert deps.success, deps.exception
+
+        first = sync(project, emulator, "--select", "customers", env=env)
+        assert first.returncode == 0, first.output
+        assert first.row("customers")["added"] == 1200
+        assert len(emulator.profiles()) == 1200
+        again = sync(project, emulator, "--select", "customers", env=env)
+        assert again.row("customers")["unchanged"] == 1200, again.output
+        assert again.row("customers")["requests"] == 0
+
+        cursor.execute(
+            "update demo.analytics.customers set city = 'Bergen'"
+            " where customer_id in ('C00001', 'C00002')"
+        )
+        cursor.execute("delete from demo.analytics.customers where customer_id = 'C00003'")
+        changed = sync(project, emulator, "--select", "customers", env=env)
+        assert changed.returncode == 0, changed.output
+        counts = changed.row("customers")
+        assert (counts["updated"], counts["removed"], counts["unchanged"]) == (2, 1, 1197)
+        held = {p["attributes"]["external_id"]: p["attributes"] for p in emulator.profiles()}
+        assert held["C00001"]["location"]["city"] == "Bergen"
+
+        cursor.execute("select count(*) from klaviyo_sync.leases")
+        assert cursor.fetchall() == [(0,)]  # every lease given back
+        cursor.execute("select fingerprint_version from klaviyo_sync.syncs")
+        assert cursor.fetchall() == [("md5-v1",)]

@@ -135,7 +135,7 @@ class AdapterWarehouse:
 
                 execute_values(cursor, sql + "%s", rows, None, 1000)
             else:
-                cursor.executemany(sql + _marks(self._db, len(columns)), rows)
+                cursor.executemany(sql + _marks(self._db, len(rows[0])), rows)
 
     def _failed(self, error: Exception) -> StateError:
         return StateError(
@@ -403,7 +403,8 @@ class AdapterWarehouse:
             while True:
                 with self._lock:
                     rows = cursor.fetchmany(READ_BATCH_ROWS)
-                    names = [d[0] for d in cursor.description or []]
+                    # Snowflake names unquoted columns in capitals; ours are all lower case
+                    names = [d[0].lower() for d in cursor.description or []]
                 if not rows:
                     return
                 yield self._batch(names, rows)

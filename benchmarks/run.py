@@ -1,7 +1,13 @@
 """Benchmark dbt-klaviyo sync at 100k, 1M and 10M rows, against a naive baseline.
 
-    python3 dev.py bench                      # 100k, 1M and 10M rows
+    python3 dev.py bench                      # 100k, 1M and 10M rows, on DuckDB
     python3 dev.py bench --sizes 100000       # one size
+    python3 dev.py bench --warehouse postgres --sizes 1000000 10000000
+
+On PostgreSQL the model is built by dbt-postgres into a database of its own per size
+(dropped after), on the server the DBT_KLAVIYO_PG_* variables name, or else on a
+throwaway one started for the run (scripts/postgres.py); the sync keeps its state in
+that database, as any non-DuckDB target does.
 
 For each size, one run measures, each step in a process of its own (wall time, peak RSS):
   (a) a first full sync, against the emulator with rate limits off;
@@ -10,18 +16,24 @@ For each size, one run measures, each step in a process of its own (wall time, p
   (d) the same change set against the emulator with Klaviyo's documented limits times
       each of --scales, with how close the import jobs came to the fastest schedule those
       limits allow (the ceiling);
-  and, on the (c) change set: our diff alone, and a naive diff (both tables loaded into
-  Python dicts and compared) as the baseline. This machine is noisy, so figures are given
-  as ratios against the baseline measured in the same run.
+  and, on the (c) change set: our diff alone (and its changed rows streamed to Python),
+  and as the baseline a naive diff: the model's mapped columns pulled into a Python dict
+  and compared with last run's values kept locally. Both must find the same keys, or
+  nothing is reported. On PostgreSQL, the bytes each received from the server are counted
+  (the kernel's count for the client's socket). This machine is noisy, so figures are
+  given as ratios against the baseline measured in the same run. (d) is the client's
+  pacing, whatever the warehouse: by default it runs on DuckDB only.
 
 The emulator runs in sink mode (bulk jobs count their profiles and complete without
 storing them), so what is measured is the client: a stored 10M-profile account would make
-the emulator the bottleneck. dbt's own run and parse are not timed.
+the emulator the bottleneck. dbt's own run and parse are not timed (the model's build is
+reported, on a row of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -29,19 +41,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import project
 
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.klaviyo.openapi import operation
 
+sys.path.append(str(project.REPO))  # the tests' PostgreSQL server and its databases
+from tests.conftest import PgDatabase
+
 BIN = Path(sys.executable).parent
 KEY = "pk_benchmark"
 HERE = Path(__file__).resolve().parent
+PG_VARIABLES = ("DBT_KLAVIYO_PG_HOST", "DBT_KLAVIYO_PG_PORT", "DBT_KLAVIYO_PG_USER")
 
 
 @dataclass
@@ -61,9 +79,10 @@ class Step:
 
 
 def measured(
-    command: list[str], cwd: Path, env: dict[str, str] | None = None
+    command: list[str], cwd: Path, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)
 ) -> tuple[float, float, str]:
-    """Run a command; its wall time, its peak RSS in MB, and its output."""
+    """Run a command; its wall time, its peak RSS in MB, and its output. Stop the benchmark
+    when it exits with another status than `ok`."""
     started = time.monotonic()
     process = subprocess.Popen(
         command,
@@ -76,40 +95,28 @@ def measured(
     output = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) not in (0, 1):
+    if os.waitstatus_to_exitcode(status) not in ok:
         sys.exit(f"{' '.join(command)} failed:\n{output}")
     return seconds, usage.ru_maxrss / 1024, output
 
 
-def dbt(directory: Path, *args: str) -> None:
-    done = subprocess.run(
-        [
-            str(BIN / "dbt"),
-            *args,
-            "--project-dir",
-            str(directory),
-            "--profiles-dir",
-            str(directory),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode:
-        sys.exit(done.stdout + done.stderr)
+def dbt(directory: Path, *args: str) -> tuple[float, float, str]:
+    project_flags = ["--project-dir", str(directory), "--profiles-dir", str(directory)]
+    return measured([str(BIN / "dbt"), *args, *project_flags], directory)
 
 
-def sync(directory: Path, emulator: Emulator, name: str, state: Path) -> Step:
+def klaviyo_env(emulator: Emulator) -> dict[str, str]:
+    return {"KLAVIYO_BASE_URL": emulator.url, "KLAVIYO_PRIVATE_API_KEY": KEY}
+
+
+def sync(directory: Path, emulator: Emulator, name: str, target: Target) -> Step:
     before = sum(emulator.stats()["requests_by_operation"].values())
-    env = {
-        "KLAVIYO_BASE_URL": emulator.url,
-        "KLAVIYO_PRIVATE_API_KEY": KEY,
-        "DBT_KLAVIYO_STATE": str(state),
-        "DBT_KLAVIYO_LOG_LEVEL": "INFO",
-    }
+    env = {**klaviyo_env(emulator), "DBT_KLAVIYO_LOG_LEVEL": "INFO", **target.sync_env}
     seconds, peak, output = measured(
         [str(BIN / "dbt-klaviyo"), "sync", "--project-dir", ".", "--profiles-dir", "."],
         directory,
         env,
+        ok=(0, 1),  # 1: some records were refused
     )
     requests = sum(emulator.stats()["requests_by_operation"].values()) - before - 1  # preflight
     row = next(line for line in output.splitlines() if "customers" in line and "│" in line)
@@ -123,20 +130,106 @@ def sync(directory: Path, emulator: Emulator, name: str, state: Path) -> Step:
     return step
 
 
-def snapshot_for_naive(directory: Path) -> Path:
-    """The naive approach keeps last run's mapped values in a table of their own."""
-    path = directory / "naive_snapshot.duckdb"
-    with duckdb.connect(str(path)) as con:
-        con.execute(f"ATTACH '{directory / 'warehouse.duckdb'}' AS wh (READ_ONLY)")
-        con.execute(
-            f"CREATE TABLE snapshot AS SELECT {', '.join(project.COLUMNS)} FROM wh.customers"
+class Target:
+    """Where the model is built and the sync state kept: on DuckDB, a file in the
+    project's folder and a local state file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.state = directory / "state.duckdb"
+        self.sync_env = {"DBT_KLAVIYO_STATE": str(self.state)}
+
+    def save(self) -> None:
+        """Keep the sync state as it is now, to start again from it (`restore`)."""
+        shutil.copy(self.state, self.directory / "state_saved.duckdb")
+
+    def restore(self) -> None:
+        shutil.copy(self.directory / "state_saved.duckdb", self.state)
+
+    def model_bytes(self) -> int | None:
+        """The model's table's size in the warehouse, where the server tells it."""
+        return None
+
+    def drop(self) -> None:
+        """Remove what the benchmark left outside the project's folder."""
+
+
+class PostgresTarget(Target):
+    """A PostgreSQL database of its own per size: the model in schema main, the sync
+    state in schema klaviyo_sync (the default)."""
+
+    STATE, SAVED = "klaviyo_sync", "klaviyo_sync_saved"
+
+    def __init__(self, directory: Path, database: PgDatabase) -> None:
+        super().__init__(directory)
+        self.database = database
+        self.sync_env = {}
+        database.create()
+
+    def _tables(self, cursor: Any) -> list[str]:
+        cursor.execute(
+            "select table_name from information_schema.tables where table_schema = %s",
+            [self.STATE],
         )
-    return path
+        return [name for (name,) in cursor.fetchall()]
+
+    def save(self) -> None:
+        with self.database.connect() as con, con.cursor() as cursor:
+            cursor.execute(f"drop schema if exists {self.SAVED} cascade")
+            cursor.execute(f"create schema {self.SAVED}")
+            for table in self._tables(cursor):
+                cursor.execute(f"create table {self.SAVED}.{table} as table {self.STATE}.{table}")
+
+    def restore(self) -> None:
+        with self.database.connect() as con, con.cursor() as cursor:
+            for table in self._tables(cursor):
+                cursor.execute(f"truncate {self.STATE}.{table}")
+                cursor.execute(f"insert into {self.STATE}.{table} table {self.SAVED}.{table}")
+
+    def model_bytes(self) -> int | None:
+        with self.database.connect() as con, con.cursor() as cursor:
+            cursor.execute("select pg_total_relation_size('main.customers')")
+            return int(cursor.fetchone()[0])
+
+    def drop(self) -> None:
+        self.database.drop()
 
 
-def python_step(name: str, script: str, *args: str) -> tuple[Step, str]:
-    seconds, peak, output = measured([sys.executable, str(HERE / script), *args], HERE)
-    return Step(name, seconds, peak), output
+@contextmanager
+def postgres_server() -> Iterator[PgDatabase]:
+    """The server the DBT_KLAVIYO_PG_* variables name, or else a throwaway one for the
+    length of the block (the tests' own, scripts/postgres.py)."""
+    if all(os.environ.get(name) for name in PG_VARIABLES):
+        host, port, user = (os.environ[name] for name in PG_VARIABLES)
+        yield PgDatabase(host, int(port), user)
+        return
+    from scripts import postgres
+
+    print("Starting a throwaway PostgreSQL server for the benchmark ...", flush=True)
+    with postgres.running() as server:
+        yield PgDatabase(postgres.HOST, server.port, postgres.SUPERUSER)
+
+
+def python_step(
+    name: str, script: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[Step, dict[str, Any]]:
+    """A benchmark script in a process of its own, and the JSON line it printed last."""
+    seconds, peak, output = measured([sys.executable, str(HERE / script), *args], HERE, env)
+    return Step(name, seconds, peak), json.loads(output.strip().splitlines()[-1])
+
+
+def same_changes(ours: dict[str, Any], naive: dict[str, Any]) -> None:
+    """Stop unless both diffs found the same keys of every kind (their counts, a digest
+    of all of them, the first few): a ratio between diffs that disagree means nothing."""
+    if ours["kinds"] != naive["kinds"]:
+        sys.exit(
+            "the two diffs disagree, so no ratio is reported:\n"
+            f"  ours:  {json.dumps(ours['kinds'])}\n  naive: {json.dumps(naive['kinds'])}"
+        )
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB"
 
 
 def fastest_schedule(requests: int, burst: int, steady: int) -> float:
@@ -179,41 +272,75 @@ def ceiling_share(step: Step, emulator: Emulator, scale: float) -> str:
     )
 
 
-def bench(rows: int, scales: list[float], workdir: Path) -> list[Step]:
-    directory = project.write(workdir / f"bench_{rows}", rows)
-    dbt(directory, "run")
-    state = directory / "state.duckdb"
-    steps = []
+def bench(rows: int, scales: list[float], target: Target) -> list[Step]:
+    directory = target.directory
+    if isinstance(target, PostgresTarget):
+        dbt(directory, "deps")  # the klaviyo_sync package, whose macros diff in PostgreSQL
+    steps = [Step("the model built (dbt run)", *dbt(directory, "run")[:2])]
+    naive_snapshot = str(directory / "naive_snapshot.duckdb")
     free = Emulator(private_key=KEY, rate_limits=False, validate=False, sink=True)
     port = int(free.url.rsplit(":", 1)[1])  # (d) reuses it: the URL is part of the sync id
     with free:
-        steps.append(sync(directory, free, "(a) first full sync", state))
-        steps.append(sync(directory, free, "(b) no-op re-run", state))
-        saved = directory / "state_before_c.duckdb"
-        shutil.copy(state, saved)
+        steps.append(sync(directory, free, "(a) first full sync", target))
+        steps.append(sync(directory, free, "(b) no-op re-run", target))
+        # The naive approach keeps last run's mapped values locally, in a table of their own.
+        measured([sys.executable, "naive_diff.py", "--save", str(directory), naive_snapshot], HERE)
+        if scales:
+            target.save()
         dbt(directory, "run", "--vars", "{step: 1}")
-        ours, _ = python_step("(c) diff only, ours", "diff_only.py", str(directory), str(saved))
-        naive, _ = python_step(
-            "(c) diff only, naive baseline", "naive_diff.py", str(directory), str(saved)
+        env = None
+        if isinstance(target, PostgresTarget):
+            # Both diffs read the project through dbt, which parses it again after `dbt run`:
+            # parse it once beforehand, untimed, into a target path of their own (so that
+            # the (c) sync still parses, as a sync after `dbt run` does).
+            env = {"DBT_TARGET_PATH": str(directory / "target_diffs")}
+            validate = [str(BIN / "dbt-klaviyo"), "validate", "--project-dir", "."]
+            measured([*validate, "--profiles-dir", "."], directory, {**klaviyo_env(free), **env})
+        ours, found = python_step(
+            "(c) diff only, ours",
+            "diff_only.py",
+            *(str(directory), str(target.state), free.url),
+            env=env,
         )
+        naive, baseline = python_step(
+            "(c) diff only, naive baseline",
+            "naive_diff.py",
+            str(directory),
+            naive_snapshot,
+            env=env,
+        )
+        same_changes(found, baseline)
         steps += [naive, ours]
-        steps.append(sync(directory, free, "(c) re-run after the change set", state))
+        steps.append(sync(directory, free, "(c) re-run after the change set", target))
     for scale in scales:
         with Emulator(
             private_key=KEY, port=port, rate_limits=scale, validate=False, sink=True
         ) as limited:
-            shutil.copy(saved, state)
-            step = sync(directory, limited, f"(d) change set, limits x{scale:g}", state)
+            target.restore()
+            step = sync(directory, limited, f"(d) change set, limits x{scale:g}", target)
             stats = limited.stats()
             step.note = (
                 f"{ceiling_share(step, limited, scale)}; {stats['throttled']} 429s, "
                 f"{stats['retry_after_violations']} Retry-After violations"
             )
             steps.append(step)
-    ours.note = (
-        f"{naive.seconds / ours.seconds:.0f}x faster, "
-        f"{ours.peak_mb / naive.peak_mb:.2f}x the memory of the baseline"
+    kinds = found["kinds"]
+    naive.note = (
+        ", ".join(f"{kind} {kinds[kind]['count']:,}" for kind in project.KINDS)
+        + f"; pulled and compared in {baseline['seconds']:.1f} s"
     )
+    ours.note = (
+        f"the same keys; {naive.seconds / ours.seconds:.1f}x faster, "
+        f"{ours.peak_mb / naive.peak_mb:.2f}x the memory of the baseline; the diff and its "
+        f"rows in {found['seconds']:.1f} s, {baseline['seconds'] / found['seconds']:.1f}x faster"
+    )
+    if found["bytes"] is not None:
+        naive.note += f"; {megabytes(baseline['bytes'])} from the server"
+        ours.note += (
+            f"; {megabytes(found['bytes'])} from the server, "
+            f"{found['bytes'] / baseline['bytes']:.2%} of the model's "
+            f"{megabytes(baseline['bytes'])} (its table: {megabytes(target.model_bytes() or 0)})"
+        )
     return steps
 
 
@@ -235,27 +362,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument(
+        "--warehouse",
+        choices=["duckdb", "postgres"],
+        default="duckdb",
+        help="where dbt builds the model and the sync diffs it (default: duckdb)",
+    )
+    parser.add_argument(
         "--scales",
         type=float,
-        nargs="+",
-        default=[0.1, 0.08],
-        help="times Klaviyo's documented limits in (d), one run each. At x1 the 10M change "
-        "set's 15 import jobs fit in one burst (10/s) and the limits never bind. At x0.1 the "
-        "burst (1/s) binds; at x0.08 the steady limit (12/min) binds, as it does in any "
-        "long sync against Klaviyo's real limits.",
+        nargs="*",
+        help="times Klaviyo's documented limits in (d), one run each (default: 0.1 0.08 on "
+        "DuckDB, none on PostgreSQL). At x1 the 10M change set's 15 import jobs fit in one "
+        "burst (10/s) and the limits never bind. At x0.1 the burst (1/s) binds; at x0.08 the "
+        "steady limit (12/min) binds, as it does in any long sync against Klaviyo's real "
+        "limits.",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     parser.add_argument("--keep", action="store_true", help="keep the generated projects")
     args = parser.parse_args()
+    postgres = args.warehouse == "postgres"
+    scales = args.scales if args.scales is not None else ([] if postgres else [0.1, 0.08])
     workdir = Path(tempfile.mkdtemp(prefix="dbt-klaviyo-bench-"))
+    results = {}
     try:
-        results = {rows: bench(rows, args.scales, workdir) for rows in args.sizes}
+        with postgres_server() if postgres else nullcontext() as server:
+            for rows in args.sizes:
+                directory = workdir / f"bench_{rows}"
+                database = server and server.database(f"klaviyo_bench_{rows}_{os.getpid()}")
+                project.write(directory, rows, database)
+                target = PostgresTarget(directory, database) if database else Target(directory)
+                try:
+                    results[rows] = bench(rows, scales, target)
+                finally:
+                    if not args.keep:
+                        target.drop()
+                # Written after each size, so that a long run that is stopped keeps them.
+                args.out.write_text(table(results) + "\n")
+                print(f"{rows:,} rows measured: {args.out}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = table(results)
-    args.out.write_text(report + "\n")
-    print(report)
+    print(table(results))
 
 
 if __name__ == "__main__":

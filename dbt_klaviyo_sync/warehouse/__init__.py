@@ -55,6 +55,10 @@ class Warehouse(Protocol):
 
     #: How this warehouse fingerprints rows (recorded per sync), e.g. "md5-v1".
     fingerprints: str
+    #: Answers are committed when this many records have gathered (or a few seconds
+    #: passed): as many as a commit's fixed cost is worth, and no more, as the records
+    #: wait in the client's memory until then.
+    commit_records: int
 
     # -- the models -------------------------------------------------------------------
 

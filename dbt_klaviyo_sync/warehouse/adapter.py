@@ -71,6 +71,8 @@ def _unsigned(fingerprint: int | None) -> int | None:
 class AdapterWarehouse:
     """The `Warehouse` of a target reached through dbt's adapter."""
 
+    commit_records = 10_000  # a commit is a keyed merge: its cost follows its rows
+
     def __init__(self, adapter: Any, *, dry_run: bool) -> None:
         self._adapter = adapter
         self._dry_run = dry_run

@@ -30,6 +30,7 @@ class DuckDBWarehouse(State):
     and the diff over the attached models."""
 
     fingerprints = FINGERPRINT_VERSION
+    commit_records = 50_000  # each commit scans the snapshot
 
     def describe(self, spec: SyncSpec) -> None:
         diff.check_columns(self.con, spec)

@@ -331,6 +331,8 @@ def statements(package: Package) -> Iterator[tuple[str, str]]:
         )
         for part in ("drop", "create", "duplicates", "counts", "rows"):
             yield f"change_set.{part}", change_set[part]
+        for sql in change_set["analyze"]:
+            yield "change_set.analyze", sql
     commit = package("commit_outcomes", SCHEMA, SID, RUN, "customers")
     yield "commit_outcomes.table", commit["table"]
     yield "commit_outcomes.clear", commit["clear"]
@@ -401,6 +403,32 @@ def test_the_checks_refuse_postgresqls_sql_elsewhere(adapter_type: str) -> None:
     if adapter_type in {"bigquery", "spark", "databricks", "trino"}:
         assert "temporary tables" in found and "UPDATE ... FROM" in found
         assert "TRUNCATE TABLE" in found and "primary keys" in found
+
+
+def test_postgresql_work_tables_get_statistics_before_they_are_joined() -> None:
+    """PostgreSQL never analyzes a temporary table itself: a commit's answers, joined to the
+    journal without statistics, once ran for twenty minutes in a nested loop."""
+    postgres = package("postgres")
+    commit = postgres("commit_outcomes", SCHEMA, SID, RUN, "customers")
+    assert commit["steps"][0] == f"analyze {commit['name']}"
+    quote = postgres.quote
+    change_set = postgres(
+        "change_set",
+        SCHEMA,
+        relation(postgres),
+        postgres("as_text", quote("customer_id")),
+        "external_id",
+        [],
+        [],
+        "3f2a1b0c9d8e7f6a",
+        SID,
+        False,
+        False,
+    )
+    assert change_set["analyze"] == ["analyze klaviyo_changes"]
+    assert package("snowflake")("commit_outcomes", SCHEMA, SID, RUN, "customers")["steps"][0] != (
+        "analyze klaviyo_outcomes"
+    )
 
 
 def test_dispatch_picks_each_engines_variant() -> None:

@@ -373,7 +373,7 @@ class AdapterWarehouse:
             once=spec.once,
             events=spec.object == "event",
         )
-        self._run(statements["drop"], statements["create"], commit=False)
+        self._run(statements["drop"], statements["create"], *statements["analyze"], commit=False)
         held_rows = 0
         if held:
             held_rows = int(self._value(self._sql("held", sid=sid, units=held)) or 0)

@@ -10,7 +10,7 @@
     values, in order (f1, f2, ...); texts: the SQL of their texts over f1, f2, ..., for the
     fingerprint; signature: the mapping's digest; sid: the sync id; once: deletions and
     events act once per key; events: the bodies of events in flight come along. Returns the
-    statements by name: drop, create, duplicates, counts, rows. -#}
+    statements by name: drop, create, analyze (a list), duplicates, counts, rows. -#}
 {% macro change_set(schema, relation, key_text, key_field, values, texts, signature, sid, once, events) -%}
   {{ return(adapter.dispatch('change_set', 'klaviyo_sync')(
       schema, relation, key_text, key_field, values, texts, signature, sid, once, events)) }}
@@ -80,6 +80,7 @@
   {{ return({
       'drop': 'drop table if exists ' ~ changes,
       'create': klaviyo_sync.create_table(changes, query, work=true),
+      'analyze': klaviyo_sync.analyze(changes),
       'duplicates': klaviyo_sync.keyed_change(changes, '__key', duplicated,
           condition="__change in ('add', 'update')", set="__change = 'duplicate_key'"),
       'counts': "select case when __change in ('null_key', 'duplicate_key') then 'invalid'"

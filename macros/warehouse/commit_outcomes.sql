@@ -80,7 +80,7 @@
         ~ " and b.outcome in ('rejected', 'settled')",
   ] -%}
   {{ return({'table': o.table, 'clear': o['clear'], 'name': o.name,
-             'steps': steps + klaviyo_sync._log_and_unjournal(schema, sid, run_id, model, o.name)
+             'steps': klaviyo_sync.analyze(o.name) + steps + klaviyo_sync._log_and_unjournal(schema, sid, run_id, model, o.name)
                       + klaviyo_sync.sync_lock(schema, sid, none).renew}) }}
 {%- endmacro %}
 
@@ -114,7 +114,7 @@
                 case when o.outcome = 'rejected' then o.retry end, {{ now }})
   {%- endset -%}
   {{ return({'table': o.table, 'clear': o['clear'], 'name': o.name,
-             'steps': [merge] + klaviyo_sync._log_and_unjournal(schema, sid, run_id, model, o.name)
+             'steps': klaviyo_sync.analyze(o.name) + [merge] + klaviyo_sync._log_and_unjournal(schema, sid, run_id, model, o.name)
                       + klaviyo_sync.sync_lock(schema, sid, none).renew}) }}
 {%- endmacro %}
 

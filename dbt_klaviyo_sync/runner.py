@@ -573,6 +573,7 @@ class ModelSync:
                     if recorder is not None:
                         unit.job_created = partial(recorder, unit.id)
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
+                        unit.items = [item.journaled() for item in items]
                     in_flight.add(pool.submit(sender.send, unit))
                     while len(in_flight) >= self.options.concurrency * 2:
                         in_flight = self._await(in_flight)

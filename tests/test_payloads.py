@@ -288,3 +288,19 @@ def test_a_serialized_body_takes_about_its_own_size_in_memory() -> None:
         tracemalloc.stop()
     size = sum(len(body) for body in bodies)
     assert used < 2 * size, f"{used} bytes held for {size} bytes of JSON"
+
+
+def test_a_journaled_item_keeps_only_what_sending_reads() -> None:
+    from dbt_klaviyo_sync.klaviyo.events import PreparedEvent
+    from dbt_klaviyo_sync.klaviyo.outcomes import Prepared
+
+    values = {"external_id": "C1", "email": "a@example.com", "first_name": "Ann", "x": 1}
+    record = Record("C1", 7, "add", False, None, {**values, "city": None})
+    slim = Prepared(record, b"{}").journaled()
+    assert slim.record.values == {"external_id": "C1", "email": "a@example.com", "city": None}
+    assert slim.body == b"{}" and slim.record.fingerprint == 7
+    event = PreparedEvent(record, b'{"e":1}', b'{"p":1}').journaled()
+    assert (
+        isinstance(event, PreparedEvent)
+        and event.journal_body() == PreparedEvent(record, b'{"e":1}', b'{"p":1}').journal_body()
+    )

@@ -10,7 +10,7 @@ repeated ones stop the model with Klaviyo's reason instead of marking good rows 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dbt_klaviyo_sync.changeset import Record, Reject
@@ -19,6 +19,10 @@ from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoRejected
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
 #: something about the requests themselves is wrong, and sending the rest would not help.
 MAX_REFUSALS_IN_A_ROW = 3
+
+#: The values a sender reads from a record while sending: identifiers, to look a profile up
+#: by (and which values are NULL, for `nulls: clear`). The others only shape the body.
+SEND_TIME_FIELDS = frozenset({"email", "phone_number", "external_id", "klaviyo_id"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,17 @@ class Prepared:
         """What must be sent again exactly if the answer is lost (None: the record may be
         shaped afresh from its row)."""
         return None
+
+    def journaled(self) -> Prepared:
+        """This item once its unit is in the journal, which holds its values for the
+        commit: the record keeps only what sending reads (`SEND_TIME_FIELDS`, and its
+        NULLs). Units in flight are most of a sync's memory, and values over half of that."""
+        kept = {
+            name: value
+            for name, value in self.record.values.items()
+            if value is None or name in SEND_TIME_FIELDS
+        }
+        return replace(self, record=replace(self.record, values=kept))
 
 
 def _no_job(job_id: str) -> None:

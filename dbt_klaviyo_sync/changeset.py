@@ -69,7 +69,7 @@ class ChangeCounts:
 # -- records and rejects -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # tens of thousands are in flight at a time
 class Record:
     """One row, converted and ready to be shaped into a request."""
 

@@ -575,7 +575,8 @@ class ModelSync:
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
                         unit.items = [item.journaled() for item in items]
                     in_flight.add(pool.submit(sender.send, unit))
-                    while len(in_flight) >= self.options.concurrency * 2:
+                    # One unit ready beyond those being sent: more would only wait, in memory.
+                    while len(in_flight) > self.options.concurrency:
                         in_flight = self._await(in_flight)
                 while in_flight:
                     in_flight = self._await(in_flight)

@@ -29,6 +29,8 @@ def console() -> Console:
 def summary(out: Console, run: RunSummary) -> None:
     """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan."""
     title = "Dry run: nothing was sent" if run.dry_run else "Klaviyo sync"
+    if run.account:  # which account a key writes to, so nobody syncs into the wrong one
+        title += f", Klaviyo account {escape(run.account)}"
     table = Table(title=title, title_justify="left")
     columns = [f.name for f in fields(RunCounts)]
     table.add_column("model")

@@ -248,8 +248,10 @@ def test_without_unique_id_one_event_per_profile_metric_and_second(emu: Emulator
         "1989-12-31T23:59:59+00:00",
         (NOW + timedelta(days=365, seconds=1)).isoformat(),
         "2024-13-01T00:00:00+00:00",
+        "2024-05-01T12:00:00",
+        "2024-05-01",
     ],
-    ids=["before-1990", "over-a-year-ahead", "not-a-date"],
+    ids=["before-1990", "over-a-year-ahead", "not-a-date", "no-offset", "a-date-only"],
 )
 def test_a_time_outside_klaviyos_window_is_refused(emu: Emulator, moment: str) -> None:
     refused(create(emu, {"email": "a@example.com"}, time=moment), 400, "/data/attributes/time")
@@ -278,6 +280,8 @@ def test_event_limits(emu: Emulator) -> None:
     refused(create(emu, who, ""), 400, name)
     blob = {"blob": "x" * (100 * 1024 + 1)}
     refused(create(emu, who, properties=blob), 400, "/data/attributes/properties/blob")
+    for currency in ("dollars", "usd"):  # ISO 4217 (SPEC `value_currency`)
+        refused(create(emu, who, value_currency=currency), 400, "/data/attributes/value_currency")
     refused(create(emu, who, value="9.99"), 400, "/data/attributes/value")
     assert emu.events() == []
     accepted(create(emu, who, "m" * 127, properties={f"p{i}": i for i in range(400)}))

@@ -445,14 +445,17 @@ class Account:
                 self._delete(work, now)
 
     def _run(self, job: BulkJob, now: float) -> None:
-        """Upsert every record exactly as profile-import would; refused ones become failures."""
+        """Upsert every record exactly as profile-import would. The records were checked
+        when the job was created (`import_record_error`); what only the account can refuse
+        (identifiers on two profiles, an `id` no profile has) becomes an import error, the
+        per-profile report GET …/import-errors gives (API.md §2.2)."""
         if isinstance(job.records, range):  # a sink: nothing was kept to import
             job.status, job.completed_at = "complete", now
             return
         failures: list[Failure] = []
         profile_ids: dict[str, None] = {}
         for index, record in enumerate(job.records):
-            try:  # the records were checked when the job was created: see import_record_error
+            try:
                 profile, _ = self._upsert(_without_nulls(record), client=False)
             except RecordError as error:
                 payload = record.get("attributes") or {}

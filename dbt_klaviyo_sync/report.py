@@ -29,8 +29,6 @@ def console() -> Console:
 def summary(out: Console, run: RunSummary) -> None:
     """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan."""
     title = "Dry run: nothing was sent" if run.dry_run else "Klaviyo sync"
-    if run.account:  # which account a key writes to, so nobody syncs into the wrong one
-        title += f", Klaviyo account {escape(run.account)}"
     table = Table(title=title, title_justify="left")
     columns = [f.name for f in fields(RunCounts)]
     table.add_column("model")
@@ -38,6 +36,8 @@ def summary(out: Console, run: RunSummary) -> None:
         table.add_column(column, justify="right")
     for m in run.models:
         table.add_row(m.model, *(f"{getattr(m.counts, c):,}" for c in columns))
+    if run.account:  # which account the keys write to, so nobody syncs into the wrong one
+        out.print(f"Klaviyo account: {escape(run.account)}")
     if run.models:
         out.print(table)
     for m in run.models:

@@ -262,7 +262,7 @@ def test_validate_and_the_summary_name_the_account_the_key_writes_to(
     )
     assert f"Klaviyo account {shown}" in checked.stdout, checked.output
     synced = sync_customers(project, emulator)
-    assert f"Klaviyo sync, Klaviyo account {shown}" in synced.stdout, synced.output
+    assert f"Klaviyo account: {shown}\nKlaviyo sync " in synced.stdout, synced.output
     as_json = sync_customers(project, emulator, "--output", "json")
     assert json.loads(as_json.stdout)["account"] == shown
 

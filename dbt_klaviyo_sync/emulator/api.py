@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,13 +23,13 @@ from .profiles import RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
 from .store import (
     DELETION_IDENTIFIERS,
+    JOB_PROFILES,
     PROFILE_MAX_BYTES,
     Account,
     BulkJob,
     Failure,
     Identity,
     KlaviyoList,
-    import_record_error,
 )
 
 #: "Accepts up to 10,000 profiles per request. The maximum allowed payload size is 5MB."
@@ -47,7 +47,6 @@ LIST_FILTERS = dict.fromkeys(("id", "name"), _EQUALS_OR_ANY)
 EVENT_FILTERS = dict.fromkeys(("metric_id", "profile_id"), frozenset({"equals"}))
 _PAGE = ("page[size]", "page[cursor]")
 _EVENT_GROUPS = "/data/attributes/events-bulk-create/data"
-_JOB_PROFILES = "/data/attributes/profiles/data"
 #: Where create_event and request_profile_deletion carry their profile resource.
 _PROFILE_RESOURCE = "/data/attributes/profile/data"
 
@@ -142,21 +141,14 @@ def bulk_import_profiles(call: Call) -> Reply:
     `/data/attributes/profiles/data/0/attributes/last_name` (API.md §3): a bad email or
     phone, no identifier, over 100KB. Nothing of a refused job is imported. What depends on
     the account when the job runs (identifiers held by two profiles, an `id` no profile has)
-    cannot be known then: those are the job's import errors (`_run` in the store)."""
+    cannot be known then: those are the job's import errors (`Account._run`)."""
     data = call.body["data"]
     records = data["attributes"]["profiles"]["data"]
     if len(records) > BULK_MAX_PROFILES:
         raise invalid(
             f"A job accepts at most {BULK_MAX_PROFILES:,} profiles; {len(records):,} were given.",
-            pointer=_JOB_PROFILES,
+            pointer=JOB_PROFILES,
         )
-    errors = [
-        error.in_request(f"{_JOB_PROFILES}/{index}")
-        for index, record in enumerate(records)
-        if (error := import_record_error(record)) is not None
-    ]
-    if errors:
-        raise replace(errors[0], more=tuple(errors[1:]))
     lists = data.get("relationships", {}).get("lists", {}).get("data", [])
     job = call.account.create_job(records, [item["id"] for item in lists], stuck=call.job_stuck)
     return Reply(202, _single(call, _job(job, call.base_url)))
@@ -232,7 +224,7 @@ def _import_error(failure: Failure) -> dict[str, Any]:
             "code": error.code,
             "title": error.title,
             "detail": error.detail,
-            "source": {"pointer": f"{_JOB_PROFILES}/{failure.index}{error.pointer}"},
+            "source": {"pointer": f"{JOB_PROFILES}/{failure.index}{error.pointer}"},
             "original_payload": failure.payload,
         },
     }

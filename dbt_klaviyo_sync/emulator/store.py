@@ -42,6 +42,8 @@ from .profiles import (
 
 #: "The maximum allowed payload size per-profile is 100KB." (API.md §2.2)
 PROFILE_MAX_BYTES = 100 * 1024
+#: Where a bulk import job's request holds its profiles.
+JOB_PROFILES = "/data/attributes/profiles/data"
 #: How long a finished job stays readable. Klaviyo does not document it.
 JOB_RETENTION_SECONDS = 7 * 24 * 3600
 #: What a deletion request names a profile by, exactly one at a time (API.md §2.6).
@@ -406,6 +408,8 @@ class Account:
                         f"A list with id {list_id} does not exist.",
                         pointer=f"/data/relationships/lists/data/{index}/id",
                     )
+            if not self._sink:  # a sink keeps only the count, for benchmarks of the client
+                _check_job_records(records)
             now = self._clock()
             kept = range(len(records)) if self._sink else records  # a sink keeps the count
             job = BulkJob(_ulid(now), kept, tuple(list_ids), now, stuck)
@@ -446,7 +450,7 @@ class Account:
 
     def _run(self, job: BulkJob, now: float) -> None:
         """Upsert every record exactly as profile-import would. The records were checked
-        when the job was created (`import_record_error`); what only the account can refuse
+        when the job was created (`_check_job_records`); what only the account can refuse
         (identifiers on two profiles, an `id` no profile has) becomes an import error, the
         per-profile report GET …/import-errors gives (API.md §2.2)."""
         if isinstance(job.records, range):  # a sink: nothing was kept to import
@@ -599,7 +603,20 @@ class Account:
             }
 
 
-def import_record_error(record: dict[str, Any]) -> RecordError | None:
+def _check_job_records(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse a bulk import job as Klaviyo does when it is created: a 400 with a pointer at
+    each invalid profile, e.g. `/data/attributes/profiles/data/0/attributes/last_name`
+    (API.md §3); nothing of it is imported."""
+    errors = [
+        error.in_request(f"{JOB_PROFILES}/{index}")
+        for index, record in enumerate(records)
+        if (error := _import_record_error(record)) is not None
+    ]
+    if errors:
+        raise replace(errors[0], more=tuple(errors[1:]))
+
+
+def _import_record_error(record: dict[str, Any]) -> RecordError | None:
     """Why Klaviyo refuses a bulk import job for this profile when the job is created (a
     payload over 100KB, an invalid email or phone, no identifier), or None."""
     if len(orjson.dumps(record)) > PROFILE_MAX_BYTES:

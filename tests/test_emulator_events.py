@@ -248,7 +248,7 @@ def test_without_unique_id_one_event_per_profile_metric_and_second(emu: Emulator
         "1989-12-31T23:59:59+00:00",
         (NOW + timedelta(days=365, seconds=1)).isoformat(),
         "2024-13-01T00:00:00+00:00",
-        "2024-05-01T12:00:00",
+        "2024-05-01T12:00:00",  # the spec's `format: date-time` is RFC 3339's: with an offset
         "2024-05-01",
     ],
     ids=["before-1990", "over-a-year-ahead", "not-a-date", "no-offset", "a-date-only"],

@@ -99,17 +99,14 @@ def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submi
 
 
 def _seconds(text: str | None, pointer: str, now: float) -> int:
-    """An event's time: the time of receipt unless given, an RFC 3339 date-time (the spec's
-    `format: date-time`, so with its UTC offset), within Klaviyo's window."""
+    """An event's time: the time of receipt unless given, and within Klaviyo's window."""
     if text is None:
         return math.floor(now)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:  # RFC 3339 date-times carry their offset
-        raise invalid(f"'{text}' is not a valid date-time.", pointer=pointer)
-    seconds = moment.timestamp()
+        raise invalid(f"'{text}' is not a valid date-time.", pointer=pointer) from None
+    seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
     if not EARLIEST <= seconds <= now + AHEAD_SECONDS:
         raise invalid(
             f"{text} is out of range: the time must be after 1990-01-01 and no more than "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import orjson
 
+from dbt_klaviyo_sync.emulator.command import emulator as emulator_command
 from dbt_klaviyo_sync.errors import ConfigurationError, SyncError
 from dbt_klaviyo_sync.logs import configure, redact
 
@@ -350,43 +351,7 @@ def _history(
         yield warehouse
 
 
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=int, help="0 picks a free port.")
-@click.option(
-    "--rate-limit-scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Multiply Klaviyo's documented rate limits; 0 turns them off.",
-)
-@click.option(
-    "--job-seconds",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="How long bulk import jobs stay queued and processing.",
-)
-@click.option("--no-validate", is_flag=True, help="Skip OpenAPI validation of requests.")
-def emulator(
-    host: str, port: int, rate_limit_scale: float, job_seconds: float, no_validate: bool
-) -> None:
-    """Run the bundled Klaviyo emulator, for demos and CI.
-
-    It accepts only the keys in KLAVIYO_PRIVATE_API_KEY and KLAVIYO_PUBLIC_API_KEY when
-    they are set, and any key otherwise. Its state is at /__emulator__/state.
-    """
-    from dbt_klaviyo_sync.emulator import serve
-
-    serve(
-        host,
-        port,
-        private_key=os.environ.get("KLAVIYO_PRIVATE_API_KEY") or None,
-        public_key=os.environ.get("KLAVIYO_PUBLIC_API_KEY") or None,
-        rate_limits=rate_limit_scale if rate_limit_scale > 0 else False,
-        job_seconds=job_seconds,
-        validate=not no_validate,
-    )
+cli.add_command(emulator_command)
 
 
 def _expand_multi_values(args: list[str]) -> list[str]:

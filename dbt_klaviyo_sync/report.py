@@ -36,6 +36,8 @@ def summary(out: Console, run: RunSummary) -> None:
         table.add_column(column, justify="right")
     for m in run.models:
         table.add_row(m.model, *(f"{getattr(m.counts, c):,}" for c in columns))
+    if run.account:  # which account the keys write to, so nobody syncs into the wrong one
+        out.print(f"Klaviyo account: {escape(run.account)}")
     if run.models:
         out.print(table)
     for m in run.models:

@@ -168,11 +168,14 @@ def run(
                 preflight(client, ready)
             else:
                 account = _account_for_plan(warehouse, client, ready, options, target)
+            summary.account = None if account is None else str(account)
             for spec in ready:
                 if stop.requested:
                     log.warning("the run was interrupted: %s not synced", spec.model)
                     continue
-                identity = SyncIdentity.of(spec, target, client.base_url, account)
+                identity = SyncIdentity.of(
+                    spec, target, client.base_url, None if account is None else account.id
+                )
                 model = ModelSync(warehouse, client, spec, identity, options, progress, stop)
                 summary.models.append(model.result)
                 try:
@@ -223,9 +226,21 @@ def _warn_fresh_state(specs: list[SyncSpec], path: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class KlaviyoAccount:
+    """Which Klaviyo account the keys write to: `id` is part of every sync's identity; the
+    organization `name` is only shown, so that a user sees where a run writes."""
+
+    id: str
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})" if self.name else self.id
+
+
 def identify_account(
     client: KlaviyoClient, specs: list[SyncSpec], options: SyncOptions
-) -> str | None:
+) -> KlaviyoAccount | None:
     """The Klaviyo account the keys write to, part of every sync's identity: another
     account behind the same URL is another sync, with nothing sent yet. The private key's
     account is read from `GET /api/accounts` (once: it allows 15 calls a minute); models
@@ -235,7 +250,8 @@ def identify_account(
     if options.private_key:
         try:
             accounts = client.call("get_accounts", attempts=3)
-            return str(dig(accounts, "data", 0, "id", operation="get_accounts"))
+            account_id = str(dig(accounts, "data", 0, "id", operation="get_accounts"))
+            return KlaviyoAccount(account_id, _organization(accounts["data"][0]))
         except TransientApiError as exc:
             raise ApiUnavailableError(
                 f"cannot reach Klaviyo at {client.base_url} to learn which account the key "
@@ -245,10 +261,17 @@ def identify_account(
         except KlaviyoRejected as exc:
             raise ApiUnavailableError(f"Klaviyo refused a first, harmless read: {exc}") from exc
     if options.public_key:
-        return f"site:{options.public_key}"
+        return KlaviyoAccount(f"site:{options.public_key}")
     if options.dry_run:
         return None  # a plan without keys compares with the state of no account
     raise CredentialsError("KLAVIYO_PRIVATE_API_KEY is not set; export your private key (pk_...)")
+
+
+def _organization(account: Any) -> str | None:
+    """The account's organization name, if its answer has one where Klaviyo puts it."""
+    for name in ("attributes", "contact_information", "organization_name"):
+        account = account.get(name) if isinstance(account, dict) else None
+    return str(account) if account else None
 
 
 def _account_for_plan(
@@ -257,7 +280,7 @@ def _account_for_plan(
     specs: list[SyncSpec],
     options: SyncOptions,
     target: str,
-) -> str | None:
+) -> KlaviyoAccount | None:
     """A dry run asks Klaviyo which account the keys write to only when the state holds
     syncs of one of its models for several accounts; otherwise it compares with the one
     sync it has (or none), and sends no request at all."""

@@ -108,6 +108,7 @@ class RunSummary:
     error: str | None = None  # why the run could not run (exit 2)
     reject_rate: float | None = None  # --fail-on-rejects
     interrupted: bool = False  # SIGINT or SIGTERM stopped it
+    account: str | None = None  # the Klaviyo account written to: its name and id
 
     @property
     def exit_status(self) -> int:
@@ -137,6 +138,7 @@ class RunSummary:
             "interrupted": self.interrupted,
             "error": self.error,
             "dry_run": self.dry_run,
+            "account": self.account,
             "seconds": round(self.seconds, 3),
             "requests": sum(m.counts.requests for m in self.models),
             "models": [m.to_dict() for m in self.models],

@@ -902,6 +902,10 @@ def test_upsert_by_id_with_another_profiles_email_is_404(emu: Emulator) -> None:
             "+1555 is not a valid phone number.",
         ),
         ({"phone_number": "2025550143"}, "/data/attributes/phone_number", None),
+        # Klaviyo verifies that numbers are *sent* in E.164 (klaviyo-api-python#48).
+        ({"phone_number": "+1 202 555 0143"}, "/data/attributes/phone_number", None),
+        ({"phone_number": "+2345678900"}, "/data/attributes/phone_number", None),
+        ({"email": " a@example.com"}, "/data/attributes/email", None),
         ({"first_name": "No identifier"}, "/data/attributes", None),
     ],
 )
@@ -920,8 +924,8 @@ def test_invalid_records_are_refused(
     assert emu.profiles() == []
 
 
-def test_phone_numbers_are_stored_in_e164(emu: Emulator) -> None:
-    upsert(emu, phone_number="+1 202 555 0143")
+def test_phone_numbers_are_stored_as_sent(emu: Emulator) -> None:
+    upsert(emu, phone_number="+12025550143")
     assert only_profile(emu)["attributes"]["phone_number"] == "+12025550143"
 
 
@@ -946,11 +950,28 @@ def test_client_upsert_does_not_change_existing_identifiers(emu: Emulator) -> No
     assert attributes["title"] == "CEO"
 
 
-def test_client_upsert_still_refuses_conflicts_and_bad_records(emu: Emulator) -> None:
-    upsert(emu, email="a@example.com")
+def test_client_upsert_accepts_conflicts_without_applying_them(emu: Emulator) -> None:
+    """Klaviyo answers 202 and does not apply the identifier (API.md §2.3), where it
+    answers profile-import with 409: the conflict cannot be seen from the answer."""
+    first = upsert(emu, email="a@example.com").json()["data"]["id"]
     upsert(emu, external_id="u2")
-    assert client_upsert(emu, email="a@example.com", external_id="u2").status_code == 409
-    assert client_upsert(emu, email="nope").status_code == 400
+    response = client_upsert(emu, email="a@example.com", external_id="u2", title="CEO")
+    assert (response.status_code, response.content) == (202, b"")
+    by_id = {found["id"]: found["attributes"] for found in emu.profiles()}
+    assert (by_id[first]["external_id"], by_id[first]["title"]) == (None, "CEO")
+    assert sorted(a["external_id"] or "" for a in by_id.values()) == ["", "u2"]
+    # A resource id that names no profile changes nothing, with a 202 all the same.
+    body = profile(email="z@example.com")
+    body["data"]["id"] = "01NOSUCHPROFILE0000000000"
+    lost = call(emu, "POST", "/client/profiles", body, params={"company_id": PUBLIC_KEY}, key=None)
+    assert lost.status_code == 202
+    assert "z@example.com" not in emails(emu)
+
+
+def test_client_upsert_refuses_bad_records_at_once(emu: Emulator) -> None:
+    for attributes in ({"email": "nope"}, {"phone_number": "+1 202 555 0143"}, {"title": "x"}):
+        assert client_upsert(emu, **attributes).status_code == 400
+    assert emu.profiles() == []
 
 
 # PATCH /api/profiles/{id}
@@ -1061,7 +1082,6 @@ def test_bulk_job_lifecycle_errors_and_list(clock: FakeClock) -> None:
         upsert(emu, external_id="taken")
         records: list[dict[str, Any]] = [
             {"email": "a@example.com", "properties": {"tier": "gold"}},
-            {"email": "b@example.com", "phone_number": "+1555"},
             {"email": "c@example.com"},
             {"email": "taken@example.com", "external_id": "taken"},
         ]
@@ -1083,9 +1103,9 @@ def test_bulk_job_lifecycle_errors_and_list(clock: FakeClock) -> None:
             k: done[k] for k in ("status", "total_count", "completed_count", "failed_count")
         } == {
             "status": "complete",
-            "total_count": 4,
+            "total_count": 3,
             "completed_count": 2,
-            "failed_count": 2,
+            "failed_count": 1,
         }
         assert [done["created_at"], done["started_at"], done["completed_at"]] == [
             at(0),
@@ -1097,11 +1117,9 @@ def test_bulk_job_lifecycle_errors_and_list(clock: FakeClock) -> None:
         assert_matches_spec("get_errors_for_bulk_import_profiles_job", errors)
         found = [e["attributes"] for e in errors.json()["data"]]
         assert [(e["code"], e["source"]["pointer"]) for e in found] == [
-            ("invalid", "/data/attributes/profiles/data/1/attributes/phone_number"),
-            ("duplicate_profile", "/data/attributes/profiles/data/3/attributes"),
+            ("duplicate_profile", "/data/attributes/profiles/data/2/attributes"),
         ]
-        assert found[0]["original_payload"] == records[1]
-        assert found[0]["detail"] == "+1555 is not a valid phone number."
+        assert found[0]["original_payload"] == records[2]
 
         job_profiles = call(emu, "GET", f"/api/profile-bulk-import-jobs/{job_id}/profiles")
         emails = sorted(p["attributes"]["email"] for p in job_profiles.json()["data"])
@@ -1116,7 +1134,10 @@ def test_bulk_job_lifecycle_errors_and_list(clock: FakeClock) -> None:
 
 def test_import_errors_are_paginated() -> None:
     with Emulator(rate_limits=False) as emu:
-        records = [{"email": f"bad{i}"} for i in range(3)]
+        for i in range(3):
+            upsert(emu, email=f"u{i}@example.com")
+            upsert(emu, external_id=f"u{i}")
+        records = [{"email": f"u{i}@example.com", "external_id": f"u{i}"} for i in range(3)]
         created = call(emu, "POST", "/api/profile-bulk-import-jobs", job_body(records))
         job_id = created.json()["data"]["id"]
         first = call(
@@ -1127,9 +1148,7 @@ def test_import_errors_are_paginated() -> None:
         ).json()
         second = call(emu, "GET", first["links"]["next"]).json()
         pointers = [e["attributes"]["source"]["pointer"] for e in first["data"] + second["data"]]
-        assert pointers == [
-            f"/data/attributes/profiles/data/{i}/attributes/email" for i in range(3)
-        ]
+        assert pointers == [f"/data/attributes/profiles/data/{i}/attributes" for i in range(3)]
         assert "next" not in second["links"]
 
 
@@ -1143,14 +1162,27 @@ def test_a_job_completes_without_being_polled(clock: FakeClock) -> None:
         assert emu.state()["bulk_jobs"][0]["status"] == "complete"
 
 
-def test_an_oversized_record_fails_alone(emu: Emulator) -> None:
+def test_a_job_with_invalid_profiles_is_refused_at_once_pointing_at_each(emu: Emulator) -> None:
+    """Klaviyo validates a job when it is created: a 400 whose pointers name the bad
+    profiles, and nothing imported, instead of import errors later (API.md §3)."""
     records: list[dict[str, Any]] = [
-        {"external_id": "big", "properties": {"blob": "x" * 103_000}},
         {"external_id": "ok"},
+        {"external_id": "big", "properties": {"blob": "x" * 103_000}},
+        {"email": "not-an-email"},
+        {"phone_number": "+1555"},
+        {"first_name": "No identifier"},
     ]
-    created = call(emu, "POST", "/api/profile-bulk-import-jobs", job_body(records))
-    job_id = created.json()["data"]["id"]
-    assert (job_status(emu, job_id)["failed_count"], len(emu.profiles())) == (1, 1)
+    response = call(emu, "POST", "/api/profile-bulk-import-jobs", job_body(records))
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert [(e["code"], e["source"]["pointer"]) for e in errors] == [
+        ("invalid", "/data/attributes/profiles/data/1"),
+        ("invalid", "/data/attributes/profiles/data/2/attributes/email"),
+        ("invalid", "/data/attributes/profiles/data/3/attributes/phone_number"),
+        ("invalid", "/data/attributes/profiles/data/4/attributes"),
+    ]
+    assert errors[2]["detail"] == "+1555 is not a valid phone number."
+    assert (emu.state()["bulk_jobs"], emu.profiles()) == ([], [])
 
 
 def test_more_than_10000_profiles_are_refused(emu: Emulator) -> None:
@@ -1167,7 +1199,8 @@ def test_more_than_5mb_is_refused(emu: Emulator) -> None:
 
 
 def test_bulk_job_to_an_unknown_list_is_refused(emu: Emulator) -> None:
-    response = call(emu, "POST", "/api/profile-bulk-import-jobs", job_body([{}], "NoSuch"))
+    records = [{"external_id": "u1"}]
+    response = call(emu, "POST", "/api/profile-bulk-import-jobs", job_body(records, "NoSuch"))
     assert response.status_code == 404
     assert emu.state()["bulk_jobs"] == []
 

@@ -182,13 +182,18 @@ def test_the_event_profile_is_upserted_like_profile_import(emu: Emulator) -> Non
     assert recorded(emu, "profile_id") == [known] * 3
 
 
-def test_identifiers_of_two_profiles_conflict_with_409(emu: Emulator) -> None:
-    upsert(emu, email="a@example.com")
+def test_identifiers_of_two_profiles_are_accepted_for_the_first(emu: Emulator) -> None:
+    """202, "validated and submitted for processing" (API.md §2.9): a conflict only the
+    account shows is no 409 here. The event goes to the profile the email names; the
+    phone stays on the profile that holds it."""
+    first = upsert(emu, email="a@example.com").json()["data"]["id"]
     other = upsert(emu, phone_number="+12025550143").json()["data"]["id"]
-    response = create(emu, {"email": "a@example.com", "phone_number": "+12025550143"})
-    error = refused(response, 409, "/data/attributes/profile/data/attributes")
-    assert (error["code"], error["meta"]) == ("duplicate_profile", {"duplicate_profile_id": other})
-    assert emu.events() == []
+    who = {"email": "a@example.com", "phone_number": "+12025550143"}
+    accepted(create(emu, who))
+    accepted(bulk(emu, (who, [event(unique_id="o-2")])))
+    assert [found["profile_id"] for found in emu.events()] == [first, first]
+    phones = {found["id"]: found["attributes"]["phone_number"] for found in emu.profiles()}
+    assert phones == {first: None, other: "+12025550143"}
 
 
 @pytest.mark.parametrize(
@@ -207,9 +212,11 @@ def test_an_event_needs_a_profile_identifier(
     assert (emu.events(), emu.profiles()) == ([], [])
 
 
-def test_an_unknown_profile_id_is_404(emu: Emulator) -> None:
-    response = create(emu, {}, profile_id="01NOSUCHPROFILE0000000000")
-    refused(response, 404, "/data/attributes/profile/data/id")
+def test_an_unknown_profile_id_is_accepted_and_lost(emu: Emulator) -> None:
+    """Accepted with a 202 like any valid event; no profile has the id, so nothing is
+    recorded, and only the emulator's counter shows it."""
+    accepted(create(emu, {}, profile_id="01NOSUCHPROFILE0000000000"))
+    assert (emu.events(), emu.profiles(), emu.stats()["events_lost"]) == ([], [], 1)
 
 
 def test_a_repeated_unique_id_records_only_the_first_event(emu: Emulator) -> None:
@@ -241,8 +248,10 @@ def test_without_unique_id_one_event_per_profile_metric_and_second(emu: Emulator
         "1989-12-31T23:59:59+00:00",
         (NOW + timedelta(days=365, seconds=1)).isoformat(),
         "2024-13-01T00:00:00+00:00",
+        "2024-05-01T12:00:00",  # the spec's `format: date-time` is RFC 3339's: with an offset
+        "2024-05-01",
     ],
-    ids=["before-1990", "over-a-year-ahead", "not-a-date"],
+    ids=["before-1990", "over-a-year-ahead", "not-a-date", "no-offset", "a-date-only"],
 )
 def test_a_time_outside_klaviyos_window_is_refused(emu: Emulator, moment: str) -> None:
     refused(create(emu, {"email": "a@example.com"}, time=moment), 400, "/data/attributes/time")
@@ -271,6 +280,8 @@ def test_event_limits(emu: Emulator) -> None:
     refused(create(emu, who, ""), 400, name)
     blob = {"blob": "x" * (100 * 1024 + 1)}
     refused(create(emu, who, properties=blob), 400, "/data/attributes/properties/blob")
+    for currency in ("dollars", "usd"):  # ISO 4217 (SPEC `value_currency`)
+        refused(create(emu, who, value_currency=currency), 400, "/data/attributes/value_currency")
     refused(create(emu, who, value="9.99"), 400, "/data/attributes/value")
     assert emu.events() == []
     accepted(create(emu, who, "m" * 127, properties={f"p{i}": i for i in range(400)}))

@@ -322,6 +322,46 @@ def test_events_klaviyo_would_refuse_are_rejected_with_reasons(
     assert "O000003" in recorded(emulator)
 
 
+def test_an_event_whose_identifiers_are_on_two_profiles_is_accepted_for_the_email(
+    project: Path, emulator: Emulator
+) -> None:
+    """Klaviyo answers bulk event creation 202, "validated and submitted for processing"
+    (API.md §2.9): a conflict only the account shows is no refusal. The event is recorded
+    on the profile its email names, so the row is synced; the external id stays where it is."""
+    order = model_rows(project, "SELECT * FROM main.order_events ORDER BY order_id LIMIT 1")[0]
+    for attributes in ({"email": order["email"]}, {"external_id": order["customer_id"]}):
+        body = {"data": {"type": "profile", "attributes": attributes}}
+        klaviyo_api(emulator, "POST", "/api/profile-import", body)
+    by_email = {p["attributes"]["email"]: p["id"] for p in emulator.profiles()}
+    done = only(project, emulator, "order_events")
+    assert done.returncode == 0, done.output
+    assert done.row("order_events")["rejected"] == 0
+    [event] = [e for e in emulator.events() if e["unique_id"] == order["order_id"]]
+    assert event["profile_id"] == by_email[order["email"]]
+    assert by_external_id(emulator)[order["customer_id"]]["attributes"]["email"] is None
+
+
+def test_a_refused_event_request_rejects_the_event_pointed_at_and_fails_none_else(
+    project: Path, emulator: Emulator
+) -> None:
+    """Fault injection, as Klaviyo refuses a bulk request only as a whole: a 4xx pointing at
+    an event rejects it and the rest go again; one pointing at nothing fails them all."""
+    orders = model_rows(project, "SELECT * FROM main.order_events")
+    emulator.inject(
+        status=400,
+        operation="bulk_create_events",
+        pointer="/data/attributes/events-bulk-create/data/0/attributes/events/data/0",
+    )
+    emulator.inject(status=409, operation="bulk_create_events")
+    refused = only(project, emulator, "order_events")
+    assert refused.returncode == 1, refused.output
+    row = refused.row("order_events")
+    assert (row["rejected"], row["failed"], row["added"]) == (1, len(orders) - 1, 0)
+    again = only(project, emulator, "order_events")
+    assert again.row("order_events")["added"] == len(orders) - 1
+    assert len(recorded(emulator)) == len(orders) - 1
+
+
 def test_a_killed_event_sync_sends_each_event_once(project: Path, emulator: Emulator) -> None:
     # 6,000 orders: six requests of 1,000.
     change_model(

@@ -14,6 +14,7 @@ from tests.conftest import (
     PRIVATE_KEY,
     PUBLIC_KEY,
     change_model,
+    klaviyo_api,
     model_rows,
     run_dbt,
     set_model_meta,
@@ -320,3 +321,73 @@ def test_keys_appear_in_no_output_state_or_request_log(project: Path, emulator: 
     assert "rejected customers" in outputs[0] and "cannot reach" in outputs[2]
     for secret in (PRIVATE_KEY, PUBLIC_KEY):
         assert not [h[:200] for h in haystacks if secret in h], secret
+
+
+def test_numbers_klaviyo_finds_invalid_refuse_the_job_and_only_their_rows_are_rejected(
+    project: Path, emulator: Emulator
+) -> None:
+    """The client checks that a phone number is E.164 and possible; whether it exists is
+    Klaviyo's to say, when the job is created: a 400 pointing at each such profile. Those
+    rows are rejected with Klaviyo's reason and the rest of the job goes again."""
+    change_model(
+        project,
+        "UPDATE main.customers SET phone = '+1 555 555 01' || right(customer_id, 2) "
+        "WHERE customer_id IN ('C00007', 'C00900')",
+    )
+    done = sync_customers(project, emulator)
+    assert done.returncode == 1, done.output
+    assert (done.row("customers")["rejected"], done.row("customers")["added"]) == (2, 1198)
+    assert emulator.stats()["requests_by_operation"]["bulk_import_profiles"] == 2
+    assert "'C00007' phone: +15555550107 is not a valid phone number." in done.stdout
+    assert {"C00007", "C00900"}.isdisjoint(held(emulator))
+    assert emulator.state()["bulk_jobs"][0]["errors"] == []
+
+
+def profile_body(**attributes: Any) -> dict[str, Any]:
+    return {"data": {"type": "profile", "attributes": attributes}}
+
+
+def test_the_client_api_cannot_see_an_identifier_conflict(
+    project: Path, emulator: Emulator
+) -> None:
+    """Klaviyo answers the client endpoint 202 for a row whose email and external id are on
+    two profiles, and applies the row to the email's profile without the external id
+    (API.md §2.3); nothing in the answer says so, and the row counts as synced."""
+    set_model_meta(project, api="client")
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00005'")
+    c5 = model_rows(project, "SELECT * FROM main.customers WHERE customer_id = 'C00005'")[0]
+    klaviyo_api(emulator, "POST", "/api/profile-import", profile_body(external_id="C00005"))
+    klaviyo_api(emulator, "POST", "/api/profile-import", profile_body(email=c5["email"]))
+    done = sync_customers(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
+    assert done.returncode == 0, done.output
+    assert done.row("customers")["added"] == 5
+    by_email = {p["attributes"]["email"]: p["attributes"] for p in emulator.profiles()}
+    assert by_email[c5["email"]]["external_id"] is None  # not applied
+    assert by_email[c5["email"]]["first_name"] == c5["first_name"]  # the rest was
+
+
+def test_the_client_api_rejects_what_klaviyo_points_at_and_fails_the_rest(
+    project: Path, emulator: Emulator
+) -> None:
+    """The client endpoint answers 202 for conflicts, but Klaviyo may still refuse one
+    request with a 4xx: a pointer into the profile rejects that row; an answer about no
+    record fails its row, sent again next run."""
+    set_model_meta(project, api="client")
+    change_model(project, "DELETE FROM main.customers WHERE customer_id > 'C00005'")
+    rows = {r["customer_id"]: r for r in model_rows(project)}
+    emulator.inject(
+        status=409,
+        operation="create_client_profile",
+        pointer="/data/attributes",
+        body_contains=rows["C00002"]["email"],
+    )
+    emulator.inject(
+        status=400, operation="create_client_profile", body_contains=rows["C00004"]["email"]
+    )
+    done = sync_customers(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
+    assert done.returncode == 1, done.output
+    row = done.row("customers")
+    assert (row["added"], row["rejected"], row["failed"]) == (3, 1, 1)
+    assert "'C00002'" in done.stdout
+    again = sync_customers(project, emulator, env={"KLAVIYO_PRIVATE_API_KEY": ""})
+    assert (again.row("customers")["added"], again.row("customers")["rejected"]) == (1, 1)

@@ -24,6 +24,7 @@ from tests.conftest import (
     change_model,
     clean_env,
     dbt_klaviyo,
+    klaviyo_api,
     run_dbt,
     sync,
     sync_customers,
@@ -247,6 +248,23 @@ def test_validate_checks_everything_and_sends_nothing(project: Path, emulator: E
     assert done.returncode == 0, done.output
     assert done.stdout.count("ok") >= 3 and "FAIL" not in done.stdout
     assert writes(emulator) == 0
+
+
+def test_validate_and_the_summary_name_the_account_the_key_writes_to(
+    project: Path, emulator: Emulator
+) -> None:
+    emulator.create_list("VIP customers", list_id=LIST_ID)
+    account = klaviyo_api(emulator, "GET", "/api/accounts")["data"][0]
+    name = account["attributes"]["contact_information"]["organization_name"]
+    shown = f"{name} ({account['id']})"
+    checked = dbt_klaviyo(
+        project, emulator, "validate", "--project-dir", ".", "--profiles-dir", "."
+    )
+    assert f"Klaviyo account {shown}" in checked.stdout, checked.output
+    synced = sync_customers(project, emulator)
+    assert f"Klaviyo account: {shown}\nKlaviyo sync " in synced.stdout, synced.output
+    as_json = sync_customers(project, emulator, "--output", "json")
+    assert json.loads(as_json.stdout)["account"] == shown
 
 
 def test_validate_reports_every_problem_with_exit_2(project: Path, emulator: Emulator) -> None:

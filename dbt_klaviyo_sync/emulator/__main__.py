@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from dbt_klaviyo_sync.cli import main
+from .command import emulator
 
 if __name__ == "__main__":
-    main(["emulator", *sys.argv[1:]])
+    emulator(prog_name="python -m dbt_klaviyo_sync.emulator")

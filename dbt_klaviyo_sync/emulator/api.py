@@ -23,6 +23,7 @@ from .profiles import RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
 from .store import (
     DELETION_IDENTIFIERS,
+    JOB_PROFILES,
     PROFILE_MAX_BYTES,
     Account,
     BulkJob,
@@ -105,7 +106,9 @@ def create_or_update_profile(call: Call) -> Reply:
 
 @handles("create_client_profile", params=("company_id",))
 def create_client_profile(call: Call) -> Reply:
-    call.account.upsert(call.body["data"], client=True)
+    """202 for whatever passes validation (a bad email or phone is a 400): identifier
+    conflicts are not reported, the identifiers are just not applied (`Account._accepted`)."""
+    call.account.client_upsert(call.body["data"])
     return Reply(202)
 
 
@@ -133,12 +136,18 @@ def update_profile(call: Call) -> Reply:
 
 @handles("bulk_import_profiles", max_body=BULK_MAX_BYTES)
 def bulk_import_profiles(call: Call) -> Reply:
+    """Klaviyo validates a job's profiles when the job is created, and refuses the job with
+    a 400 whose `source.pointer` names each bad profile, e.g.
+    `/data/attributes/profiles/data/0/attributes/last_name` (API.md §3): a bad email or
+    phone, no identifier, over 100KB. Nothing of a refused job is imported. What depends on
+    the account when the job runs (identifiers held by two profiles, an `id` no profile has)
+    cannot be known then: those are the job's import errors (`Account._run`)."""
     data = call.body["data"]
     records = data["attributes"]["profiles"]["data"]
     if len(records) > BULK_MAX_PROFILES:
         raise invalid(
             f"A job accepts at most {BULK_MAX_PROFILES:,} profiles; {len(records):,} were given.",
-            pointer="/data/attributes/profiles/data",
+            pointer=JOB_PROFILES,
         )
     lists = data.get("relationships", {}).get("lists", {}).get("data", [])
     job = call.account.create_job(records, [item["id"] for item in lists], stuck=call.job_stuck)
@@ -215,7 +224,7 @@ def _import_error(failure: Failure) -> dict[str, Any]:
             "code": error.code,
             "title": error.title,
             "detail": error.detail,
-            "source": {"pointer": f"/data/attributes/profiles/data/{failure.index}{error.pointer}"},
+            "source": {"pointer": f"{JOB_PROFILES}/{failure.index}{error.pointer}"},
             "original_payload": failure.payload,
         },
     }

@@ -27,16 +27,22 @@ class ApiError(Exception):
     parameter: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    #: Further errors of the same answer, e.g. every invalid profile of a bulk import job.
+    more: tuple[ApiError, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.detail}"
 
     def document(self) -> dict[str, Any]:
+        return {"errors": [error.entry() for error in (self, *self.more)]}
+
+    def entry(self) -> dict[str, Any]:
+        """This error as one entry of `errors`."""
         if self.parameter is not None:
             source = {"parameter": self.parameter}
         else:
             source = {"pointer": self.pointer or DEFAULT_POINTER}
-        error = {
+        return {
             "id": str(uuid.uuid4()),
             "status": self.status,
             "code": self.code,
@@ -46,7 +52,6 @@ class ApiError(Exception):
             "links": {},
             "meta": self.meta,
         }
-        return {"errors": [error]}
 
 
 class SpecViolation(ApiError):

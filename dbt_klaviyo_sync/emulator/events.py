@@ -7,6 +7,7 @@ it repeats one already recorded, is the store's job.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,9 @@ MAX_STRING_BYTES = 100 * 1024
 #: "The time must be after the year 1990 and can only be up to 1 year in the future."
 EARLIEST = datetime(1990, 1, 1, tzinfo=UTC).timestamp()
 AHEAD_SECONDS = 365 * 24 * 3600
+#: "The ISO 4217 currency code of the value associated with the event." (SPEC): three
+#: capital letters.
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,17 @@ def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submi
             f"{len(properties)}.",
             pointer=at + "/properties",
         )
+    currency = attributes.get("value_currency")
+    if currency is not None and not _CURRENCY.fullmatch(currency):
+        raise invalid(
+            f"'{currency}' is not an ISO 4217 currency code.", pointer=at + "/value_currency"
+        )
     return Submission(
         name,
         _seconds(attributes.get("time"), at + "/time", now),
         attributes.get("unique_id"),
         attributes.get("value"),
-        attributes.get("value_currency"),
+        currency,
         properties,
     )
 

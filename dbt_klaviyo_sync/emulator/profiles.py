@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164
-
 from .errors import ApiError
+from .identifiers import InvalidValue, checked_email, e164
 
 #: The identifiers that upserts match on (API.md §5), in the order the emulator tries them.
 IDENTIFIERS = ("email", "phone_number", "external_id")
@@ -100,10 +99,10 @@ class Profile:
 
 
 def checked_identifiers(attributes: dict[str, Any]) -> dict[str, str | None]:
-    """The identifiers a request gives, normalised; None where it sets one to null.
+    """The identifiers a request gives, checked; None where it sets one to null.
 
     Raises `RecordError` for an email Klaviyo would refuse or a phone number that is not a
-    valid E.164 number.
+    valid E.164 number (the emulator's own checks, in .identifiers).
     """
     given: dict[str, str | None] = {}
     for name in IDENTIFIERS:

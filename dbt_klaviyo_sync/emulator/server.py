@@ -296,6 +296,7 @@ class App:
             **self.telemetry.stats(),
             "events_received": sum(account.events_received for account in accounts),
             "events_repeated": sum(account.events_repeated for account in accounts),
+            "events_lost": sum(account.events_lost for account in accounts),
         }
 
     def _control(self, request: Request) -> Response:

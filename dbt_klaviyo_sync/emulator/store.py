@@ -42,6 +42,8 @@ from .profiles import (
 
 #: "The maximum allowed payload size per-profile is 100KB." (API.md §2.2)
 PROFILE_MAX_BYTES = 100 * 1024
+#: Where a bulk import job's request holds its profiles.
+JOB_PROFILES = "/data/attributes/profiles/data"
 #: How long a finished job stays readable. Klaviyo does not document it.
 JOB_RETENTION_SECONDS = 7 * 24 * 3600
 #: What a deletion request names a profile by, exactly one at a time (API.md §2.6).
@@ -164,10 +166,12 @@ class Account:
         self._events: dict[str, Event] = {}
         # The (profile, metric, dedup id) of each recorded event, for finding repeats.
         self._event_keys: set[tuple[str, str, str]] = set()
-        # Events accepted with a 202, and those of them dropped as repeats: a client that
-        # resends only what it must keeps the second number at zero.
+        # Events accepted with a 202, those of them dropped as repeats (a client that
+        # resends only what it must keeps that at zero), and those lost because their
+        # profile's id names no profile (accepted all the same, as Klaviyo does).
         self.events_received = 0
         self.events_repeated = 0
+        self.events_lost = 0
         self._deletions: list[Deletion] = []
 
     def reset(self) -> None:
@@ -181,15 +185,19 @@ class Account:
 
     # Profiles
 
-    def upsert(self, resource: dict[str, Any], *, client: bool = False) -> tuple[Profile, bool]:
-        """Create or update a profile from a profile-import resource; True when created.
-
-        `client` is POST /client/profiles: identifiers a profile already has are not changed.
-        """
+    def upsert(self, resource: dict[str, Any]) -> tuple[Profile, bool]:
+        """Create or update a profile from a profile-import resource; True when created."""
         with self._lock:
             self._advance()
-            profile, created = self._upsert(resource, client=client)
+            profile, created = self._upsert(resource, client=False)
             return profile.snapshot(), created
+
+    def client_upsert(self, resource: dict[str, Any]) -> None:
+        """POST /client/profiles, accepted with a 202 and applied as `_accepted` says;
+        identifiers a profile already has are not changed (API.md §2.3)."""
+        with self._lock:
+            self._advance()
+            self._accepted(resource, client=True)
 
     def update(self, profile_id: str, resource: dict[str, Any]) -> Profile:
         """PATCH /api/profiles/{id}: a partial update of a known profile (API.md §2.5)."""
@@ -262,10 +270,7 @@ class Account:
         elif matched:
             profile, created = replace(self._profiles[matched[0]]), False
         elif not any(value is not None for value in given.values()):
-            raise record_invalid(
-                "A profile needs at least one of email, phone_number or external_id.",
-                "/attributes",
-            )
+            raise _no_identifier()
         else:
             now = self._clock()
             profile, created = Profile(_ulid(now), now, now), True
@@ -276,6 +281,26 @@ class Account:
             profile.updated = self._clock()
         self._profiles[profile.id] = profile
         return profile, created
+
+    def _accepted(self, resource: dict[str, Any], *, client: bool) -> Profile | None:
+        """Apply a profile that Klaviyo accepted with a 202 before looking at the account:
+        the client endpoint's, or an event's. What only the account can refuse is not
+        refused: an identifier another profile holds is left where it is ("will return a
+        202, however the identifier field(s) will not be updated", API.md §2.3), and a
+        resource `id` that no profile has changes nothing (None). The profile meant is the
+        one the id names, else the first the identifiers find (in IDENTIFIERS order)."""
+        attributes = resource["attributes"]
+        owners = {
+            name: owner
+            for name, value in checked_identifiers(attributes).items()
+            if (owner := self._owner(name, value)) is not None
+        }
+        meant = resource.get("id") or next(iter(owners.values()), None)
+        if meant is not None and meant not in self._profiles:
+            return None
+        kept = {k: v for k, v in attributes.items() if owners.get(k, meant) == meant}
+        profile, _ = self._upsert({**resource, "attributes": kept}, client=client)
+        return profile
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
@@ -383,6 +408,8 @@ class Account:
                         f"A list with id {list_id} does not exist.",
                         pointer=f"/data/relationships/lists/data/{index}/id",
                     )
+            if not self._sink:  # a sink keeps only the count, for benchmarks of the client
+                _check_job_records(records)
             now = self._clock()
             kept = range(len(records)) if self._sink else records  # a sink keeps the count
             job = BulkJob(_ulid(now), kept, tuple(list_ids), now, stuck)
@@ -422,7 +449,10 @@ class Account:
                 self._delete(work, now)
 
     def _run(self, job: BulkJob, now: float) -> None:
-        """Upsert every record exactly as profile-import would; refused ones become failures."""
+        """Upsert every record exactly as profile-import would. The records were checked
+        when the job was created (`_check_job_records`); what only the account can refuse
+        (identifiers on two profiles, an `id` no profile has) becomes an import error, the
+        per-profile report GET …/import-errors gives (API.md §2.2)."""
         if isinstance(job.records, range):  # a sink: nothing was kept to import
             job.status, job.completed_at = "complete", now
             return
@@ -430,8 +460,6 @@ class Account:
         profile_ids: dict[str, None] = {}
         for index, record in enumerate(job.records):
             try:
-                if len(orjson.dumps(record)) > PROFILE_MAX_BYTES:
-                    raise record_invalid("The profile payload exceeds the 100KB limit.", "")
                 profile, _ = self._upsert(_without_nulls(record), client=False)
             except RecordError as error:
                 payload = record.get("attributes") or {}
@@ -448,7 +476,9 @@ class Account:
     def record_events(self, batches: Sequence[Batch]) -> None:
         """Record the events of POST /api/events or of a bulk create job, all or none.
 
-        Each batch's profile is found or created as profile-import would. An event repeating
+        Each batch's profile is found or created as profile-import would, except that what
+        only the account could refuse is accepted (`_accepted`): both endpoints answer 202,
+        "validated and submitted for processing" (API.md §2.9). An event repeating
         a recorded one (same profile, metric and unique_id) is dropped; a unique_id repeated
         for one profile and metric within the request refuses it whole (API.md §2.9).
         """
@@ -462,8 +492,14 @@ class Account:
             ]
             with self._all_or_nothing():
                 owners = [self._event_profile(batch) for batch in batches]
-                keyed = [(owners[index], pointer, event) for index, pointer, event in given]
+                keyed = [
+                    (owner, pointer, event)
+                    for index, pointer, event in given
+                    if (owner := owners[index]) is not None
+                ]
                 _refuse_repeats(keyed)
+            self.events_received += len(given)
+            self.events_lost += len(given) - len(keyed)
             for profile_id, _, submission in keyed:
                 self._record(profile_id, submission)
 
@@ -478,8 +514,9 @@ class Account:
             ]
         return found
 
-    def _event_profile(self, batch: Batch) -> str:
-        """The id of the profile that events name, found or created as profile-import would."""
+    def _event_profile(self, batch: Batch) -> str | None:
+        """The id of the profile that events name, found or created as profile-import would
+        but applied as accepted (`_accepted`); None when the resource's id names no profile."""
         resource = batch.profile
         attributes = resource["attributes"]
         if resource.get("id") is None and all(attributes.get(n) is None for n in IDENTIFIERS):
@@ -497,10 +534,10 @@ class Account:
                 pointer=batch.pointer + "/attributes",
             )
         try:
-            profile, _ = self._upsert(resource, client=False)
+            profile = self._accepted(resource, client=False)
         except RecordError as error:
             raise error.in_request(batch.pointer) from None
-        return profile.id
+        return None if profile is None else profile.id
 
     def _record(self, profile_id: str, submission: Submission) -> None:
         """Record one event, creating its metric by name, unless it repeats a recorded one."""
@@ -508,7 +545,6 @@ class Account:
         if metric_id is None:
             metric_id = self._metrics[submission.metric] = _new_id(self._metrics.values(), 6)
         key = (profile_id, metric_id, submission.dedup_id)
-        self.events_received += 1
         if key in self._event_keys:
             self.events_repeated += 1
             return
@@ -567,6 +603,33 @@ class Account:
             }
 
 
+def _check_job_records(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse a bulk import job as Klaviyo does when it is created: a 400 with a pointer at
+    each invalid profile, e.g. `/data/attributes/profiles/data/0/attributes/last_name`
+    (API.md §3); nothing of it is imported."""
+    errors = [
+        error.in_request(f"{JOB_PROFILES}/{index}")
+        for index, record in enumerate(records)
+        if (error := _import_record_error(record)) is not None
+    ]
+    if errors:
+        raise replace(errors[0], more=tuple(errors[1:]))
+
+
+def _import_record_error(record: dict[str, Any]) -> RecordError | None:
+    """Why Klaviyo refuses a bulk import job for this profile when the job is created (a
+    payload over 100KB, an invalid email or phone, no identifier), or None."""
+    if len(orjson.dumps(record)) > PROFILE_MAX_BYTES:
+        return record_invalid("The profile payload exceeds the 100KB limit.", "")
+    try:
+        given = checked_identifiers(record["attributes"])
+    except RecordError as error:
+        return error
+    if record.get("id") is None and all(value is None for value in given.values()):
+        return _no_identifier()
+    return None
+
+
 def _without_nulls(resource: dict[str, Any]) -> dict[str, Any]:
     """A bulk job's profile as Klaviyo applies it: "The Bulk Import Profiles API does not
     support setting fields to null to clear them" (its guide), so a null changes nothing."""
@@ -620,6 +683,12 @@ def _refuse_repeats(keyed: Sequence[tuple[str, str, Submission]]) -> None:
                 pointer=pointer + "/attributes/unique_id",
             )
         seen.add(key)
+
+
+def _no_identifier() -> RecordError:
+    return record_invalid(
+        "A profile needs at least one of email, phone_number or external_id.", "/attributes"
+    )
 
 
 def _duplicate(profile_id: str) -> RecordError:

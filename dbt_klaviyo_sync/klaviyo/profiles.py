@@ -1,10 +1,12 @@
 """Profiles: upserts (Update or Create) and updates of existing profiles (Update Only).
 
-Klaviyo's bulk import takes up to 10,000 profiles and 5 MB per job and reports failures per
-profile, asynchronously; it is meant for volume, not for a handful of changes, so small
-change sets go one request per profile: `/api/profile-import` (or `/client/profiles` with
-`api: client`), or `PATCH /api/profiles/{id}` for updates, which answer at once and tell us
-the profile's Klaviyo id.
+Klaviyo's bulk import takes up to 10,000 profiles and 5 MB per job. It refuses a job with an
+invalid profile at once (a 400 pointing at each), and reports what only the account shows
+(identifiers on two profiles) per profile, asynchronously, as import errors. It is meant
+for volume, not for a handful of changes, so small change sets go one request per profile:
+`/api/profile-import` (or `/client/profiles` with `api: client`), or
+`PATCH /api/profiles/{id}` for updates, which answer at once and tell us the profile's
+Klaviyo id.
 """
 
 from __future__ import annotations

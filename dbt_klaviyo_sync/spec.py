@@ -389,7 +389,8 @@ def _field_rules(
             )
         seen[f.field] = f.column
         owner = _OWN_FIELDS.get(f.field)
-        if obj in _FIELDS_OF and f.field not in _FIELDS_OF[obj]:
+        is_key = "sync_key" in node.column_meta[f.column]  # a bad key has its own error
+        if obj in _FIELDS_OF and f.field not in _FIELDS_OF[obj] and not is_key:
             problems.append(
                 AnnotationError(
                     node.name,
@@ -412,7 +413,6 @@ def _field_rules(
                     node.name, f"field {f.field} applies only to `object: event`", f.column
                 )
             )
-        is_key = "sync_key" in node.column_meta[f.column]
         if (
             f.field == "klaviyo_id"
             and not is_key

@@ -20,6 +20,7 @@ from tests.conftest import (
     Sync,
     change_model,
     clean_env,
+    dbt_klaviyo,
     environment,
     klaviyo_api,
     run_dbt,
@@ -199,6 +200,19 @@ def test_the_plan_speaks_of_subscribing_and_unsubscribing(
     plan = only(project, emulator, "email_consent", "--dry-run")
     assert plan.returncode == 0, plan.output
     assert "4 to subscribe, 2 to unsubscribe (0 left the model)" in plan.stdout
+    assert consent_calls(emulator) == dict.fromkeys(consent_calls(emulator), 0)
+
+
+def test_validate_checks_the_consent_list_and_sends_nothing(
+    project: Path, emulator: Emulator
+) -> None:
+    argv = ("validate", "--project-dir", ".", "--profiles-dir", ".", "--select", "email_consent")
+    missing = dbt_klaviyo(project, emulator, *argv)
+    assert missing.returncode == 2
+    assert LIST_ID in missing.stdout and "email_consent" in missing.stdout
+    emulator.create_list("Newsletter", list_id=LIST_ID)
+    done = dbt_klaviyo(project, emulator, *argv)
+    assert done.returncode == 0, done.output
     assert consent_calls(emulator) == dict.fromkeys(consent_calls(emulator), 0)
 
 

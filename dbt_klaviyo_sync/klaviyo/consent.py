@@ -93,10 +93,13 @@ class Unsubscriber:
         self.list_id = str(spec.list_id)
 
     def unsubscribe(
-        self, records: list[Record], done: Callable[[list[Record]], Outcome]
+        self,
+        records: list[Record],
+        done: Callable[[list[Record]], Outcome],
+        left_alone: Callable[[list[Record]], Outcome],
     ) -> Outcome:
-        """Unsubscribe the members among `records` (at most 100); `done` says what an
-        unsubscribed record, or one left alone, becomes."""
+        """Unsubscribe the members among `records` (at most 100); `done` says what the
+        unsubscribed records become, `left_alone` what the others do."""
         try:
             members = self._members(records)
         except KlaviyoRejected as exc:
@@ -118,7 +121,7 @@ class Unsubscriber:
             log.info(
                 "%s: %d %s", self.spec.model, len(alone), LEFT_ALONE.format(list_id=self.list_id)
             )
-        outcome = done(alone) if alone else Outcome()
+        outcome = left_alone(alone) if alone else Outcome()
         if items:
             outcome.merge(
                 send_isolating(
@@ -247,7 +250,10 @@ class ConsentSender:
         if first.action == NOTHING:
             return Outcome(already=unit.records)
         if first.action == "unsubscribe":
-            return self.unsubscriber.unsubscribe(unit.records, _accepted)
+            # A non-member asked to withdraw holds no consent of this list: nothing to do.
+            return self.unsubscriber.unsubscribe(
+                unit.records, _accepted, lambda rs: Outcome(already=rs)
+            )
         return send_isolating(
             unit.items,
             lambda part: self._subscribe(part, historical=first.historical),
@@ -289,7 +295,10 @@ class ConsentRemover:
         return grouped(prepared, lambda _: None, lambda _: MAX_UNSUBSCRIBE)
 
     def send(self, unit: Unit) -> Outcome:
-        return self.unsubscriber.unsubscribe(unit.records, lambda rs: Outcome(removed=rs))
+        def removed(records: list[Record]) -> Outcome:
+            return Outcome(removed=records)
+
+        return self.unsubscriber.unsubscribe(unit.records, removed, removed)
 
 
 _SUPPRESSION_JOBS = {

@@ -624,21 +624,24 @@ class Account:
         consent, and its suppression reason."""
         with self._lock:
             self._advance()
-            ids = dict.fromkeys([*self._consent, *self._suppressions])
-            return [
-                {
-                    "id": profile_id,
-                    "email": self._profiles[profile_id].fields.get("email"),
-                    "phone_number": self._profiles[profile_id].fields.get("phone_number"),
-                    "channels": {
-                        name: consent.state()
-                        for name, consent in self._consent.get(profile_id, {}).items()
-                    },
-                    "suppression": self._suppressions.get(profile_id),
-                }
-                for profile_id in ids
-                if profile_id in self._profiles
-            ]
+            return self._consent_state()
+
+    def _consent_state(self) -> list[dict[str, Any]]:
+        ids = dict.fromkeys([*self._consent, *self._suppressions])
+        return [
+            {
+                "id": profile_id,
+                "email": self._profiles[profile_id].fields.get("email"),
+                "phone_number": self._profiles[profile_id].fields.get("phone_number"),
+                "channels": {
+                    name: consent.state()
+                    for name, consent in self._consent.get(profile_id, {}).items()
+                },
+                "suppression": self._suppressions.get(profile_id),
+            }
+            for profile_id in ids
+            if profile_id in self._profiles
+        ]
 
     def global_unsubscribes(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -765,7 +768,7 @@ class Account:
                 "bulk_jobs": [_job_state(job) for job in self._jobs.values()],
                 "events": [event_state(event) for event in self._events.values()],
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
-                "suppressions": dict(self._suppressions),
+                "consent": self._consent_state(),
                 "global_unsubscribes": [dict(item) for item in self._global_unsubscribes],
             }
 

@@ -117,9 +117,11 @@ class Unsubscriber:
                 items.append(Prepared(record, dumps(resource)))
             else:
                 alone.append(record)
-        if alone:
+        # A member holding no identifier of the model's channels has no such consent.
+        strangers = sum(r.key not in members for r in alone)
+        if strangers:
             log.info(
-                "%s: %d %s", self.spec.model, len(alone), LEFT_ALONE.format(list_id=self.list_id)
+                "%s: %d %s", self.spec.model, strangers, LEFT_ALONE.format(list_id=self.list_id)
             )
         outcome = left_alone(alone) if alone else Outcome()
         if items:
@@ -128,7 +130,7 @@ class Unsubscriber:
                     items,
                     lambda part: self._attempt(part, done),
                     lambda _, error: profile_index(error),
-                    self._reject,
+                    self.reject,
                 )
             )
         return outcome
@@ -167,8 +169,13 @@ class Unsubscriber:
             return Outcome(failed=[(r, f"not unsubscribed: {exc}") for r in records])
         return done(records)
 
-    def _reject(self, record: Record, error: ApiError) -> Reject:
+    def reject(self, record: Record, error: ApiError) -> Reject:
         return profile_reject(self.spec, record, error)
+
+
+def _identifier_of(channel: str) -> str:
+    """What a channel's consent is tied to: a phone number for SMS, else an email."""
+    return "phone_number" if channel in SMS_CHANNELS else "email"
 
 
 def _accepted(records: list[Record]) -> Outcome:
@@ -208,14 +215,9 @@ class ConsentSender:
         needs its identifier, and a row is sent whole or not at all."""
         values = record.values
         channels = self.spec.channels
-        missing = [
-            (channel, need)
-            for channel in channels
-            for need in ["phone_number" if channel in SMS_CHANNELS else "email"]
-            if not values.get(need)
-        ]
+        missing = [c for c in channels if not values.get(_identifier_of(c))]
         if missing:
-            channel, need = missing[0]
+            channel, need = missing[0], _identifier_of(missing[0])
             column = next((f.column for f in self.spec.fields if f.field == need), None)
             return Reject(
                 record.key,
@@ -258,7 +260,7 @@ class ConsentSender:
             unit.items,
             lambda part: self._subscribe(part, historical=first.historical),
             lambda _, error: profile_index(error),
-            self.unsubscriber._reject,
+            self.unsubscriber.reject,
         )
 
     def _subscribe(self, part: list[Prepared], *, historical: bool) -> Outcome:

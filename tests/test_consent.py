@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync import payloads
 from dbt_klaviyo_sync.changeset import Record
 from dbt_klaviyo_sync.clock import FakeClock
 from dbt_klaviyo_sync.emulator import Emulator, validation
@@ -422,3 +425,37 @@ def test_the_pacer_keeps_the_documented_limits_of_the_new_operations(
 ) -> None:
     """75/s and 750/m, from the spec (API.md §2.14), as the client paces them."""
     assert client._pacer.endpoint(openapi.operation(operation)).limits == (75, 750)
+
+
+def consent_rows(*rows: tuple[Any, Any]) -> pa.RecordBatch:
+    """Change rows of `subscription()` with (consent, consented_at) values."""
+    return pa.RecordBatch.from_pylist(
+        [
+            {
+                "__change": "add",
+                "__in_snapshot": False,
+                "__klaviyo_id": None,
+                "__key": f"p{i}@example.com",
+                "__fingerprint": 7,
+                "f0": f"p{i}@example.com",
+                "f1": None,
+                "f2": flag,
+                "f3": when,
+            }
+            for i, (flag, when) in enumerate(rows)
+        ]
+    )
+
+
+def test_consent_and_consented_at_values_are_checked_before_sending() -> None:
+    past, future = datetime(2024, 3, 1, 10, tzinfo=UTC), datetime(2999, 1, 1, tzinfo=UTC)
+    good, bad = payloads.records(
+        subscription(), consent_rows((True, past), (False, None), (True, future))
+    )
+    assert [r.values["consented_at"] for r in good] == ["2024-03-01T10:00:00+00:00", None]
+    [reject] = bad
+    assert (reject.key, reject.column, reject.field) == ("p2@example.com", "at", "consented_at")
+    assert "in the future" in reject.reason
+    _, [text] = payloads.records(subscription(), consent_rows(("yes", None)))
+    assert (text.column, text.field) == ("ok", "consent")
+    assert "is not true or false" in text.reason

@@ -289,7 +289,7 @@ def _model_rules(
 def _object_rules(
     node: ModelNode, obj: str, behavior: str, meta: dict[str, Any], fields: tuple[FieldMap, ...]
 ) -> list[AnnotationError]:
-    """What events and deletions need beyond the schema."""
+    """What events, deletions and consent need beyond the schema."""
     mapped = {f.field: f.column for f in fields}
     problems = []
     if obj == "event":

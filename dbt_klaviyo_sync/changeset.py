@@ -38,6 +38,10 @@ SENT = "__sent"  # the exact body of an event a run sent without seeing the answ
 JSON_TEXT = "klaviyo_sync:json"
 #: Fields where Klaviyo takes a number.
 NUMBER_FIELDS = frozenset({"value", "location.latitude", "location.longitude"})
+#: Fields that say yes or no: a consent, a suppression.
+BOOLEAN_FIELDS = frozenset({"consent", "suppressed"})
+#: Fields that hold a time.
+TIME_FIELDS = frozenset({"time", "consented_at"})
 
 
 def field_column(index: int) -> str:
@@ -46,10 +50,13 @@ def field_column(index: int) -> str:
 
 
 def field_kind(field: str) -> str:
-    """What Klaviyo takes in a field: json (custom properties), number, time or text."""
+    """What Klaviyo takes in a field: json (custom properties), number, time, boolean or
+    text."""
     if field.startswith("properties."):
         return "json"
-    return "number" if field in NUMBER_FIELDS else "time" if field == "time" else "text"
+    if field in BOOLEAN_FIELDS:
+        return "boolean"
+    return "number" if field in NUMBER_FIELDS else "time" if field in TIME_FIELDS else "text"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.changeset import (
+    BOOLEAN_FIELDS,
     CHANGE,
     FINGERPRINT,
     IN_SNAPSHOT,
@@ -189,6 +190,38 @@ def _time(value: Any) -> Any:
     """An event's time: ISO 8601 with a zone, within Klaviyo's window (API.md §2.9)."""
     if value is None:
         return None
+    when = _instant(value)
+    if when < EARLIEST_EVENT:
+        raise InvalidValue(f"{when.isoformat()} is before 1990; Klaviyo refuses such events")
+    if when > datetime.now(UTC) + timedelta(days=365):
+        raise InvalidValue(
+            f"{when.isoformat()} is more than a year ahead; Klaviyo refuses such events"
+        )
+    return when.isoformat()
+
+
+def _consented_at(value: Any) -> Any:
+    """When historical consent was given: Klaviyo requires it in the past (API.md §2.14)."""
+    if value is None:
+        return None
+    when = _instant(value)
+    if when > datetime.now(UTC):
+        raise InvalidValue(
+            f"consented_at {when.isoformat()} is in the future; Klaviyo takes historical "
+            "consent only with a past consented_at. Fix the row, or leave it NULL to "
+            "subscribe it as consent given now"
+        )
+    return when.isoformat()
+
+
+def _boolean(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidValue(f"{value!r} is not true or false; make the column BOOLEAN in the model")
+
+
+def _instant(value: Any) -> datetime:
+    """A time with a zone (UTC when it has none), from a timestamp, a date or ISO text."""
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
@@ -198,14 +231,7 @@ def _time(value: Any) -> Any:
         value = datetime(value.year, value.month, value.day)
     if not isinstance(value, datetime):
         raise InvalidValue(f"{value!r} is not a time; use a TIMESTAMP or DATE column")
-    when = value if value.tzinfo else value.replace(tzinfo=UTC)
-    if when < EARLIEST_EVENT:
-        raise InvalidValue(f"{when.isoformat()} is before 1990; Klaviyo refuses such events")
-    if when > datetime.now(UTC) + timedelta(days=365):
-        raise InvalidValue(
-            f"{when.isoformat()} is more than a year ahead; Klaviyo refuses such events"
-        )
-    return when.isoformat()
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _exact_time(text: str | None) -> str | None:
@@ -238,11 +264,13 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "time": _time,
     "value_currency": _currency,
     "metric": _metric,
+    "consented_at": _consented_at,
+    **dict.fromkeys(BOOLEAN_FIELDS, _boolean),
 }
 
 
 #: Fields whose every value goes through its converter, whatever the column type.
-_PER_VALUE = frozenset({"phone_number", "time", "value_currency", "metric"})
+_PER_VALUE = frozenset({"phone_number", "time", "value_currency", "metric", "consented_at"})
 
 
 def _converter(field: str) -> Callable[[Any], Any]:
@@ -600,3 +628,62 @@ def dumps(payload: Any) -> bytes:
     working buffer, some 4 KB for a 400-byte profile (3.13), and a sync holds tens of
     thousands of bodies in flight: copied, they take a tenth of the memory."""
     return bytes(memoryview(orjson.dumps(payload)))
+
+
+#: The yes-or-no column of each object that has one: true subscribes or suppresses, false
+#: unsubscribes or unsuppresses.
+_FLAG = {"subscription": "consent", "suppression": "suppressed"}
+
+
+def withdraws(spec: SyncSpec, record: Record) -> bool:
+    """Whether the row takes consent or a suppression back (its `consent` or `suppressed`
+    column is false): an unsubscribe or an unsuppress, not a subscribe or a suppress."""
+    flag = _FLAG.get(spec.object)
+    return flag is not None and record.values.get(flag) is False
+
+
+def flag_reject(spec: SyncSpec, record: Record) -> Reject | None:
+    """A NULL `consent` or `suppressed` says neither yes nor no: the row is refused, and
+    the model is to say which."""
+    flag = _FLAG.get(spec.object)
+    if flag is None or flag not in record.values or record.values[flag] is not None:
+        return None
+    column = next(f.column for f in spec.fields if f.field == flag)
+    yes, no = ("subscribe", "unsubscribe") if flag == "consent" else ("suppress", "unsuppress")
+    return Reject(
+        record.key,
+        record.fingerprint,
+        record.in_snapshot,
+        "invalid_value",
+        f"{flag} is NULL: set it to true ({yes}) or false ({no}) for every row, or filter the "
+        "row out of the model",
+        column,
+        flag,
+    )
+
+
+def consent_resource(
+    channels: Iterable[str],
+    consent: str,
+    email: str | None,
+    phone_number: str | None,
+    consented_at: str | None = None,
+) -> dict[str, Any] | None:
+    """A profile of a subscribe ("SUBSCRIBED") or unsubscribe ("UNSUBSCRIBED") job, for
+    the channels named that the identifiers given allow: email marketing with an email, SMS
+    with a phone number (API.md §2.8). None when no channel is left."""
+    parameters: dict[str, Any] = {"consent": consent}
+    if consented_at is not None:
+        parameters["consented_at"] = consented_at
+    attributes: dict[str, Any] = {}
+    subscriptions: dict[str, Any] = {}
+    if "email_marketing" in channels and email:
+        attributes["email"] = email
+        subscriptions["email"] = {"marketing": parameters}
+    sms = {c.removeprefix("sms_"): parameters for c in channels if c.startswith("sms_")}
+    if sms and phone_number:
+        attributes["phone_number"] = phone_number
+        subscriptions["sms"] = sms
+    if not subscriptions:
+        return None
+    return {"type": "profile", "attributes": {**attributes, "subscriptions": subscriptions}}

@@ -71,6 +71,15 @@ def _plan(out: Console, m: ModelResult) -> None:
             (c.removed, "to remove from the list"),
         ],
         ("event", "send"): [(c.added, "events to send")],
+        ("subscription", "mirror"): [
+            (c.added, "to subscribe"),
+            (c.updated + c.removed, f"to unsubscribe ({c.removed:,} left the model)"),
+        ],
+        ("subscription", "subscribe"): [(c.added, "to subscribe")],
+        ("suppression", "mirror"): [
+            (c.added, "to suppress"),
+            (c.updated + c.removed, f"to unsuppress ({c.removed:,} left the model)"),
+        ],
     }.get((m.object, m.behavior), [])
     words = ", ".join(f"{n:,} {what}" for n, what in doing)
     out.print(f"[bold]{escape(m.model)}[/bold] ({m.object} {m.behavior}): {words or 'nothing'}")

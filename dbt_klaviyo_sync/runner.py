@@ -53,6 +53,7 @@ from dbt_klaviyo_sync.errors import (
     TransientApiError,
 )
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, dig
+from dbt_klaviyo_sync.klaviyo.consent import ConsentRemover, ConsentSender, Suppressor
 from dbt_klaviyo_sync.klaviyo.deletions import ProfileDeleter
 from dbt_klaviyo_sync.klaviyo.events import EventSender
 from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
@@ -89,6 +90,12 @@ COMMIT_SECONDS = 2.0
 STOP_POLL_SECONDS = 0.2
 #: The safety brake ignores fewer removals or deletions than this, whatever their share.
 BRAKE_MINIMUM = 10
+#: What a mirror does to the rows that left its model, for the safety brake's message.
+_WITHDRAWING = {
+    "list": "remove from list {}",
+    "subscription": "unsubscribe from list {}",
+    "suppression": "unsuppress",
+}
 #: The rows a sync acts on first: new and changed ones, and rows it must report.
 _CHANGES = ("add", "update", "null_key", "duplicate_key")
 
@@ -290,10 +297,11 @@ def _account_for_plan(
 
 
 def preflight(client: KlaviyoClient, specs: list[SyncSpec]) -> None:
-    """Cheap reads before any state changes: every list a model mirrors exists."""
+    """Cheap reads before any state changes: every list a model mirrors or subscribes
+    into exists."""
     try:
         for spec in specs:
-            if spec.mirrors:
+            if spec.list_id:
                 check_list(client, spec)
     except TransientApiError as exc:
         raise ApiUnavailableError(
@@ -320,7 +328,22 @@ def make_sender(
             )
         case ("event", "send"):
             return EventSender(client, spec)
+        case ("subscription", _):
+            return ConsentSender(client, spec)
+        case ("suppression", "mirror"):
+            return Suppressor(client, spec, deadline)
     raise ConfigurationError(f"model '{spec.model}': no sender for {spec.object} {spec.behavior}")
+
+
+def make_remover(client: KlaviyoClient, spec: SyncSpec, options: SyncOptions) -> Sender:
+    """What undoes, in Klaviyo, the rows that left a mirror: list membership, the list's
+    consent, or a suppression."""
+    match spec.object:
+        case "subscription":
+            return ConsentRemover(client, spec)
+        case "suppression":
+            return Suppressor(client, spec, options.job_deadline, remove=True)
+    return ListRemover(client, spec)
 
 
 class ModelSync:
@@ -411,22 +434,24 @@ class ModelSync:
                 )
             self._brake(counts)
             self._settle()
-            planned = counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0)
+            planned = (
+                counts.to_send + counts.invalid + (counts.remove if self.spec.withdraws else 0)
+            )
             self.progress.start(self.spec.model, planned)
             bulk = self.spec.api == "private" and counts.to_send > BULK_THRESHOLD
             sending = time.monotonic()
             self._send(
                 make_sender(self.client, self.spec, bulk=bulk, options=self.options), _CHANGES
             )
-            if self.spec.mirrors:
-                self._send(ListRemover(self.client, self.spec), ("remove",))
+            if self.spec.withdraws:
+                self._send(make_remover(self.client, self.spec, self.options), ("remove",))
             elif not self.spec.once:
                 # Upserts and updates leave Klaviyo alone when a row leaves the model; the
                 # row is forgotten, so it is sent again if it comes back.
                 tally.removed = counts.remove
                 if not self.dry_run:
                     self.warehouse.forget_removed(self.sid)
-            if self._already:
+            if self._already and self.spec.behavior == "delete":
                 log.info(
                     "%s: nothing to delete for %d key(s): no profile holds them any more",
                     self.spec.model,
@@ -528,8 +553,8 @@ class ModelSync:
         """Stop before sending when the model would remove (list) or delete (profiles) more
         than its `max_removal_share` of what the previous sync left in Klaviyo: the sign of a
         wrong database file or a broken model, not of a change anyone meant."""
-        if self.spec.mirrors:
-            acting, verb = counts.remove, f"remove from list {self.spec.list_id}"
+        if self.spec.withdraws:
+            acting, verb = counts.remove, _WITHDRAWING[self.spec.object].format(self.spec.list_id)
         elif self.spec.behavior == "delete":
             acting, verb = counts.add, "delete"
         else:
@@ -696,7 +721,14 @@ class ModelSync:
         if planned:
             self._sample([r for r, _ in outcome.accepted] + outcome.removed)
         for record, _ in outcome.accepted:
-            if self.spec.behavior == "delete":
+            if self.spec.object in ("subscription", "suppression"):
+                # Added: subscribed or suppressed; updated: unsubscribed or unsuppressed
+                # while still in the model (those that left it are removed).
+                if payloads.withdraws(self.spec, record):
+                    tally.updated += self.spec.withdraws  # `subscribe` sends nothing for it
+                else:
+                    tally.added += 1
+            elif self.spec.behavior == "delete":
                 tally.removed += 1
             elif record.change == "update" or self.spec.behavior == "update_only":
                 tally.updated += 1

@@ -23,17 +23,42 @@ from dbt_klaviyo_sync.manifest import ModelNode
 
 IDENTIFIERS = ("email", "phone_number", "external_id", "klaviyo_id")
 EVENT_FIELDS = ("time", "value", "value_currency", "metric")
+#: The channels a subscription model may consent to (API.md §2.8), as its `channels` say.
+CHANNELS = ("email_marketing", "sms_marketing", "sms_transactional")
+SMS_CHANNELS = ("sms_marketing", "sms_transactional")
+#: The fields consent and suppression models send, beyond their sync key: the only ones
+#: their Klaviyo jobs take.
+_FIELDS_OF = {
+    "subscription": ("email", "phone_number", "consent", "consented_at"),
+    "suppression": ("email", "suppressed"),
+}
+#: Fields that only one object takes.
+_OWN_FIELDS = {
+    "consent": "subscription",
+    "consented_at": "subscription",
+    "suppressed": "suppression",
+}
 #: The safety brake: a list mirror (or a delete model) stops before sending when it would
 #: remove (or delete) more than this share of what the previous sync left in Klaviyo.
 DEFAULT_MAX_REMOVAL_SHARE = 0.5
 
-_DEFAULT_BEHAVIOR = {"profile": "upsert", "list": "mirror", "event": "send"}
+_DEFAULT_BEHAVIOR = {
+    "profile": "upsert",
+    "list": "mirror",
+    "event": "send",
+    "subscription": "mirror",
+    "suppression": "mirror",
+}
 _SYNC_KEYS = {
     ("profile", "upsert"): ("external_id", "email", "phone_number"),
     ("profile", "update_only"): ("external_id", "email", "phone_number", "klaviyo_id"),
     ("profile", "delete"): ("external_id", "email", "phone_number", "klaviyo_id"),
     ("list", "mirror"): ("external_id", "email", "phone_number"),
     ("event", "send"): ("unique_id",),
+    # Unsubscribe matches by email or phone only (API.md §2.8); suppression is email-only.
+    ("subscription", "mirror"): ("email", "phone_number"),
+    ("subscription", "subscribe"): ("email", "phone_number"),
+    ("suppression", "mirror"): ("email",),
 }
 
 
@@ -67,6 +92,8 @@ class SyncSpec:
     schema: str = ""
     identifier: str = ""
     max_removal_share: float = DEFAULT_MAX_REMOVAL_SHARE
+    channels: tuple[str, ...] = ()  # subscription models: the consent channels sent
+    custom_source: str | None = None
 
     @property
     def once(self) -> bool:
@@ -80,12 +107,20 @@ class SyncSpec:
         return self.object == "list"
 
     @property
+    def withdraws(self) -> bool:
+        """Whether rows that leave the model are undone in Klaviyo: removed from the list,
+        unsubscribed, or unsuppressed (the `mirror` behaviours)."""
+        return self.behavior == "mirror"
+
+    @property
     def signature(self) -> str:
         """A digest of everything that shapes the payload; part of each row's fingerprint,
         so changing the mapping re-sends the rows it affects."""
+        consent = [[*self.channels], self.custom_source] if self.channels else []
         described = orjson.dumps(
             [self.object, self.behavior, self.api, self.nulls, self.list_id, self.metric]
             + [[f.column, f.field] for f in self.fields]
+            + consent
         )
         return hashlib.sha256(described).hexdigest()[:16]
 
@@ -128,6 +163,9 @@ def _explain(error: ValidationError) -> str:
             return f"{where} has unknown key(s) {unknown}; allowed keys: {', '.join(known)}"
         case "type":
             return f"{where} is {value}; it must be a {allowed_values}"
+        case "required":
+            missing = ", ".join(sorted(set(allowed_values) - set(instance)))
+            return f"{where} needs `{missing}`; add it to the model's klaviyo meta"
         case _:
             return f"{where}: {error.message}"
 
@@ -209,6 +247,8 @@ def build_spec(node: ModelNode) -> SyncSpec:
         nulls=meta.get("nulls", "skip"),
         list_id=meta.get("list_id"),
         metric=meta.get("metric"),
+        channels=tuple(meta.get("channels", ["email_marketing"])) if obj == "subscription" else (),
+        custom_source=meta.get("custom_source"),
     )
 
 
@@ -222,16 +262,25 @@ def _model_rules(
                 node.name, f"api: client works only for profile upsert, not {obj} {behavior}"
             )
         )
-    if "list_id" in meta and obj != "list":
-        problems.append(AnnotationError(node.name, "list_id applies only to `object: list`"))
+    if "list_id" in meta and obj not in ("list", "subscription"):
+        problems.append(
+            AnnotationError(
+                node.name, "list_id applies only to `object: list` and `object: subscription`"
+            )
+        )
+    for key in ("channels", "custom_source"):
+        if key in meta and obj != "subscription":
+            problems.append(
+                AnnotationError(node.name, f"{key} applies only to `object: subscription`")
+            )
     if "metric" in meta and obj != "event":
         problems.append(AnnotationError(node.name, "metric applies only to `object: event`"))
-    if "max_removal_share" in meta and obj != "list" and behavior != "delete":
+    if "max_removal_share" in meta and behavior not in ("mirror", "delete"):
         problems.append(
             AnnotationError(
                 node.name,
-                "max_removal_share applies only to list mirrors and `behavior: delete`, "
-                "which remove or delete in Klaviyo",
+                "max_removal_share applies only to `behavior: mirror` and `behavior: delete`, "
+                "which remove, unsubscribe, unsuppress or delete in Klaviyo",
             )
         )
     return problems
@@ -240,7 +289,7 @@ def _model_rules(
 def _object_rules(
     node: ModelNode, obj: str, behavior: str, meta: dict[str, Any], fields: tuple[FieldMap, ...]
 ) -> list[AnnotationError]:
-    """What events and deletions need beyond the schema."""
+    """What events, deletions and consent need beyond the schema."""
     mapped = {f.field: f.column for f in fields}
     problems = []
     if obj == "event":
@@ -260,6 +309,8 @@ def _object_rules(
                     "events to a profile by those, and phone numbers alone are not reliable",
                 )
             )
+    if obj == "subscription":
+        problems += _consent_rules(node, meta, mapped)
     if behavior == "delete":
         problems += [
             AnnotationError(
@@ -269,6 +320,33 @@ def _object_rules(
             )
             for f in fields[1:]
         ]
+    return problems
+
+
+def _consent_rules(
+    node: ModelNode, meta: dict[str, Any], mapped: dict[str, str]
+) -> list[AnnotationError]:
+    """Each channel needs its identifier: email consent an email, SMS consent a phone."""
+    channels = meta.get("channels", ["email_marketing"])
+    problems = []
+    if "email_marketing" in channels and "email" not in mapped:
+        problems.append(
+            AnnotationError(
+                node.name,
+                "channels include email_marketing, but no column is sent as email; map one "
+                "with `field: email` (or `sync_key: email`), or leave email_marketing out",
+            )
+        )
+    sms = [c for c in channels if c in SMS_CHANNELS]
+    if sms and "phone_number" not in mapped:
+        problems.append(
+            AnnotationError(
+                node.name,
+                f"channels include {', '.join(sms)}, but no column is sent as phone_number "
+                "(Klaviyo needs an E.164 phone for SMS consent); map one with "
+                "`field: phone_number`, or leave the SMS channels out",
+            )
+        )
     return problems
 
 
@@ -310,6 +388,24 @@ def _field_rules(
                 )
             )
         seen[f.field] = f.column
+        owner = _OWN_FIELDS.get(f.field)
+        is_key = "sync_key" in node.column_meta[f.column]  # a bad key has its own error
+        if obj in _FIELDS_OF and f.field not in _FIELDS_OF[obj] and not is_key:
+            problems.append(
+                AnnotationError(
+                    node.name,
+                    f"field {f.field} is not applicable to `object: {obj}`, whose Klaviyo "
+                    f"jobs take only {', '.join(_FIELDS_OF[obj])}; remove it",
+                    f.column,
+                )
+            )
+            continue
+        if owner is not None and obj != owner:
+            problems.append(
+                AnnotationError(
+                    node.name, f"field {f.field} applies only to `object: {owner}`", f.column
+                )
+            )
         not_for_profiles = f.field in EVENT_FIELDS or f.field == "unique_id"
         if obj != "event" and not_for_profiles:
             problems.append(
@@ -317,7 +413,6 @@ def _field_rules(
                     node.name, f"field {f.field} applies only to `object: event`", f.column
                 )
             )
-        is_key = "sync_key" in node.column_meta[f.column]
         if (
             f.field == "klaviyo_id"
             and not is_key

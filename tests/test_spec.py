@@ -127,3 +127,64 @@ def test_column_meta_without_model_meta_says_what_to_add() -> None:
     with pytest.raises(AnnotationErrors) as caught:
         build_spec(node(None, GOOD_COLUMNS))
     assert "config: meta: klaviyo" in str(caught.value)
+
+
+# -- consent and suppression ----------------------------------------------------------------
+
+CONSENT_COLUMNS = {"email": {"sync_key": "email"}, "ok": {"field": "consent"}}
+CONSENT = {"object": "subscription", "list_id": "NwsLtr"}
+
+
+def test_a_subscription_model_defaults_to_an_email_marketing_mirror() -> None:
+    spec = build_spec(node(CONSENT, CONSENT_COLUMNS))
+    assert (spec.object, spec.behavior, spec.channels) == (
+        "subscription",
+        "mirror",
+        ("email_marketing",),
+    )
+    assert spec.withdraws and not spec.mirrors
+    other = build_spec(
+        node({**CONSENT, "channels": ["email_marketing"], "custom_source": "x"}, CONSENT_COLUMNS)
+    )
+    assert other.signature != spec.signature  # a new source re-sends the consent
+
+
+def test_a_subscription_needs_its_list_id() -> None:
+    [message] = problems({"object": "subscription"}, CONSENT_COLUMNS)
+    assert "model 'customers'" in message and "needs `list_id`" in message
+
+
+def test_a_subscription_is_keyed_by_email_or_phone_only() -> None:
+    columns = {**CONSENT_COLUMNS, "email": {"field": "email"}, "id": {"sync_key": "external_id"}}
+    [message] = problems(CONSENT, columns)
+    assert "sync_key is 'external_id', which subscription mirror does not accept" in message
+    assert "allowed values: email, phone_number" in message
+    [message] = problems({"object": "suppression"}, {"phone": {"sync_key": "phone_number"}})
+    assert "allowed values: email" in message
+
+
+def test_an_unknown_channel_is_named_with_the_allowed_ones() -> None:
+    [message] = problems({**CONSENT, "channels": ["whatsapp_marketing"]}, CONSENT_COLUMNS)
+    assert "klaviyo.channels.0" in message and "whatsapp_marketing" in message
+    assert "email_marketing, sms_marketing, sms_transactional" in message
+
+
+def test_fields_a_consent_or_suppression_job_cannot_take_are_refused() -> None:
+    [message] = problems(CONSENT, {**CONSENT_COLUMNS, "first": {"field": "first_name"}})
+    assert "column 'first'" in message
+    assert "field first_name is not applicable to `object: subscription`" in message
+    columns = {"email": {"sync_key": "email"}, "ok": {"field": "consent"}}
+    [message] = problems({"object": "suppression"}, columns)
+    assert "field consent is not applicable to `object: suppression`" in message
+    [message] = problems({"object": "profile"}, {**GOOD_COLUMNS, "ok": {"field": "consent"}})
+    assert "field consent applies only to `object: subscription`" in message
+
+
+def test_sms_consent_needs_a_phone_column() -> None:
+    [message] = problems({**CONSENT, "channels": ["sms_marketing"]}, CONSENT_COLUMNS)
+    assert "sms_marketing" in message and "phone_number" in message
+
+
+def test_consent_settings_belong_to_subscription_models_only() -> None:
+    found = problems({"object": "profile", "channels": ["email_marketing"]}, GOOD_COLUMNS)
+    assert found == ["model 'customers': channels applies only to `object: subscription`"]

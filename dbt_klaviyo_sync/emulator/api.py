@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from dbt_klaviyo_sync.klaviyo import openapi
 
 from . import filters
-from .errors import invalid, not_found
+from .errors import from_status, invalid, not_found
 from .events import Batch, Event, Submission, check_strings
 from .profiles import RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
@@ -30,6 +30,7 @@ from .store import (
     Failure,
     Identity,
     KlaviyoList,
+    SuppressionJob,
 )
 
 #: "Accepts up to 10,000 profiles per request. The maximum allowed payload size is 5MB."
@@ -40,10 +41,17 @@ MEMBERS_MAX = 1000
 #: "Accepts up to 1,000 events per request. Max payload 5MB." (API.md §2.9)
 EVENTS_MAX = 1000
 EVENTS_MAX_BYTES = 5 * 1024 * 1024
+#: "Maximum number of profiles can be submitted for subscription: 1000"; unsubscribe takes
+#: 100 per call; suppress and unsuppress, "Email address per request limit: 100".
+SUBSCRIBE_MAX = 1000
+UNSUBSCRIBE_MAX = 100
+SUPPRESS_MAX = 100
 
 _EQUALS_OR_ANY = frozenset({"equals", "any"})
 PROFILE_FILTERS = dict.fromkeys(("id", "email", "phone_number", "external_id"), _EQUALS_OR_ANY)
 LIST_FILTERS = dict.fromkeys(("id", "name"), _EQUALS_OR_ANY)
+#: The filters of the list members endpoints the emulator implements (API.md §2.13).
+MEMBER_FILTERS = dict.fromkeys(("email", "phone_number"), _EQUALS_OR_ANY)
 EVENT_FILTERS = dict.fromkeys(("metric_id", "profile_id"), frozenset({"equals"}))
 _PAGE = ("page[size]", "page[cursor]")
 _EVENT_GROUPS = "/data/attributes/events-bulk-create/data"
@@ -276,6 +284,17 @@ def get_profile_ids_for_list(call: Call) -> Reply:
     return Reply(200, {"data": _identifiers("profile", page), "links": links})
 
 
+@handles("get_profiles_for_list", params=("filter", *_PAGE))
+def get_profiles_for_list(call: Call) -> Reply:
+    (list_id,) = call.path_params
+    members = set(call.account.members(list_id))
+    conditions = _conditions(call, MEMBER_FILTERS)
+    matching = [i for i in call.account.profile_ids(conditions) if i in members]
+    page, links = _page(call, matching)
+    data = [render_profile(profile, call.base_url) for profile in call.account.profiles(page)]
+    return Reply(200, {"data": data, "links": links})
+
+
 def _member_ids(call: Call) -> list[str]:
     members = call.body["data"]
     if len(members) > MEMBERS_MAX:
@@ -298,6 +317,103 @@ def _list(item: KlaviyoList, base_url: str) -> dict[str, Any]:
             "opt_in_process": item.opt_in_process,
         },
         "relationships": {"profiles": {"links": _relationship_links(own, "profiles")}},
+        "links": {"self": f"{own}/"},
+    }
+
+
+# Consent and suppression
+
+
+@handles("bulk_subscribe_profiles")
+def bulk_subscribe_profiles(call: Call) -> Reply:
+    data = call.body["data"]
+    attributes = data["attributes"]
+    call.account.subscribe(
+        _job_profiles(attributes["profiles"], SUBSCRIBE_MAX),
+        _related_list(data),
+        historical=bool(attributes.get("historical_import")),
+        custom_source=attributes.get("custom_source"),
+    )
+    return Reply(202)
+
+
+@handles("bulk_unsubscribe_profiles")
+def bulk_unsubscribe_profiles(call: Call) -> Reply:
+    data = call.body["data"]
+    profiles = _job_profiles(data["attributes"]["profiles"], UNSUBSCRIBE_MAX)
+    call.account.unsubscribe(profiles, _related_list(data))
+    return Reply(202)
+
+
+@handles("bulk_suppress_profiles")
+def bulk_suppress_profiles(call: Call) -> Reply:
+    return _suppression_job(call, suppress=True)
+
+
+@handles("bulk_unsuppress_profiles")
+def bulk_unsuppress_profiles(call: Call) -> Reply:
+    return _suppression_job(call, suppress=False)
+
+
+@handles("get_bulk_suppress_profiles_job")
+def get_bulk_suppress_profiles_job(call: Call) -> Reply:
+    return Reply(200, _single(call, _suppression(_known_suppression(call, True), call.base_url)))
+
+
+@handles("get_bulk_unsuppress_profiles_job")
+def get_bulk_unsuppress_profiles_job(call: Call) -> Reply:
+    return Reply(200, _single(call, _suppression(_known_suppression(call, False), call.base_url)))
+
+
+def _job_profiles(profiles: dict[str, Any] | None, most: int) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = (profiles or {}).get("data") or []
+    if len(entries) > most:
+        raise invalid(
+            f"At most {most} profiles per request; {len(entries)} were given.",
+            pointer="/data/attributes/profiles/data",
+        )
+    return entries
+
+
+def _related_list(data: dict[str, Any]) -> str | None:
+    related = (data.get("relationships") or {}).get("list")
+    return None if related is None else str(related["data"]["id"])
+
+
+def _suppression_job(call: Call, *, suppress: bool) -> Reply:
+    data = call.body["data"]
+    if data.get("relationships"):
+        # Suppressing every member of a list or segment: nothing here needs it.
+        raise from_status(501, "The emulator suppresses by email only, not by list or segment.")
+    profiles = _job_profiles(data["attributes"].get("profiles"), SUPPRESS_MAX)
+    emails = [profile["attributes"]["email"] for profile in profiles]
+    job = call.account.create_suppression_job(emails, suppress=suppress)
+    return Reply(202, _single(call, _suppression(job, call.base_url)))
+
+
+def _known_suppression(call: Call, suppress: bool) -> SuppressionJob:
+    (job_id,) = call.path_params
+    job = call.account.suppression_job(job_id, suppress=suppress)
+    if job is None:
+        raise not_found(f"A suppression job with id {job_id} does not exist.")
+    return job
+
+
+def _suppression(job: SuppressionJob, base_url: str) -> dict[str, Any]:
+    kind = "create" if job.suppress else "delete"
+    own = f"{base_url}/api/profile-suppression-bulk-{kind}-jobs/{job.id}"
+    done = job.status == "complete"
+    return {
+        "type": f"profile-suppression-bulk-{kind}-job",
+        "id": job.id,
+        "attributes": {
+            "status": job.status,
+            "created_at": timestamp(job.created_at),
+            "total_count": job.total_count,
+            "completed_count": job.total_count - job.skipped_count if done else 0,
+            "completed_at": _maybe_timestamp(job.completed_at),
+            "skipped_count": job.skipped_count,
+        },
         "links": {"self": f"{own}/"},
     }
 

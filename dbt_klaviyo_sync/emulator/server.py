@@ -446,6 +446,16 @@ class Emulator:
     def list_members(self, list_id: str, *, account: str | None = None) -> set[str]:
         return set(self._account(account).members(list_id))
 
+    def consent(self, *, account: str | None = None) -> list[dict[str, Any]]:
+        """Every profile with consent or a suppression: `email`, `phone_number`, `channels`
+        (per channel: global `status`, `lists` (list id: status), `consented_at`,
+        `historical_import`, `custom_source`) and `suppression` (a reason, or None)."""
+        return self._account(account).consent()
+
+    def global_unsubscribes(self, *, account: str | None = None) -> list[dict[str, Any]]:
+        """Every global unsubscribe, as (profile_id, channel, list_id given)."""
+        return self._account(account).global_unsubscribes()
+
     def events(self, *, account: str | None = None) -> list[dict[str, Any]]:
         """The recorded events, in the order they were recorded."""
         return [event_state(event) for event in self._account(account).events()]

@@ -24,6 +24,13 @@ from typing import Any, Literal
 
 import orjson
 
+from .consent import (
+    LIFTED_BY_SUBSCRIBING,
+    USER_SUPPRESSED,
+    ChannelConsent,
+    Entry,
+    checked_entry,
+)
 from .errors import ApiError, invalid, not_found
 from .events import Batch, Event, Submission, checked_event
 from .events import state as event_state
@@ -48,6 +55,8 @@ JOB_PROFILES = "/data/attributes/profiles/data"
 JOB_RETENTION_SECONDS = 7 * 24 * 3600
 #: What a deletion request names a profile by, exactly one at a time (API.md §2.6).
 DELETION_IDENTIFIERS = ("id", "email", "phone_number")
+#: Where consent and suppression jobs carry their profiles.
+_JOB_PROFILES = "/data/attributes/profiles/data"
 #: Identifiers an event's profile may carry that the emulator does not match on.
 _UNMATCHED_IDENTIFIERS = ("anonymous_id", "_kx")
 
@@ -127,6 +136,26 @@ class BulkJob:
 
 
 @dataclass
+class SuppressionJob:
+    """A bulk suppress (`suppress`) or unsuppress job: like an import job, it runs
+    `job_seconds` after it was made."""
+
+    id: str
+    suppress: bool
+    emails: tuple[str, ...]
+    created_at: float
+    stuck: bool = False
+    status: JobStatus = "queued"
+    started_at: float | None = None
+    completed_at: float | None = None
+    skipped_count: int = 0
+
+    @property
+    def total_count(self) -> int:
+        return len(self.emails)
+
+
+@dataclass
 class Deletion:
     """A data-privacy deletion request. Like a job, it runs `job_seconds` after it was made."""
 
@@ -173,6 +202,12 @@ class Account:
         self.events_repeated = 0
         self.events_lost = 0
         self._deletions: list[Deletion] = []
+        # Consent per profile and channel, global email suppressions by profile, and every
+        # global unsubscribe (tests assert that a sync never caused one by accident).
+        self._consent: dict[str, dict[str, ChannelConsent]] = {}
+        self._suppressions: dict[str, str] = {}
+        self._global_unsubscribes: list[dict[str, Any]] = []
+        self._suppression_jobs: dict[str, SuppressionJob] = {}
 
     def reset(self) -> None:
         with self._lock:
@@ -427,12 +462,16 @@ class Account:
         in the order they were made: a deletion must not undo a later import, nor miss an
         earlier one."""
         now = self._clock()
-        for job in self._jobs.values():
+        jobs: list[BulkJob | SuppressionJob] = [
+            *self._jobs.values(),
+            *self._suppression_jobs.values(),
+        ]
+        for job in jobs:
             if job.status == "queued" and now >= job.created_at + self._job_seconds / 2:
                 job.status, job.started_at = "processing", now
-        due: list[BulkJob | Deletion] = [
+        due: list[BulkJob | SuppressionJob | Deletion] = [
             job
-            for job in self._jobs.values()
+            for job in jobs
             if job.status == "processing"
             and not job.stuck
             and now >= job.created_at + self._job_seconds
@@ -445,6 +484,8 @@ class Account:
         for work in sorted(due, key=attrgetter("created_at")):
             if isinstance(work, BulkJob):
                 self._run(work, now)
+            elif isinstance(work, SuppressionJob):
+                self._run_suppression(work, now)
             else:
                 self._delete(work, now)
 
@@ -470,6 +511,169 @@ class Account:
             self._members[list_id].update(profile_ids)
         job.failures, job.profile_ids = failures, list(profile_ids)
         job.status, job.completed_at = "complete", now
+
+    # Consent (API.md §2.8, §2.14)
+
+    def subscribe(
+        self,
+        resources: Sequence[dict[str, Any]],
+        list_id: str | None,
+        *,
+        historical: bool,
+        custom_source: str | None,
+    ) -> None:
+        """A bulk subscribe job, checked whole before anything changes (a bad entry is a
+        400 pointing at it): each profile found or created, its channels subscribed, added
+        to the list, and its UNSUBSCRIBE, SPAM and USER_SUPPRESSED suppressions lifted."""
+        with self._lock:
+            self._advance()
+            entries = self._checked(resources, list_id, subscribe=True, historical=historical)
+            for entry, profile_id in zip(entries, self._consent_profiles(entries), strict=True):
+                for name in entry.channels:
+                    consent = self._channel(profile_id, name)
+                    consent.status = "SUBSCRIBED"
+                    consent.consented_at = entry.consented_at
+                    consent.historical_import = historical
+                    consent.custom_source = custom_source
+                    if list_id is not None:
+                        consent.lists = {**(consent.lists or {}), list_id: "SUBSCRIBED"}
+                if self._suppressions.get(profile_id) in LIFTED_BY_SUBSCRIBING:
+                    del self._suppressions[profile_id]
+                if list_id is not None:
+                    self._members[list_id][profile_id] = None
+
+    def unsubscribe(self, resources: Sequence[dict[str, Any]], list_id: str | None) -> None:
+        """A bulk unsubscribe job: a member of the list given is removed from it and
+        unsubscribed for that list; any other profile is unsubscribed globally ("Profiles
+        not in the specified list will be globally unsubscribed"), created first if unknown."""
+        with self._lock:
+            self._advance()
+            entries = self._checked(resources, list_id, subscribe=False, historical=False)
+            for entry, profile_id in zip(entries, self._consent_profiles(entries), strict=True):
+                members = self._members.get(list_id or "", {})
+                member = profile_id in members
+                for name in entry.channels:
+                    consent = self._channel(profile_id, name)
+                    if member and list_id is not None:
+                        consent.lists = {**(consent.lists or {}), list_id: "UNSUBSCRIBED"}
+                        continue
+                    consent.status = "UNSUBSCRIBED"
+                    self._global_unsubscribes.append(
+                        {"profile_id": profile_id, "channel": name, "list_id": list_id}
+                    )
+                    if name == "email_marketing":
+                        self._suppressions[profile_id] = "UNSUBSCRIBE"
+                members.pop(profile_id, None)
+
+    def _checked(
+        self,
+        resources: Sequence[dict[str, Any]],
+        list_id: str | None,
+        *,
+        subscribe: bool,
+        historical: bool,
+    ) -> list[Entry]:
+        if list_id is not None and list_id not in self._lists:
+            raise not_found(
+                f"A list with id {list_id} does not exist.",
+                pointer="/data/relationships/list/data/id",
+            )
+        now = self._clock()
+        entries = []
+        for index, resource in enumerate(resources):
+            try:
+                entries.append(
+                    checked_entry(
+                        index, resource, subscribe=subscribe, historical=historical, now=now
+                    )
+                )
+            except RecordError as error:
+                raise error.in_request(f"{_JOB_PROFILES}/{index}") from None
+        return entries
+
+    def _consent_profiles(self, entries: Sequence[Entry]) -> list[str]:
+        """The profile each entry means, created when no profile matches; all or none."""
+        ids = []
+        with self._all_or_nothing():
+            for entry in entries:
+                resource: dict[str, Any] = {"type": "profile", "attributes": entry.identifiers}
+                if entry.profile_id is not None:
+                    resource["id"] = entry.profile_id
+                try:
+                    profile, _ = self._upsert(resource, client=False)
+                except RecordError as error:
+                    raise error.in_request(f"{_JOB_PROFILES}/{entry.index}") from None
+                ids.append(profile.id)
+        return ids
+
+    def _channel(self, profile_id: str, name: str) -> ChannelConsent:
+        return self._consent.setdefault(profile_id, {}).setdefault(name, ChannelConsent())
+
+    # Suppression (API.md §2.12)
+
+    def create_suppression_job(self, emails: Sequence[str], *, suppress: bool) -> SuppressionJob:
+        """Queue a suppress or unsuppress job for these emails, checked first."""
+        with self._lock:
+            self._advance()
+            checked = []
+            for index, email in enumerate(emails):
+                try:
+                    checked.append(str(checked_identifiers({"email": email})["email"]))
+                except RecordError as error:
+                    raise error.in_request(f"{_JOB_PROFILES}/{index}") from None
+            now = self._clock()
+            job = SuppressionJob(_ulid(now), suppress, tuple(checked), now)
+            self._suppression_jobs[job.id] = job
+            return replace(job)
+
+    def suppression_job(self, job_id: str, *, suppress: bool) -> SuppressionJob | None:
+        with self._lock:
+            self._advance()
+            job = self._suppression_jobs.get(job_id)
+            return None if job is None or job.suppress != suppress else replace(job)
+
+    def _run_suppression(self, job: SuppressionJob, now: float) -> None:
+        """Suppress creates a profile for an unknown email; unsuppress skips it, and lifts
+        only USER_SUPPRESSED (an unsubscribe or a bounce stays)."""
+        for email in job.emails:
+            owner = self._owner("email", email)
+            if job.suppress:
+                if owner is None:
+                    owner = self._upsert({"attributes": {"email": email}}, client=False)[0].id
+                self._suppressions.setdefault(owner, USER_SUPPRESSED)
+            elif owner is None:
+                job.skipped_count += 1
+            elif self._suppressions.get(owner) == USER_SUPPRESSED:
+                del self._suppressions[owner]
+        job.status, job.completed_at = "complete", now
+
+    def consent(self) -> list[dict[str, Any]]:
+        """Every profile with consent or a suppression: its identifiers, each channel's
+        consent, and its suppression reason."""
+        with self._lock:
+            self._advance()
+            return self._consent_state()
+
+    def _consent_state(self) -> list[dict[str, Any]]:
+        ids = dict.fromkeys([*self._consent, *self._suppressions])
+        return [
+            {
+                "id": profile_id,
+                "email": self._profiles[profile_id].fields.get("email"),
+                "phone_number": self._profiles[profile_id].fields.get("phone_number"),
+                "channels": {
+                    name: consent.state()
+                    for name, consent in self._consent.get(profile_id, {}).items()
+                },
+                "suppression": self._suppressions.get(profile_id),
+            }
+            for profile_id in ids
+            if profile_id in self._profiles
+        ]
+
+    def global_unsubscribes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(item) for item in self._global_unsubscribes]
 
     # Events
 
@@ -600,6 +804,8 @@ class Account:
                 "bulk_jobs": [_job_state(job) for job in self._jobs.values()],
                 "events": [event_state(event) for event in self._events.values()],
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
+                "consent": self._consent_state(),
+                "global_unsubscribes": [dict(item) for item in self._global_unsubscribes],
             }
 
 

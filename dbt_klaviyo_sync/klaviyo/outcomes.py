@@ -9,12 +9,13 @@ repeated ones stop the model with Klaviyo's reason instead of marking good rows 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dbt_klaviyo_sync.changeset import Record, Reject
-from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoRejected
+from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
 
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
 #: something about the requests themselves is wrong, and sending the rest would not help.
@@ -129,6 +130,39 @@ def chunks(items: Iterable[Prepared], size: int) -> Iterator[list[Prepared]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def grouped(
+    items: Iterable[Prepared],
+    group: Callable[[Prepared], Hashable],
+    size: Callable[[Hashable], int],
+) -> Iterator[list[Prepared]]:
+    """Chunks of items of one group each (one kind of request), at most `size(group)`
+    long: a chunk goes as soon as it is full, the partial ones at the end."""
+    filling: dict[Hashable, list[Prepared]] = {}
+    for item in items:
+        key = group(item)
+        chunk = filling.setdefault(key, [])
+        chunk.append(item)
+        if len(chunk) == size(key):
+            yield filling.pop(key)
+    yield from filling.values()
+
+
+def wait_for_job(client: KlaviyoClient, operation: str, job_id: str, seconds: float) -> str | None:
+    """Poll a bulk job with `operation` until it ends (its status then); None when
+    `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    interval = 0.2
+    while True:
+        job = client.call(operation, path_params=(job_id,))
+        status = str(dig(job, "data", "attributes", "status", operation=operation))
+        if status in ("complete", "cancelled"):
+            return status
+        if time.monotonic() + interval > deadline:
+            return None
+        client.sleep(interval)
+        interval = min(interval * 1.5, 5.0)
 
 
 #: Where a single-record request's body holds the record's own data: an error pointing

@@ -12,7 +12,6 @@ Klaviyo id.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -31,6 +30,7 @@ from dbt_klaviyo_sync.klaviyo.outcomes import (
     chunks,
     send_each,
     send_isolating,
+    wait_for_job,
 )
 from dbt_klaviyo_sync.payloads import dumps, profile_resource, profile_size_reject
 from dbt_klaviyo_sync.spec import SyncSpec
@@ -96,7 +96,7 @@ def _field(spec: SyncSpec, pointer: str | None) -> tuple[str | None, str | None]
     return None, path or None
 
 
-def _reject(spec: SyncSpec, record: Record, error: ApiError) -> Reject:
+def profile_reject(spec: SyncSpec, record: Record, error: ApiError) -> Reject:
     column, field_name = _field(spec, error.pointer)
     reason = error.detail
     if error.code == "duplicate_profile" or error.meta.get("duplicate_profile_id"):
@@ -192,7 +192,7 @@ class BulkImport:
         return send_isolating(
             unit.items,
             lambda part: self._attempt(unit, part, ids),
-            lambda _, e: _locate(e),
+            lambda _, e: profile_index(e),
             self._reject,
         )
 
@@ -265,22 +265,10 @@ class BulkImport:
         return Outcome(failed=[(r, reason) for r in records])
 
     def _reject(self, record: Record, error: ApiError) -> Reject:
-        return _reject(self.spec, record, error)
+        return profile_reject(self.spec, record, error)
 
     def _wait_for(self, job_id: str, seconds: float) -> str | None:
-        """Poll the job until it ends; None when `seconds` pass first."""
-        deadline = time.monotonic() + seconds
-        interval = 0.2
-        operation = "get_bulk_import_profiles_job"
-        while True:
-            job = self.client.call(operation, path_params=(job_id,))
-            status = str(dig(job, "data", "attributes", "status", operation=operation))
-            if status in ("complete", "cancelled"):
-                return status
-            if time.monotonic() + interval > deadline:
-                return None
-            self.client.sleep(interval)
-            interval = min(interval * 1.5, 5.0)
+        return wait_for_job(self.client, "get_bulk_import_profiles_job", job_id, seconds)
 
     def _map_errors(
         self,
@@ -331,7 +319,7 @@ class BulkImport:
         pointer: str | None,
         attributes: dict[str, Any],
     ) -> Record | None:
-        index = _locate(ApiError(400, "", "", pointer if isinstance(pointer, str) else None))
+        index = profile_index(ApiError(400, "", "", pointer if isinstance(pointer, str) else None))
         if index is not None and index < len(records):
             return records[index]
         payload = attributes.get("original_payload") or {}
@@ -347,7 +335,7 @@ def _object(parent: Any, name: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _locate(error: ApiError) -> int | None:
+def profile_index(error: ApiError) -> int | None:
     match = _INDEX.match(error.pointer or "")
     return int(match.group(1)) if match else None
 
@@ -422,7 +410,7 @@ class ProfileUpserter:
             error = about_the_record(exc)
             if error is None:
                 return Outcome.refused([item.record], exc)
-            outcome = Outcome(rejected=[_reject(self.spec, item.record, error)])
+            outcome = Outcome(rejected=[profile_reject(self.spec, item.record, error)])
             name_conflicts(self.client, [item.record], outcome)
             return outcome
         except TransientApiError as exc:
@@ -566,7 +554,7 @@ class ProfileUpdater:
             error = about_the_record(exc)
             if error is None:
                 return Outcome.refused([item.record], exc)
-            outcome = Outcome(rejected=[_reject(self.spec, item.record, error)])
+            outcome = Outcome(rejected=[profile_reject(self.spec, item.record, error)])
             name_conflicts(self.client, [item.record], outcome)
             return outcome
         except TransientApiError as exc:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ STOP_POLL_SECONDS = 0.2
 BRAKE_MINIMUM = 10
 #: The rows a sync acts on first: new and changed ones, and rows it must report.
 _CHANGES = ("add", "update", "null_key", "duplicate_key")
+#: A first sync of an event model warns about events older than this sent without the
+#: `backfill` flag: Klaviyo would fire flows for them as if they had just happened.
+BACKFILL_WARNING_AFTER = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,7 @@ class ModelSync:
                     "running in Klaviyo; they wait for it"
                 )
             self._brake(counts)
+            self._warn_old_events()
             self._settle()
             planned = counts.to_send + counts.invalid + (counts.remove if self.spec.mirrors else 0)
             self.progress.start(self.spec.model, planned)
@@ -528,6 +533,35 @@ class ModelSync:
             log.warning("%s (a sync would stop here)", message)
             return
         raise ModelError(message)
+
+    def _warn_old_events(self) -> None:
+        """On a first sync of an event model whose `backfill` is unset, say how many events
+        are older than `BACKFILL_WARNING_AFTER`: without the flag each fires the flows of its
+        metric (last year's orders would get post-purchase emails). A warning, in the log
+        and the summary, not a stop: `backfill: false` says live events are meant."""
+        spec = self.spec
+        if spec.object != "event" or spec.backfill is not None:
+            return
+        if self.warehouse.accepted_count(self.sid):
+            return  # not a first sync: new events are live ones
+        cutoff = datetime.now(UTC) - BACKFILL_WARNING_AFTER
+        old, oldest = 0, None
+        for batch in self.warehouse.changes(("add",)):
+            times = [t for t in payloads.event_times(spec, batch) if t < cutoff]
+            if times:
+                old += len(times)
+                oldest = min(times) if oldest is None else min(oldest, *times)
+        if not old:
+            return
+        message = (
+            f"first sync of {old:,} events older than 24 hours (the oldest "
+            f"{oldest:%Y-%m-%d}) {'would go' if self.dry_run else 'go'} without Klaviyo's "
+            "backfill flag: each fires its metric's flows as if it had just happened. If they "
+            "are history, set `backfill: true` on the model (config: meta: klaviyo:) before "
+            "syncing; `backfill: false` sends them as live events and silences this."
+        )
+        log.warning("%s: %s", spec.model, message)
+        self.result.notes.append(message)
 
     def _settle(self) -> None:
         """Rows back at the version Klaviyo accepted drop an earlier refusal; events or

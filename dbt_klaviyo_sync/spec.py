@@ -67,6 +67,11 @@ class SyncSpec:
     schema: str = ""
     identifier: str = ""
     max_removal_share: float = DEFAULT_MAX_REMOVAL_SHARE
+    # events: True sends them with Klaviyo's `backfill` flag (recorded, no flow fires);
+    # False sends them live on purpose; None (unset) warns on a first sync of old events
+    backfill: bool | None = None
+    # list mirrors: every sync also reads the list and removes members not in the model
+    reconcile: bool = False
 
     @property
     def once(self) -> bool:
@@ -209,6 +214,8 @@ def build_spec(node: ModelNode) -> SyncSpec:
         nulls=meta.get("nulls", "skip"),
         list_id=meta.get("list_id"),
         metric=meta.get("metric"),
+        backfill=meta.get("backfill"),
+        reconcile=meta.get("reconcile", False),
     )
 
 
@@ -226,6 +233,10 @@ def _model_rules(
         problems.append(AnnotationError(node.name, "list_id applies only to `object: list`"))
     if "metric" in meta and obj != "event":
         problems.append(AnnotationError(node.name, "metric applies only to `object: event`"))
+    if "backfill" in meta and obj != "event":
+        problems.append(AnnotationError(node.name, "backfill applies only to `object: event`"))
+    if "reconcile" in meta and obj != "list":
+        problems.append(AnnotationError(node.name, "reconcile applies only to `object: list`"))
     if "max_removal_share" in meta and obj != "list" and behavior != "delete":
         problems.append(
             AnnotationError(

@@ -127,3 +127,13 @@ def test_column_meta_without_model_meta_says_what_to_add() -> None:
     with pytest.raises(AnnotationErrors) as caught:
         build_spec(node(None, GOOD_COLUMNS))
     assert "config: meta: klaviyo" in str(caught.value)
+
+
+def test_backfill_is_for_events_and_reconcile_for_lists() -> None:
+    found = problems({"object": "profile", "backfill": True, "reconcile": True}, GOOD_COLUMNS)
+    assert any("backfill applies only to `object: event`" in p for p in found)
+    assert any("reconcile applies only to `object: list`" in p for p in found)
+    [message] = problems({"object": "list", "list_id": "L", "reconcile": "yes"}, GOOD_COLUMNS)
+    assert "klaviyo.reconcile" in message and "boolean" in message
+    mirror = build_spec(node({"object": "list", "list_id": "L", "reconcile": True}, GOOD_COLUMNS))
+    assert mirror.reconcile and not build_spec(node({"object": "profile"}, GOOD_COLUMNS)).reconcile

@@ -334,6 +334,7 @@ def _event_group(index: int, group: dict[str, Any]) -> Batch:
             (f"{at}/events/data/{number}", event["attributes"])
             for number, event in enumerate(events)
         ],
+        group["attributes"].get("backfill"),
     )
 
 

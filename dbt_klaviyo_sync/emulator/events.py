@@ -33,6 +33,7 @@ class Batch:
     profile: dict[str, Any]  # the profile resource, with any `meta` beside its attributes
     pointer: str  # to the profile resource
     events: Sequence[tuple[str, dict[str, Any]]]  # (pointer to the event, its attributes)
+    backfill: bool | None = None  # a bulk job's per-profile flag, for events without one
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Submission:
     value: float | None
     value_currency: str | None
     properties: dict[str, Any]
+    backfill: bool = False  # recorded without triggering flows
 
     @property
     def dedup_id(self) -> str:
@@ -63,8 +65,13 @@ class Event:
     submission: Submission
 
 
-def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submission:
-    """The event at `pointer`, checked against the limits API.md §2.9 documents."""
+def checked_event(
+    attributes: dict[str, Any], pointer: str, now: float, backfill: bool | None = None
+) -> Submission:
+    """The event at `pointer`, checked against the limits API.md §2.9 documents. Its own
+    `backfill` flag wins over the one its bulk entry gives (`backfill`): the spec says
+    neither way, and this is the reading that fires no flow the event itself did not ask
+    to spare."""
     at = pointer + "/attributes"
     name: str = attributes["metric"]["data"]["attributes"]["name"]
     if not 0 < len(name) <= METRIC_NAME_MAX:
@@ -86,6 +93,7 @@ def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submi
         attributes.get("value"),
         attributes.get("value_currency"),
         properties,
+        bool(own if (own := attributes.get("backfill")) is not None else backfill),
     )
 
 
@@ -137,4 +145,5 @@ def state(event: Event) -> dict[str, Any]:
         "value": given.value,
         "value_currency": given.value_currency,
         "properties": dict(given.properties),
+        "backfill": given.backfill,
     }

@@ -17,6 +17,7 @@ import secrets
 import string
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
@@ -168,6 +169,9 @@ class Account:
         # resends only what it must keeps the second number at zero.
         self.events_received = 0
         self.events_repeated = 0
+        # Every metric has a live flow here: each event recorded without `backfill` fires
+        # it once (API.md §2.9). Metric name -> how many times.
+        self._flow_triggers: Counter[str] = Counter()
         self._deletions: list[Deletion] = []
 
     def reset(self) -> None:
@@ -456,7 +460,7 @@ class Account:
             self._advance()
             now = self._clock()
             given = [
-                (index, pointer, checked_event(attributes, pointer, now))
+                (index, pointer, checked_event(attributes, pointer, now, batch.backfill))
                 for index, batch in enumerate(batches)
                 for pointer, attributes in batch.events
             ]
@@ -517,6 +521,14 @@ class Account:
             _new_id(self._events, 11), str(uuid.uuid4()), profile_id, metric_id, submission
         )
         self._events[event.id] = event
+        if not submission.backfill:
+            self._flow_triggers[submission.metric] += 1
+
+    def flow_triggers(self) -> dict[str, int]:
+        """How many times each metric's flow fired: once per event recorded without
+        `backfill` (a repeat Klaviyo drops fires nothing)."""
+        with self._lock:
+            return dict(self._flow_triggers)
 
     # Deletion requests
 
@@ -563,6 +575,7 @@ class Account:
                 ],
                 "bulk_jobs": [_job_state(job) for job in self._jobs.values()],
                 "events": [event_state(event) for event in self._events.values()],
+                "flow_triggers": dict(self._flow_triggers),
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
             }
 

@@ -53,6 +53,7 @@ from dbt_klaviyo_sync.errors import (
     ModelError,
     TransientApiError,
 )
+from dbt_klaviyo_sync.klaviyo import lists
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, dig
 from dbt_klaviyo_sync.klaviyo.deletions import ProfileDeleter
 from dbt_klaviyo_sync.klaviyo.events import EventSender
@@ -110,6 +111,7 @@ class SyncOptions:
     read_timeout: float = 60.0
     max_wait: float = 300.0
     allow_removals: bool = False  # go past every model's safety brake
+    reconcile: bool = False  # read every mirrored list back and remove its strays
     allow_insecure_http: bool = False
 
 
@@ -337,6 +339,7 @@ class ModelSync:
         self._already = 0  # records Klaviyo already held as wanted
         self._journaling = True  # the units being answered were journaled (values and all)
         self._refusals_in_a_row: list[str] = []
+        self._planned: set[str] = set()  # a dry run's keys to send or remove, for a reconcile
 
     def run(self) -> ModelResult:
         began = time.monotonic()
@@ -434,6 +437,8 @@ class ModelSync:
                     "they are sent again next run. Check the model's list and the API key's "
                     "account."
                 )
+            if self.spec.mirrors and (self.spec.reconcile or self.options.reconcile):
+                self._reconcile(waiting)
             tally.rejected += standing
             self.result.interrupted = self.result.interrupted or self.stop.requested
             status = self.result.status
@@ -511,11 +516,12 @@ class ModelSync:
         than its `max_removal_share` of what the previous sync left in Klaviyo: the sign of a
         wrong database file or a broken model, not of a change anyone meant."""
         if self.spec.mirrors:
-            acting, verb = counts.remove, f"remove from list {self.spec.list_id}"
+            self._stop_if_too_many(counts.remove, f"remove from list {self.spec.list_id}")
         elif self.spec.behavior == "delete":
-            acting, verb = counts.add, "delete"
-        else:
-            return
+            self._stop_if_too_many(counts.add, "delete")
+
+    def _stop_if_too_many(self, acting: int, verb: str) -> None:
+        """The safety brake (see `_brake`): `acting` profiles to `verb`."""
         before = self.warehouse.accepted_count(self.sid)
         share = self.spec.max_removal_share
         if self.options.allow_removals or not before or acting < BRAKE_MINIMUM:
@@ -563,6 +569,82 @@ class ModelSync:
         log.warning("%s: %s", spec.model, message)
         self.result.notes.append(message)
 
+    def _reconcile(self, held: list[str]) -> None:
+        """Read the list's members back from Klaviyo and make it hold the model's rows: remove
+        members whose sync key is not in the model (added elsewhere, or whose removal a lost
+        state forgot), and send again the model rows Klaviyo accepted that the list lacks.
+        Only after a run that sent everything: while records failed, the list is not yet
+        what the model wants. Removing strays is braked like any removal."""
+        spec, tally = self.spec, self.result.counts
+        if tally.failed or self.stop.requested:
+            self._note("reconcile skipped: not every change reached Klaviyo in this run")
+            return
+        keys = self.warehouse.model_keys(spec)
+        strays: list[str] = []
+        present: set[str] = set()
+        read = 0
+        for profile_id, key in lists.members(self.client, spec):
+            read += 1
+            if key is not None and key in keys:
+                present.add(key)
+            elif key is None or key not in self._planned:  # a planned removal's own
+                strays.append(profile_id)
+        missing = [key for key in keys - present if key not in self._planned]
+        lost = [
+            key
+            for at in range(0, len(missing), lists.MAX_MEMBERS_PER_CALL)
+            for key in self.warehouse.accepted_values(
+                self.sid, missing[at : at + lists.MAX_MEMBERS_PER_CALL]
+            )
+        ]
+        would = "would " if self.dry_run else ""
+        self._note(
+            f"reconcile read {read:,} members of list {spec.list_id}: {would}remove "
+            f"{len(strays):,} not in the model, {would}add back {len(lost):,} model rows "
+            "the list lacked"
+        )
+        self._stop_if_too_many(len(strays), f"remove from list {spec.list_id} (reconcile)")
+        self._remove_strays(strays)
+        self._add_back(lost, held)
+
+    def _remove_strays(self, strays: list[str]) -> None:
+        tally = self.result.counts
+        for at in range(0, len(strays), lists.MAX_MEMBERS_PER_CALL):
+            ids = strays[at : at + lists.MAX_MEMBERS_PER_CALL]
+            if not self.dry_run:
+                try:
+                    lists.remove_members(self.client, str(self.spec.list_id), ids)
+                except (TransientApiError, KlaviyoRejected) as exc:
+                    tally.failed += len(strays) - at
+                    self.result.failures.append(
+                        f"{len(strays) - at:,} list members not in the model were not "
+                        f"removed: {exc}; the next reconcile tries again"
+                    )
+                    return
+            tally.removed += len(ids)
+
+    def _add_back(self, lost: list[str], held: list[str]) -> None:
+        """Model rows Klaviyo accepted that are not in the list: forgotten, so that they
+        count as new, and sent again as any new row is (which re-creates a deleted
+        profile too)."""
+        if not lost:
+            return
+        if self.dry_run:
+            self.result.counts.added += len(lost)
+            return
+        n = len(lost)
+        forgotten = pa.table({"key": lost, "outcome": ["forgotten"] * n, "in_snapshot": [True] * n})
+        self.warehouse.commit(
+            self.sid, self.run_id, self.spec.model, _conform(forgotten, OUTCOME_SCHEMA)
+        )
+        counts = self.warehouse.diff(self.spec, self.sid, held)
+        bulk = self.spec.api == "private" and counts.add > BULK_THRESHOLD
+        self._send(make_sender(self.client, self.spec, bulk=bulk, options=self.options), ("add",))
+
+    def _note(self, message: str) -> None:
+        log.info("%s: %s", self.spec.model, message)
+        self.result.notes.append(message)
+
     def _settle(self) -> None:
         """Rows back at the version Klaviyo accepted drop an earlier refusal; events or
         deletions that left the model before Klaviyo took them are forgotten."""
@@ -589,6 +671,7 @@ class ModelSync:
         if self.dry_run:
             for items in units:
                 records = [p.record for p in items]
+                self._planned.update(r.key for r in records)
                 if kinds == ("remove",):
                     self._tally(Outcome(removed=records))
                 else:

@@ -159,7 +159,8 @@ class Account:
         self._profiles: dict[str, Profile] = {}
         self._index: dict[str, dict[str, str]] = {name: {} for name in IDENTIFIERS}
         self._lists: dict[str, KlaviyoList] = {}
-        self._members: dict[str, dict[str, None]] = {}  # list id -> ordered set of profile ids
+        # list id -> profile id -> when it joined, in the order they joined
+        self._members: dict[str, dict[str, float]] = {}
         self._jobs: dict[str, BulkJob] = {}
         self._metrics: dict[str, str] = {}  # name -> id
         self._events: dict[str, Event] = {}
@@ -348,12 +349,18 @@ class Account:
             self._advance()
             return list(self._known_list(list_id))
 
+    def members_joined(self, list_id: str) -> list[tuple[Profile, float]]:
+        """The list's members, each with when it joined, in the order they joined."""
+        with self._lock:
+            self._advance()
+            return [(self._profiles[i], at) for i, at in self._known_list(list_id).items()]
+
     def add_members(self, list_id: str, profile_ids: Sequence[str]) -> None:
         with self._lock:
             self._advance()
             members = self._known_list(list_id)
             self._known_profiles(profile_ids)
-            members.update(dict.fromkeys(profile_ids))
+            _join(members, profile_ids, self._clock())
 
     def remove_members(self, list_id: str, profile_ids: Sequence[str]) -> None:
         with self._lock:
@@ -363,7 +370,7 @@ class Account:
             for profile_id in profile_ids:
                 members.pop(profile_id, None)
 
-    def _known_list(self, list_id: str) -> dict[str, None]:
+    def _known_list(self, list_id: str) -> dict[str, float]:
         if list_id not in self._members:
             raise not_found(f"A list with id {list_id} does not exist.")
         return self._members[list_id]
@@ -443,7 +450,7 @@ class Account:
                 continue
             profile_ids[profile.id] = None
         for list_id in job.list_ids:
-            self._members[list_id].update(profile_ids)
+            _join(self._members[list_id], profile_ids, now)
         job.failures, job.profile_ids = failures, list(profile_ids)
         job.status, job.completed_at = "complete", now
 
@@ -578,6 +585,12 @@ class Account:
                 "flow_triggers": dict(self._flow_triggers),
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
             }
+
+
+def _join(members: dict[str, float], profile_ids: Iterable[str], now: float) -> None:
+    """Add profiles to a list; a member already in it keeps the time it joined."""
+    for profile_id in profile_ids:
+        members.setdefault(profile_id, now)
 
 
 def _without_nulls(resource: dict[str, Any]) -> dict[str, Any]:

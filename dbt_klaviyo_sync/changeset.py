@@ -49,9 +49,9 @@ def sync_key(key_field: str, text: str) -> str:
     without case or surrounding blanks, phone numbers without the marks people write in
     them, other keys as they are. For matching what Klaviyo holds with the model's keys."""
     if key_field == "email":
-        return text.strip().lower()
+        return text.strip(" ").lower()  # SQL's trim() takes spaces only
     if key_field == "phone_number":
-        return _PHONE_MARKS.sub("", text.strip())
+        return _PHONE_MARKS.sub("", text)
     return text
 
 

@@ -583,12 +583,19 @@ class ModelSync:
         strays: list[str] = []
         present: set[str] = set()
         read = 0
-        for profile_id, key in lists.members(self.client, spec):
-            read += 1
-            if key is not None and key in keys:
-                present.add(key)
-            elif key is None or key not in self._planned:  # a planned removal's own
-                strays.append(profile_id)
+        try:
+            for profile_id, key in lists.members(self.client, spec):
+                read += 1
+                if key is not None and key in keys:
+                    present.add(key)
+                elif key is None or key not in self._planned:  # a planned removal's own
+                    strays.append(profile_id)
+        except (TransientApiError, KlaviyoRejected) as exc:
+            raise ModelError(
+                f"model '{spec.model}': reconcile could not read list {spec.list_id} from "
+                f"Klaviyo ({exc}); the sync's own changes were sent and recorded. Run again "
+                "to reconcile."
+            ) from exc
         missing = [key for key in keys - present if key not in self._planned]
         lost = [
             key

@@ -152,3 +152,10 @@ def test_the_brake_stops_a_reconcile_that_would_remove_too_much(
     assert allowed.returncode == 0, allowed.output
     assert allowed.row("vip_audience")["removed"] == 12
     assert members(emulator) == model_emails(project)
+
+    # A list Klaviyo will not read stops the model, after its own changes were recorded.
+    emulator.inject(400, operation="get_profiles_for_list")
+    unread = vips(project, emulator, "--reconcile")
+    assert unread.returncode == 2, unread.output
+    assert "reconcile could not read list VipLst" in unread.output
+    assert "Traceback" not in unread.output

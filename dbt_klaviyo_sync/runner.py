@@ -604,17 +604,18 @@ class ModelSync:
                 self.sid, missing[at : at + lists.MAX_MEMBERS_PER_CALL]
             )
         ]
-        would = "would " if self.dry_run else ""
-        self._note(
-            f"reconcile read {read:,} members of list {spec.list_id}: {would}remove "
-            f"{len(strays):,} not in the model, {would}add back {len(lost):,} model rows "
-            "the list lacked"
-        )
         self._stop_if_too_many(len(strays), f"remove from list {spec.list_id} (reconcile)")
-        self._remove_strays(strays)
+        if not self._remove_strays(strays):
+            return
         self._add_back(lost, held)
+        remove, add = ("would remove", "would add back") if self.dry_run else ("removed", "sent")
+        self._note(
+            f"reconcile read {read:,} members of list {spec.list_id}: {remove} "
+            f"{len(strays):,} not in the model; {add} {len(lost):,} model rows the list lacked"
+        )
 
-    def _remove_strays(self, strays: list[str]) -> None:
+    def _remove_strays(self, strays: list[str]) -> bool:
+        """Remove list members by profile id, 1,000 a request; whether all went."""
         tally = self.result.counts
         for at in range(0, len(strays), lists.MAX_MEMBERS_PER_CALL):
             ids = strays[at : at + lists.MAX_MEMBERS_PER_CALL]
@@ -627,8 +628,9 @@ class ModelSync:
                         f"{len(strays) - at:,} list members not in the model were not "
                         f"removed: {exc}; the next reconcile tries again"
                     )
-                    return
+                    return False
             tally.removed += len(ids)
+        return True
 
     def _add_back(self, lost: list[str], held: list[str]) -> None:
         """Model rows Klaviyo accepted that are not in the list: forgotten, so that they

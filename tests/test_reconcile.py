@@ -75,14 +75,14 @@ def test_reconcile_removes_members_not_in_the_model(
     assert plan.row("vip_audience")["removed"] == 1
     assert (
         f"reconcile read {len(wanted) + 1:,} members of list {LIST_ID}: would remove 1 not "
-        "in the model, would add back 0 model rows the list lacked"
+        "in the model; would add back 0 model rows the list lacked"
     ) in plan.stdout
     assert "stray@example.com" in members(emulator)
 
     done = vips(project, emulator, "--reconcile")
     assert done.returncode == 0, done.output
     assert done.row("vip_audience")["removed"] == 1
-    assert "remove 1 not in the model" in done.stdout and "remove 1 not" in done.stderr
+    assert "removed 1 not in the model; sent 0" in done.stdout and "removed 1 not" in done.stderr
     assert members(emulator) == wanted
     # The plan and the sync each read every page, each with the most members a page holds.
     assert pages_read(emulator) == 2 * math.ceil((len(wanted) + 1) / PAGE)
@@ -115,7 +115,7 @@ def test_reconcile_repairs_a_list_after_a_lost_state(project: Path, emulator: Em
     done = vips(project, emulator)  # ... so every row looks new, and no row looks removed
 
     assert done.returncode == 0, done.output
-    assert "remove 1 not in the model" in done.stdout
+    assert "removed 1 not in the model" in done.stdout
     assert members(emulator) == set(wanted) - {leaving}
 
     # Once the state knows the row, a member removed elsewhere is added back.
@@ -127,7 +127,7 @@ def test_reconcile_repairs_a_list_after_a_lost_state(project: Path, emulator: Em
     )
     again = vips(project, emulator)
     assert again.returncode == 0, again.output
-    assert "add back 1 model rows the list lacked" in again.stdout
+    assert "sent 1 model rows the list lacked" in again.stdout
     assert again.row("vip_audience")["added"] == 1
     assert members(emulator) == set(wanted) - {leaving}
 

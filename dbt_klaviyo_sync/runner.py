@@ -559,15 +559,15 @@ class ModelSync:
                 oldest = min(times) if oldest is None else min(oldest, *times)
         if not old:
             return
-        message = (
-            f"first sync of {old:,} events older than 24 hours (the oldest "
+        hours = round(BACKFILL_WARNING_AFTER.total_seconds() / 3600)
+        self._note(
+            f"first sync of {old:,} events older than {hours} hours (the oldest "
             f"{oldest:%Y-%m-%d}) {'would go' if self.dry_run else 'go'} without Klaviyo's "
             "backfill flag: each fires its metric's flows as if it had just happened. If they "
             "are history, set `backfill: true` on the model (config: meta: klaviyo:) before "
-            "syncing; `backfill: false` sends them as live events and silences this."
+            "syncing; `backfill: false` sends them as live events and silences this.",
+            logging.WARNING,
         )
-        log.warning("%s: %s", spec.model, message)
-        self.result.notes.append(message)
 
     def _reconcile(self, held: list[str]) -> None:
         """Read the list's members back from Klaviyo and make it hold the model's rows: remove
@@ -650,8 +650,9 @@ class ModelSync:
         bulk = self.spec.api == "private" and counts.add > BULK_THRESHOLD
         self._send(make_sender(self.client, self.spec, bulk=bulk, options=self.options), ("add",))
 
-    def _note(self, message: str) -> None:
-        log.info("%s: %s", self.spec.model, message)
+    def _note(self, message: str, level: int = logging.INFO) -> None:
+        """Say something about the model in the log and under the summary table."""
+        log.log(level, "%s: %s", self.spec.model, message)
         self.result.notes.append(message)
 
     def _settle(self) -> None:

@@ -159,3 +159,29 @@ def test_the_brake_stops_a_reconcile_that_would_remove_too_much(
     assert unread.returncode == 2, unread.output
     assert "reconcile could not read list VipLst" in unread.output
     assert "Traceback" not in unread.output
+
+
+def test_no_reconcile_after_a_run_whose_changes_failed(project: Path, emulator: Emulator) -> None:
+    """While a change has not reached Klaviyo, the list is not what the model wants yet:
+    reconcile waits for a run that sent everything."""
+    emulator.create_list("VIPs", list_id=LIST_ID)
+    set_list_meta(project, reconcile="true")
+    assert vips(project, emulator).returncode == 0
+    join_elsewhere(emulator, "stray@example.com")
+    change_model(
+        project,
+        "INSERT INTO main.vip_audience VALUES ('new.vip@example.com', 'C09001', 'New')",
+    )
+    emulator.inject(400, operation="add_profiles_to_list")  # refused whole: the row fails
+    read_before = pages_read(emulator)
+
+    failed = vips(project, emulator)
+
+    assert failed.returncode == 1, failed.output
+    assert "reconcile skipped: not every change reached Klaviyo" in failed.stdout
+    assert "stray@example.com" in members(emulator)
+    assert pages_read(emulator) == read_before
+
+    done = vips(project, emulator)
+    assert done.returncode == 0, done.output
+    assert members(emulator) == model_emails(project)

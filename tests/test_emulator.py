@@ -352,7 +352,6 @@ def test_every_operation_in_the_spec_is_routed_and_served_or_answers_501(emu: Em
         "bulk_unsuppress_profiles",
         "get_bulk_suppress_profiles_job",
         "get_bulk_unsuppress_profiles_job",
-        "get_profiles_for_list",
     ]
 
 

@@ -67,6 +67,7 @@ def sync(
     read_timeout: float = 60.0,
     max_wait: float = 300.0,
     allow_removals: bool = False,
+    reconcile: bool = False,
     progress: ProgressReporter | None = None,
     stop: StopRequest | None = None,
 ) -> RunSummary:
@@ -78,7 +79,9 @@ def sync(
     passed their tests. `fail_on_rejects` is the share of a model's rows standing rejected
     above which the exit status is 1 (by default any reject is). `max_wait` caps the seconds
     one request may wait for Klaviyo's rate limits; `allow_removals` goes past every model's
-    safety brake on removals and deletions. `stop.request()` (from a signal handler, say)
+    safety brake on removals and deletions; `reconcile` reads every mirrored list back and
+    removes the members its model does not have (as `reconcile: true` on a model does).
+    `stop.request()` (from a signal handler, say)
     ends the run early, losing nothing.
     """
     summary = RunSummary(dry_run=dry_run, reject_rate=fail_on_rejects)
@@ -94,6 +97,7 @@ def sync(
             read_timeout=read_timeout,
             max_wait=max_wait,
             allow_removals=allow_removals,
+            reconcile=reconcile,
         )
         with _logged_to(project):
             models = select_models(project)

@@ -15,6 +15,7 @@ parse (a JSON column, a number beyond what Arrow holds) as a struct with the one
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,20 @@ NUMBER_FIELDS = frozenset({"value", "location.latitude", "location.longitude"})
 BOOLEAN_FIELDS = frozenset({"consent", "suppressed"})
 #: Fields that hold a time.
 TIME_FIELDS = frozenset({"time", "consented_at"})
+
+
+_PHONE_MARKS = re.compile(r"[\s().-]")
+
+
+def sync_key(key_field: str, text: str) -> str:
+    """A sync key as the warehouses write `KEY` (`key_sql`, the sync_key macro): emails
+    without case or surrounding blanks, phone numbers without the marks people write in
+    them, other keys as they are. For matching what Klaviyo holds with the model's keys."""
+    if key_field == "email":
+        return text.strip(" ").lower()  # SQL's trim() takes spaces only
+    if key_field == "phone_number":
+        return _PHONE_MARKS.sub("", text)
+    return text
 
 
 def field_column(index: int) -> str:
@@ -128,7 +143,8 @@ OUTCOME_SCHEMA = pa.schema(
         # reject with no record to remember it by, such as a NULL or duplicated sync key:
         # reported on every run until the data is fixed) | settled (back to the version
         # Klaviyo accepted: an earlier refusal no longer stands) | forgotten (left the model
-        # before Klaviyo ever accepted it; nothing to tell Klaviyo)
+        # before Klaviyo ever accepted it; nothing to tell Klaviyo; or a row a reconcile
+        # found missing from its list, to be sent again)
         ("outcome", pa.string()),
         ("fingerprint", pa.uint64()),
         # JSON text of the values sent, when accepted; NULL for a journaled record, whose

@@ -174,6 +174,12 @@ _sync_options = _options(
         help="Go past each model's safety brake: a list mirror or delete model that would "
         "remove more than its max_removal_share of what the last sync left stops otherwise.",
     ),
+    click.option(
+        "--reconcile",
+        is_flag=True,
+        help="Also read each mirrored list's members from Klaviyo: remove those not in the "
+        "model, add back model rows the list lost (as `reconcile: true` on a model does).",
+    ),
     _logging_options,
 )
 

@@ -603,10 +603,26 @@ def event_resources(spec: SyncSpec, record: Record) -> tuple[dict[str, Any], dic
         "metric": {"data": {"type": "metric", "attributes": {"name": metric}}},
         "unique_id": record.key,
     }
+    if spec.backfill:
+        attributes["backfill"] = True  # recorded without triggering flows (API.md §2.9)
     attributes.update(
         {f: values[f] for f in ("time", "value", "value_currency") if values.get(f) is not None}
     )
     return _profile_shape(profile_fields, clear=False), {"type": "event", "attributes": attributes}
+
+
+def event_times(spec: SyncSpec, batch: pa.RecordBatch) -> list[datetime]:
+    """The times of a batch's events, where the model maps one and it converts (a row whose
+    time does not is rejected when it is sent): to see how old the events are."""
+    at = next((i for i, f in enumerate(spec.fields) if f.field == "time"), None)
+    if at is None:
+        return []
+    values, errors = _column("time", batch.column(field_column(at)))
+    return [
+        datetime.fromisoformat(value)
+        for i, value in enumerate(values)
+        if value is not None and i not in errors
+    ]
 
 
 def profile_size_reject(spec: SyncSpec, record: Record, body: bytes) -> Reject | None:

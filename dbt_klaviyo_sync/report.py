@@ -117,6 +117,8 @@ def _problems(out: Console, m: ModelResult, would: bool) -> None:
         out.print(f"  failed {escape(m.model)} {escape(failure)}{again}")
     for key in m.planned:
         out.print(f"  would delete {escape(m.model)} {key!r}")
+    for note in m.notes:
+        out.print(f"  [yellow]{escape(m.model)}: {escape(note)}[/yellow]")
     if m.error:
         out.print(f"  [red]{escape(m.model)}: {escape(m.error)}[/red]")
 

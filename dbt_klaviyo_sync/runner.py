@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from dbt_klaviyo_sync.errors import (
     ModelError,
     TransientApiError,
 )
+from dbt_klaviyo_sync.klaviyo import lists
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, dig
 from dbt_klaviyo_sync.klaviyo.consent import ConsentRemover, ConsentSender, Suppressor
 from dbt_klaviyo_sync.klaviyo.deletions import ProfileDeleter
@@ -98,6 +100,9 @@ _WITHDRAWING = {
 }
 #: The rows a sync acts on first: new and changed ones, and rows it must report.
 _CHANGES = ("add", "update", "null_key", "duplicate_key")
+#: A first sync of an event model warns about events older than this sent without the
+#: `backfill` flag: Klaviyo would fire flows for them as if they had just happened.
+BACKFILL_WARNING_AFTER = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class SyncOptions:
     read_timeout: float = 60.0
     max_wait: float = 300.0
     allow_removals: bool = False  # go past every model's safety brake
+    reconcile: bool = False  # read every mirrored list back and remove its strays
     allow_insecure_http: bool = False
 
 
@@ -379,6 +385,7 @@ class ModelSync:
         self._already = 0  # records Klaviyo already held as wanted
         self._journaling = True  # the units being answered were journaled (values and all)
         self._refusals_in_a_row: list[str] = []
+        self._planned: set[str] = set()  # a dry run's keys to send or remove, for a reconcile
 
     def run(self) -> ModelResult:
         began = time.monotonic()
@@ -433,6 +440,7 @@ class ModelSync:
                     "running in Klaviyo; they wait for it"
                 )
             self._brake(counts)
+            self._warn_old_events()
             self._settle()
             planned = (
                 counts.to_send + counts.invalid + (counts.remove if self.spec.withdraws else 0)
@@ -477,6 +485,8 @@ class ModelSync:
                     "they are sent again next run. Check the model's list and the API key's "
                     "account."
                 )
+            if self.spec.mirrors and (self.spec.reconcile or self.options.reconcile):
+                self._reconcile(waiting)
             tally.rejected += standing
             self.result.interrupted = self.result.interrupted or self.stop.requested
             status = self.result.status
@@ -554,11 +564,13 @@ class ModelSync:
         than its `max_removal_share` of what the previous sync left in Klaviyo: the sign of a
         wrong database file or a broken model, not of a change anyone meant."""
         if self.spec.withdraws:
-            acting, verb = counts.remove, _WITHDRAWING[self.spec.object].format(self.spec.list_id)
+            verb = _WITHDRAWING[self.spec.object].format(self.spec.list_id)
+            self._stop_if_too_many(counts.remove, verb)
         elif self.spec.behavior == "delete":
-            acting, verb = counts.add, "delete"
-        else:
-            return
+            self._stop_if_too_many(counts.add, "delete")
+
+    def _stop_if_too_many(self, acting: int, verb: str) -> None:
+        """The safety brake (see `_brake`): `acting` profiles to `verb`."""
         before = self.warehouse.accepted_count(self.sid)
         share = self.spec.max_removal_share
         if self.options.allow_removals or not before or acting < BRAKE_MINIMUM:
@@ -576,6 +588,121 @@ class ModelSync:
             log.warning("%s (a sync would stop here)", message)
             return
         raise ModelError(message)
+
+    def _warn_old_events(self) -> None:
+        """On a first sync of an event model whose `backfill` is unset, say how many events
+        are older than `BACKFILL_WARNING_AFTER`: without the flag each fires the flows of its
+        metric (last year's orders would get post-purchase emails). A warning, in the log
+        and the summary, not a stop: `backfill: false` says live events are meant."""
+        spec = self.spec
+        if spec.object != "event" or spec.backfill is not None:
+            return
+        if self.warehouse.accepted_count(self.sid):
+            return  # not a first sync: new events are live ones
+        cutoff = datetime.now(UTC) - BACKFILL_WARNING_AFTER
+        old, oldest = 0, None
+        for batch in self.warehouse.changes(("add",)):
+            times = [t for t in payloads.event_times(spec, batch) if t < cutoff]
+            if times:
+                old += len(times)
+                oldest = min(times) if oldest is None else min(oldest, *times)
+        if not old:
+            return
+        hours = round(BACKFILL_WARNING_AFTER.total_seconds() / 3600)
+        self._note(
+            f"first sync of {old:,} events older than {hours} hours (the oldest "
+            f"{oldest:%Y-%m-%d}) {'would go' if self.dry_run else 'go'} without Klaviyo's "
+            "backfill flag: each fires its metric's flows as if it had just happened. If they "
+            "are history, set `backfill: true` on the model (config: meta: klaviyo:) before "
+            "syncing; `backfill: false` sends them as live events and silences this.",
+            logging.WARNING,
+        )
+
+    def _reconcile(self, held: list[str]) -> None:
+        """Read the list's members back from Klaviyo and make it hold the model's rows: remove
+        members whose sync key is not in the model (added elsewhere, or whose removal a lost
+        state forgot), and send again the model rows Klaviyo accepted that the list lacks.
+        Only after a run that sent everything: while records failed, the list is not yet
+        what the model wants. Removing strays is braked like any removal."""
+        spec, tally = self.spec, self.result.counts
+        if tally.failed or self.stop.requested:
+            self._note("reconcile skipped: not every change reached Klaviyo in this run")
+            return
+        keys = self.warehouse.model_keys(spec)
+        strays: list[str] = []
+        present: set[str] = set()
+        read = 0
+        try:
+            for profile_id, key in lists.members(self.client, spec):
+                read += 1
+                if key is not None and key in keys:
+                    present.add(key)
+                elif key is None or key not in self._planned:  # a planned removal's own
+                    strays.append(profile_id)
+        except (TransientApiError, KlaviyoRejected) as exc:
+            raise ModelError(
+                f"model '{spec.model}': reconcile could not read list {spec.list_id} from "
+                f"Klaviyo ({exc}); the sync's own changes were sent and recorded. Run again "
+                "to reconcile."
+            ) from exc
+        missing = [key for key in keys - present if key not in self._planned]
+        lost = [
+            key
+            for at in range(0, len(missing), lists.MAX_MEMBERS_PER_CALL)
+            for key in self.warehouse.accepted_values(
+                self.sid, missing[at : at + lists.MAX_MEMBERS_PER_CALL]
+            )
+        ]
+        self._stop_if_too_many(len(strays), f"remove from list {spec.list_id} (reconcile)")
+        if not self._remove_strays(strays):
+            return
+        self._add_back(lost, held)
+        remove, add = ("would remove", "would add back") if self.dry_run else ("removed", "sent")
+        self._note(
+            f"reconcile read {read:,} members of list {spec.list_id}: {remove} "
+            f"{len(strays):,} not in the model; {add} {len(lost):,} model rows the list lacked"
+        )
+
+    def _remove_strays(self, strays: list[str]) -> bool:
+        """Remove list members by profile id, 1,000 a request; whether all went."""
+        tally = self.result.counts
+        for at in range(0, len(strays), lists.MAX_MEMBERS_PER_CALL):
+            ids = strays[at : at + lists.MAX_MEMBERS_PER_CALL]
+            if not self.dry_run:
+                try:
+                    lists.remove_members(self.client, str(self.spec.list_id), ids)
+                except (TransientApiError, KlaviyoRejected) as exc:
+                    tally.failed += len(strays) - at
+                    self.result.failures.append(
+                        f"{len(strays) - at:,} list members not in the model were not "
+                        f"removed: {exc}; the next reconcile tries again"
+                    )
+                    return False
+            tally.removed += len(ids)
+        return True
+
+    def _add_back(self, lost: list[str], held: list[str]) -> None:
+        """Model rows Klaviyo accepted that are not in the list: forgotten, so that they
+        count as new, and sent again as any new row is (which re-creates a deleted
+        profile too)."""
+        if not lost:
+            return
+        if self.dry_run:
+            self.result.counts.added += len(lost)
+            return
+        n = len(lost)
+        forgotten = pa.table({"key": lost, "outcome": ["forgotten"] * n, "in_snapshot": [True] * n})
+        self.warehouse.commit(
+            self.sid, self.run_id, self.spec.model, _conform(forgotten, OUTCOME_SCHEMA)
+        )
+        counts = self.warehouse.diff(self.spec, self.sid, held)
+        bulk = self.spec.api == "private" and counts.add > BULK_THRESHOLD
+        self._send(make_sender(self.client, self.spec, bulk=bulk, options=self.options), ("add",))
+
+    def _note(self, message: str, level: int = logging.INFO) -> None:
+        """Say something about the model in the log and under the summary table."""
+        log.log(level, "%s: %s", self.spec.model, message)
+        self.result.notes.append(message)
 
     def _settle(self) -> None:
         """Rows back at the version Klaviyo accepted drop an earlier refusal; events or
@@ -603,6 +730,7 @@ class ModelSync:
         if self.dry_run:
             for items in units:
                 records = [p.record for p in items]
+                self._planned.update(r.key for r in records)
                 if kinds == ("remove",):
                     self._tally(Outcome(removed=records))
                 else:

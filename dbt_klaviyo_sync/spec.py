@@ -94,6 +94,11 @@ class SyncSpec:
     max_removal_share: float = DEFAULT_MAX_REMOVAL_SHARE
     channels: tuple[str, ...] = ()  # subscription models: the consent channels sent
     custom_source: str | None = None
+    # events: True sends them with Klaviyo's `backfill` flag (recorded, no flow fires);
+    # False sends them live on purpose; None (unset) warns on a first sync of old events
+    backfill: bool | None = None
+    # list mirrors: every sync also reads the list and removes members not in the model
+    reconcile: bool = False
 
     @property
     def once(self) -> bool:
@@ -249,6 +254,8 @@ def build_spec(node: ModelNode) -> SyncSpec:
         metric=meta.get("metric"),
         channels=tuple(meta.get("channels", ["email_marketing"])) if obj == "subscription" else (),
         custom_source=meta.get("custom_source"),
+        backfill=meta.get("backfill"),
+        reconcile=meta.get("reconcile", False),
     )
 
 
@@ -275,6 +282,10 @@ def _model_rules(
             )
     if "metric" in meta and obj != "event":
         problems.append(AnnotationError(node.name, "metric applies only to `object: event`"))
+    if "backfill" in meta and obj != "event":
+        problems.append(AnnotationError(node.name, "backfill applies only to `object: event`"))
+    if "reconcile" in meta and obj != "list":
+        problems.append(AnnotationError(node.name, "reconcile applies only to `object: list`"))
     if "max_removal_share" in meta and behavior not in ("mirror", "delete"):
         problems.append(
             AnnotationError(

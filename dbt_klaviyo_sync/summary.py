@@ -52,6 +52,7 @@ class ModelResult:
     error: str | None = None  # why the model stopped, when it did
     rows: int = 0  # in the model
     interrupted: bool = False  # the run was asked to stop before this model was done
+    notes: list[str] = field(default_factory=list)  # warnings the user must see in the summary
 
     def rejects_too_many(self, rate: float | None) -> bool:
         """Whether the rejects should fail the run: any at all, or more than `rate` of the
@@ -85,6 +86,7 @@ class ModelResult:
                 for r in self.rejects
             ],
             "failures": self.failures,
+            "notes": self.notes,
             "planned_deletions": self.planned,
             "samples": [
                 {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -29,10 +30,12 @@ from dbt_klaviyo_sync.errors import (
     TransientApiError,
     UnexpectedAnswer,
 )
+from dbt_klaviyo_sync.klaviyo import lists
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, check_base_url, dig
 from dbt_klaviyo_sync.klaviyo.client import _retry_after as retry_after
 from dbt_klaviyo_sync.klaviyo.openapi import REVISION, operation
 from dbt_klaviyo_sync.klaviyo.pacing import WaitTooLong
+from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
 from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
 from tests.test_pacing import InThread, until
 
@@ -538,3 +541,42 @@ def test_keys_are_only_sent_in_clear_to_this_machine(url: str, allowed: bool) ->
     else:
         with pytest.raises(ConfigurationError):
             check_base_url(url, allow_insecure=False)
+
+
+def test_list_members_come_with_their_sync_keys_over_pages() -> None:
+    """A member is read by its id and its key as the model writes keys; one without a value
+    for the key's identifier has no key, so no row can be it."""
+    with Emulator(private_key=PRIVATE_KEY, rate_limits=False) as emulator:
+        read_members(emulator)
+        assert emulator.stats()["spec_violations"] == 0
+
+
+def read_members(emulator: Emulator) -> None:
+    list_id = emulator.create_list("VIPs")
+    reader = client(emulator)
+    ids = [
+        dig(reader.call("create_or_update_profile", body=body), "data", "id", operation="x")
+        for body in [
+            *(profile(f"M{i}@Example.com", external_id=f"x{i}") for i in range(150)),
+            profile("no-id@example.com"),
+        ]
+    ]
+    for at in range(0, len(ids), 100):
+        members = orjson.dumps({"data": [{"type": "profile", "id": i} for i in ids[at : at + 100]]})
+        reader.call("add_profiles_to_list", path_params=(list_id,), body=members)
+    spec = SyncSpec(
+        model="vips",
+        unique_id="model.x.vips",
+        relation="vips",
+        object="list",
+        behavior="mirror",
+        key_column="email",
+        key_field="external_id",
+        fields=(FieldMap("customer_id", "external_id"),),
+        list_id=list_id,
+    )
+    found = list(lists.members(reader, spec))
+    assert found == [(ids[i], f"x{i}") for i in range(150)] + [(ids[150], None)]
+    by_email = replace(spec, key_field="email")
+    assert list(lists.members(reader, by_email))[3] == (ids[3], "m3@example.com")
+    assert emulator.stats()["requests_by_operation"]["get_profiles_for_list"] == 4

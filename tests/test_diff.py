@@ -8,7 +8,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from dbt_klaviyo_sync.changeset import OUTCOME_SCHEMA
+from dbt_klaviyo_sync.changeset import OUTCOME_SCHEMA, sync_key
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
 from dbt_klaviyo_sync.warehouse.duckdb import diff
 from dbt_klaviyo_sync.warehouse.duckdb.state import State, open_state
@@ -193,3 +193,20 @@ def test_a_second_writer_is_refused_with_a_clear_message(state_path: Path, wareh
         )
     assert probe.returncode != 0
     assert "in use by another dbt-klaviyo sync" in probe.stderr
+
+
+@pytest.mark.parametrize(
+    ("key_field", "written"),
+    [
+        ("email", " Ann.Lee@Example.COM\t"),
+        ("phone_number", " +1 (415) 555-01.00 "),
+        ("external_id", " C-01 "),
+    ],
+)
+def test_klaviyo_keys_are_normalised_as_the_diff_writes_model_keys(
+    key_field: str, written: str
+) -> None:
+    """A reconcile matches list members with model rows by `sync_key`: it must write a key
+    exactly as the diff's SQL does, or every member would look like a stray."""
+    [(in_sql,)] = duckdb.sql(f"SELECT {diff.key_sql('$1', key_field)}", params=[written]).fetchall()
+    assert sync_key(key_field, written) == in_sql

@@ -1242,6 +1242,48 @@ def test_list_membership_add_remove_and_read(emu: Emulator) -> None:
     assert emu.state()["lists"][0]["members"] == ids[1:]
 
 
+def test_list_members_as_profiles_page_filter_and_sparse_fields(
+    emu: Emulator, clock: FakeClock
+) -> None:
+    list_id = emu.create_list("VIPs")
+    ids = [upsert(emu, email=f"m{i}@example.com").json()["data"]["id"] for i in range(5)]
+    path = f"/api/lists/{list_id}/relationships/profiles"
+    for i in ids:
+        call(emu, "POST", path, {"data": [{"type": "profile", "id": i}]})
+        clock.advance(1)
+    call(emu, "POST", path, {"data": [{"type": "profile", "id": ids[0]}]})  # joined already
+
+    first = call(emu, "GET", f"/api/lists/{list_id}/profiles", params={"page[size]": 2})
+    assert first.status_code == 200
+    assert_matches_spec("get_profiles_for_list", first)
+    page = first.json()
+    assert [p["id"] for p in page["data"]] == ids[:2]
+    assert [p["attributes"]["joined_group_at"] for p in page["data"]] == [at(0), at(1)]
+    seen = [p["id"] for p in page["data"]]
+    while "next" in page["links"]:
+        page = call(emu, "GET", page["links"]["next"]).json()
+        seen += [p["id"] for p in page["data"]]
+    assert seen == ids
+
+    sparse = call(
+        emu,
+        "GET",
+        f"/api/lists/{list_id}/profiles",
+        params={"fields[profile]": "email,location.city", "page[size]": 100},
+    ).json()["data"]
+    assert sparse[0]["attributes"] == {"email": "m0@example.com", "location": {"city": None}}
+    found = call(
+        emu,
+        "GET",
+        f"/api/lists/{list_id}/profiles",
+        params={"filter": 'any(email,["M3@example.com","nobody@example.com"])'},
+    ).json()["data"]
+    assert [p["id"] for p in found] == [ids[3]]
+    too_big = call(emu, "GET", f"/api/lists/{list_id}/profiles", params={"page[size]": 101})
+    assert too_big.status_code == 400
+    assert call(emu, "GET", "/api/lists/NoSuch/profiles").status_code == 404
+
+
 def test_list_membership_limits_and_unknowns(emu: Emulator) -> None:
     list_id = emu.create_list("VIPs")
     known = upsert(emu, external_id="e").json()["data"]["id"]

@@ -77,6 +77,11 @@ def create(
 
 def bulk(emu: Emulator, *groups: tuple[dict[str, Any], list[dict[str, Any]]]) -> requests.Response:
     """POST /api/event-bulk-create-jobs with one group per (profile attributes, events)."""
+    return call(emu, "POST", "/api/event-bulk-create-jobs", bulk_body(*groups))
+
+
+def bulk_body(*groups: tuple[dict[str, Any], list[dict[str, Any]]]) -> dict[str, Any]:
+    """A bulk create job's body with one group per (profile attributes, events)."""
     data = [
         {
             "type": "event-bulk-create",
@@ -87,13 +92,12 @@ def bulk(emu: Emulator, *groups: tuple[dict[str, Any], list[dict[str, Any]]]) ->
         }
         for who, events in groups
     ]
-    body = {
+    return {
         "data": {
             "type": "event-bulk-create-job",
             "attributes": {"events-bulk-create": {"data": data}},
         }
     }
-    return call(emu, "POST", "/api/event-bulk-create-jobs", body)
 
 
 def delete(
@@ -153,6 +157,7 @@ def test_an_event_creates_its_profile_and_metric(emu: Emulator) -> None:
         "value": 9.99,
         "value_currency": "USD",
         "properties": {"sku": "B-1", "items": ["a", "b"]},
+        "backfill": False,
     }
     # The same profile by another case of its email; the same metric by name.
     accepted(create(emu, {"email": "SARAH@example.com"}, unique_id="order-2"))
@@ -313,6 +318,41 @@ def test_bulk_create_with_two_profile_groups(emu: Emulator) -> None:
     assert recorded(emu, "value") == [5, None, None]
     stats = emu.stats()
     assert (stats["writes"], stats["requests_by_operation"]) == (1, {"bulk_create_events": 1})
+
+
+def test_backfilled_events_are_recorded_and_fire_no_flow(emu: Emulator) -> None:
+    """Every metric has a flow in the emulator: a live event fires it, a backfilled one
+    (the flag on the event, or on its bulk entry when the event has none) does not."""
+    accepted(create(emu, {"email": "a@example.com"}, unique_id="live"))
+    accepted(create(emu, {"email": "a@example.com"}, unique_id="old", backfill=True))
+    accepted(
+        bulk(
+            emu,
+            ({"email": "b@example.com"}, [event(unique_id="b-1"), event(unique_id="b-2")]),
+        )
+    )
+    entry = bulk_body(
+        (
+            {"email": "c@example.com"},
+            [event(unique_id="c-1"), event(unique_id="c-2", backfill=False)],
+        )
+    )
+    entry["data"]["attributes"]["events-bulk-create"]["data"][0]["attributes"]["backfill"] = True
+    accepted(call(emu, "POST", "/api/event-bulk-create-jobs", entry))
+    flags = {e["unique_id"]: e["backfill"] for e in emu.events()}
+    assert flags == {
+        "live": False,
+        "old": True,
+        "b-1": False,
+        "b-2": False,
+        "c-1": True,  # from its entry
+        "c-2": False,  # its own flag wins
+    }
+    assert emu.flow_triggers() == {ORDER: 4}
+    # A repeat Klaviyo drops fires nothing either.
+    accepted(create(emu, {"email": "a@example.com"}, unique_id="live"))
+    assert emu.flow_triggers() == {ORDER: 4}
+    assert emu.state()["flow_triggers"] == {ORDER: 4}
 
 
 def test_bulk_refused_whole_when_a_unique_id_repeats(emu: Emulator) -> None:

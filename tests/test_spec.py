@@ -188,3 +188,13 @@ def test_sms_consent_needs_a_phone_column() -> None:
 def test_consent_settings_belong_to_subscription_models_only() -> None:
     found = problems({"object": "profile", "channels": ["email_marketing"]}, GOOD_COLUMNS)
     assert found == ["model 'customers': channels applies only to `object: subscription`"]
+
+
+def test_backfill_is_for_events_and_reconcile_for_lists() -> None:
+    found = problems({"object": "profile", "backfill": True, "reconcile": True}, GOOD_COLUMNS)
+    assert any("backfill applies only to `object: event`" in p for p in found)
+    assert any("reconcile applies only to `object: list`" in p for p in found)
+    [message] = problems({"object": "list", "list_id": "L", "reconcile": "yes"}, GOOD_COLUMNS)
+    assert "klaviyo.reconcile" in message and "boolean" in message
+    mirror = build_spec(node({"object": "list", "list_id": "L", "reconcile": True}, GOOD_COLUMNS))
+    assert mirror.reconcile and not build_spec(node({"object": "profile"}, GOOD_COLUMNS)).reconcile

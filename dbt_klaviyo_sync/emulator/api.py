@@ -19,7 +19,7 @@ from dbt_klaviyo_sync.klaviyo import openapi
 from . import filters
 from .errors import from_status, invalid, not_found
 from .events import Batch, Event, Submission, check_strings
-from .profiles import RecordError, checked_identifiers, timestamp
+from .profiles import Profile, RecordError, checked_identifiers, timestamp
 from .profiles import render as render_profile
 from .store import (
     DELETION_IDENTIFIERS,
@@ -50,7 +50,7 @@ SUPPRESS_MAX = 100
 _EQUALS_OR_ANY = frozenset({"equals", "any"})
 PROFILE_FILTERS = dict.fromkeys(("id", "email", "phone_number", "external_id"), _EQUALS_OR_ANY)
 LIST_FILTERS = dict.fromkeys(("id", "name"), _EQUALS_OR_ANY)
-#: The filters of the list members endpoints the emulator implements (API.md §2.13).
+#: Of the list member filters the spec allows, those the emulator implements.
 MEMBER_FILTERS = dict.fromkeys(("email", "phone_number"), _EQUALS_OR_ANY)
 EVENT_FILTERS = dict.fromkeys(("metric_id", "profile_id"), frozenset({"equals"}))
 _PAGE = ("page[size]", "page[cursor]")
@@ -284,15 +284,42 @@ def get_profile_ids_for_list(call: Call) -> Reply:
     return Reply(200, {"data": _identifiers("profile", page), "links": links})
 
 
-@handles("get_profiles_for_list", params=("filter", *_PAGE))
+@handles("get_profiles_for_list", params=("fields[profile]", "filter", *_PAGE))
 def get_profiles_for_list(call: Call) -> Reply:
+    """A list's members as profiles, in the order they joined, with `joined_group_at`;
+    `fields[profile]` keeps only the attributes it names (JSON:API sparse fieldsets)."""
     (list_id,) = call.path_params
-    members = set(call.account.members(list_id))
+    members = call.account.members_joined(list_id)
     conditions = _conditions(call, MEMBER_FILTERS)
-    matching = [i for i in call.account.profile_ids(conditions) if i in members]
-    page, links = _page(call, matching)
-    data = [render_profile(profile, call.base_url) for profile in call.account.profiles(page)]
+    if conditions:  # matched as GET /api/profiles matches them (emails without case)
+        wanted = set(call.account.profile_ids(conditions))
+        members = [(profile, at) for profile, at in members if profile.id in wanted]
+    page, links = _page(call, members)
+    data = [_member(profile, joined, call) for profile, joined in page]
     return Reply(200, {"data": data, "links": links})
+
+
+def _member(profile: Profile, joined: float, call: Call) -> dict[str, Any]:
+    resource = render_profile(profile, call.base_url)
+    attributes = {**resource["attributes"], "joined_group_at": timestamp(joined)}
+    wanted = call.params.get("fields[profile]")
+    if wanted is not None:
+        attributes = _sparse(attributes, wanted)
+    return {**resource, "attributes": attributes}
+
+
+def _sparse(attributes: dict[str, Any], wanted: Sequence[str]) -> dict[str, Any]:
+    """Only the attributes named, `location.city` naming one field of `location`."""
+    kept: dict[str, Any] = {}
+    for name in wanted:
+        outer, _, inner = name.partition(".")
+        if outer not in attributes:
+            continue  # `id` is the resource's, not an attribute
+        if inner:
+            kept.setdefault(outer, {})[inner] = (attributes[outer] or {}).get(inner)
+        else:
+            kept[outer] = attributes[outer]
+    return kept
 
 
 def _member_ids(call: Call) -> list[str]:
@@ -459,6 +486,7 @@ def _event_group(index: int, group: dict[str, Any]) -> Batch:
             (f"{at}/events/data/{number}", event["attributes"])
             for number, event in enumerate(events)
         ],
+        group["attributes"].get("backfill"),
     )
 
 

@@ -37,6 +37,7 @@ class Batch:
     profile: dict[str, Any]  # the profile resource, with any `meta` beside its attributes
     pointer: str  # to the profile resource
     events: Sequence[tuple[str, dict[str, Any]]]  # (pointer to the event, its attributes)
+    backfill: bool | None = None  # a bulk job's per-profile flag, for events without one
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Submission:
     value: float | None
     value_currency: str | None
     properties: dict[str, Any]
+    backfill: bool = False  # recorded without triggering flows
 
     @property
     def dedup_id(self) -> str:
@@ -67,8 +69,13 @@ class Event:
     submission: Submission
 
 
-def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submission:
-    """The event at `pointer`, checked against the limits API.md §2.9 documents."""
+def checked_event(
+    attributes: dict[str, Any], pointer: str, now: float, backfill: bool | None = None
+) -> Submission:
+    """The event at `pointer`, checked against the limits API.md §2.9 documents. Its own
+    `backfill` flag wins over the one its bulk entry gives (`backfill`): the spec says
+    neither way, and this is the reading that fires no flow the event itself did not ask
+    to spare."""
     at = pointer + "/attributes"
     name: str = attributes["metric"]["data"]["attributes"]["name"]
     if not 0 < len(name) <= METRIC_NAME_MAX:
@@ -95,6 +102,7 @@ def checked_event(attributes: dict[str, Any], pointer: str, now: float) -> Submi
         attributes.get("value"),
         currency,
         properties,
+        bool(own if (own := attributes.get("backfill")) is not None else backfill),
     )
 
 
@@ -146,4 +154,5 @@ def state(event: Event) -> dict[str, Any]:
         "value": given.value,
         "value_currency": given.value_currency,
         "properties": dict(given.properties),
+        "backfill": given.backfill,
     }

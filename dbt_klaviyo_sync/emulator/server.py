@@ -460,6 +460,11 @@ class Emulator:
         """The recorded events, in the order they were recorded."""
         return [event_state(event) for event in self._account(account).events()]
 
+    def flow_triggers(self, *, account: str | None = None) -> dict[str, int]:
+        """How many times each metric's flow fired (every metric has one here): once per
+        event recorded without Klaviyo's `backfill` flag."""
+        return self._account(account).flow_triggers()
+
     def deletions(self, *, account: str | None = None) -> list[dict[str, Any]]:
         """Every deletion request, in the order made; `completed_at` is None until it ran."""
         return [deletion_state(deletion) for deletion in self._account(account).deletions()]

@@ -17,6 +17,7 @@ import secrets
 import string
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
@@ -189,7 +190,8 @@ class Account:
         self._profiles: dict[str, Profile] = {}
         self._index: dict[str, dict[str, str]] = {name: {} for name in IDENTIFIERS}
         self._lists: dict[str, KlaviyoList] = {}
-        self._members: dict[str, dict[str, None]] = {}  # list id -> ordered set of profile ids
+        # list id -> profile id -> when it joined, in the order they joined
+        self._members: dict[str, dict[str, float]] = {}
         self._jobs: dict[str, BulkJob] = {}
         self._metrics: dict[str, str] = {}  # name -> id
         self._events: dict[str, Event] = {}
@@ -201,6 +203,9 @@ class Account:
         self.events_received = 0
         self.events_repeated = 0
         self.events_lost = 0
+        # Every metric has a live flow here: each event recorded without `backfill` fires
+        # it once (API.md §2.9). Metric name -> how many times.
+        self._flow_triggers: Counter[str] = Counter()
         self._deletions: list[Deletion] = []
         # Consent per profile and channel, global email suppressions by profile, and every
         # global unsubscribe (tests assert that a sync never caused one by accident).
@@ -404,12 +409,18 @@ class Account:
             self._advance()
             return list(self._known_list(list_id))
 
+    def members_joined(self, list_id: str) -> list[tuple[Profile, float]]:
+        """The list's members, each with when it joined, in the order they joined."""
+        with self._lock:
+            self._advance()
+            return [(self._profiles[i], at) for i, at in self._known_list(list_id).items()]
+
     def add_members(self, list_id: str, profile_ids: Sequence[str]) -> None:
         with self._lock:
             self._advance()
             members = self._known_list(list_id)
             self._known_profiles(profile_ids)
-            members.update(dict.fromkeys(profile_ids))
+            _join(members, profile_ids, self._clock())
 
     def remove_members(self, list_id: str, profile_ids: Sequence[str]) -> None:
         with self._lock:
@@ -419,7 +430,7 @@ class Account:
             for profile_id in profile_ids:
                 members.pop(profile_id, None)
 
-    def _known_list(self, list_id: str) -> dict[str, None]:
+    def _known_list(self, list_id: str) -> dict[str, float]:
         if list_id not in self._members:
             raise not_found(f"A list with id {list_id} does not exist.")
         return self._members[list_id]
@@ -508,7 +519,7 @@ class Account:
                 continue
             profile_ids[profile.id] = None
         for list_id in job.list_ids:
-            self._members[list_id].update(profile_ids)
+            _join(self._members[list_id], profile_ids, now)
         job.failures, job.profile_ids = failures, list(profile_ids)
         job.status, job.completed_at = "complete", now
 
@@ -540,7 +551,7 @@ class Account:
                 if self._suppressions.get(profile_id) in LIFTED_BY_SUBSCRIBING:
                     del self._suppressions[profile_id]
                 if list_id is not None:
-                    self._members[list_id][profile_id] = None
+                    _join(self._members[list_id], [profile_id], self._clock())
 
     def unsubscribe(self, resources: Sequence[dict[str, Any]], list_id: str | None) -> None:
         """A bulk unsubscribe job: a member of the list given is removed from it and
@@ -690,7 +701,7 @@ class Account:
             self._advance()
             now = self._clock()
             given = [
-                (index, pointer, checked_event(attributes, pointer, now))
+                (index, pointer, checked_event(attributes, pointer, now, batch.backfill))
                 for index, batch in enumerate(batches)
                 for pointer, attributes in batch.events
             ]
@@ -757,6 +768,14 @@ class Account:
             _new_id(self._events, 11), str(uuid.uuid4()), profile_id, metric_id, submission
         )
         self._events[event.id] = event
+        if not submission.backfill:
+            self._flow_triggers[submission.metric] += 1
+
+    def flow_triggers(self) -> dict[str, int]:
+        """How many times each metric's flow fired: once per event recorded without
+        `backfill` (a repeat Klaviyo drops fires nothing)."""
+        with self._lock:
+            return dict(self._flow_triggers)
 
     # Deletion requests
 
@@ -803,6 +822,7 @@ class Account:
                 ],
                 "bulk_jobs": [_job_state(job) for job in self._jobs.values()],
                 "events": [event_state(event) for event in self._events.values()],
+                "flow_triggers": dict(self._flow_triggers),
                 "deletions": [deletion_state(deletion) for deletion in self._deletions],
                 "consent": self._consent_state(),
                 "global_unsubscribes": [dict(item) for item in self._global_unsubscribes],
@@ -834,6 +854,12 @@ def _import_record_error(record: dict[str, Any]) -> RecordError | None:
     if record.get("id") is None and all(value is None for value in given.values()):
         return _no_identifier()
     return None
+
+
+def _join(members: dict[str, float], profile_ids: Iterable[str], now: float) -> None:
+    """Add profiles to a list; a member already in it keeps the time it joined."""
+    for profile_id in profile_ids:
+        members.setdefault(profile_id, now)
 
 
 def _without_nulls(resource: dict[str, Any]) -> dict[str, Any]:

@@ -121,10 +121,14 @@ class EventSender:
             groups.setdefault(item.profile, []).append(index)
         parts: list[bytes] = []
         positions: dict[tuple[int, int], int] = {}
+        # The flag is on each event too: the spec does not say which of the two wins.
+        backfill = b'"backfill":true,' if self.spec.backfill else b""
         for g, (profile, members) in enumerate(groups.items()):
             events = b",".join(unit[i].body for i in members)
             parts.append(
-                b'{"type":"event-bulk-create","attributes":{"profile":{"data":'
+                b'{"type":"event-bulk-create","attributes":{'
+                + backfill
+                + b'"profile":{"data":'
                 + profile
                 + b'},"events":{"data":['
                 + events

@@ -13,15 +13,17 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
-from dbt_klaviyo_sync.changeset import Record, Reject
+from dbt_klaviyo_sync.changeset import Record, Reject, sync_key
 from dbt_klaviyo_sync.errors import ConfigurationError, TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
-from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected
+from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient, KlaviyoRejected, dig
 from dbt_klaviyo_sync.klaviyo.outcomes import Outcome, Prepared, Unit, chunks
 from dbt_klaviyo_sync.payloads import identifier
 from dbt_klaviyo_sync.spec import SyncSpec
 
 MAX_MEMBERS_PER_CALL = 1000
+#: The most list members one page of `get_profiles_for_list` holds (API.md §2.13).
+MEMBERS_PAGE = 100
 
 
 def check_list(client: KlaviyoClient, spec: SyncSpec) -> None:
@@ -73,21 +75,38 @@ class ListRemover:
         return set(lookup.profile_ids(self.client, field, values).values()) if values else set()
 
     def _remove(self, ids: list[str]) -> None:
-        """Remove the profiles from the list. A profile deleted or merged away since the
-        lookup makes Klaviyo refuse the whole request, pointing at it: it is in no list any
-        more, so it is left out and the rest removed. A refusal that points at no profile
-        (the list is gone, say) is the request's, and propagates."""
-        operation = "remove_profiles_from_list"
-        while ids:
-            body = orjson.dumps({"data": [{"type": "profile", "id": i} for i in ids]})
-            try:
-                self.client.call(operation, path_params=(str(self.spec.list_id),), body=body)
-                return
-            except KlaviyoRejected as exc:
-                gone = {i for e in exc.errors if (i := _member_index(e.pointer)) is not None}
-                if exc.status != 404 or not gone & set(range(len(ids))):
-                    raise
-                ids = [member for i, member in enumerate(ids) if i not in gone]
+        remove_members(self.client, str(self.spec.list_id), ids)
+
+
+def remove_members(client: KlaviyoClient, list_id: str, ids: list[str]) -> None:
+    """Remove the profiles (at most 1,000) from the list. A profile deleted or merged away
+    since it was found makes Klaviyo refuse the whole request, pointing at it: it is in no
+    list any more, so it is left out and the rest removed. A refusal that points at no
+    profile (the list is gone, say) is the request's, and propagates."""
+    operation = "remove_profiles_from_list"
+    while ids:
+        body = orjson.dumps({"data": [{"type": "profile", "id": i} for i in ids]})
+        try:
+            client.call(operation, path_params=(list_id,), body=body)
+            return
+        except KlaviyoRejected as exc:
+            gone = {i for e in exc.errors if (i := _member_index(e.pointer)) is not None}
+            if exc.status != 404 or not gone & set(range(len(ids))):
+                raise
+            ids = [member for i, member in enumerate(ids) if i not in gone]
+
+
+def members(client: KlaviyoClient, spec: SyncSpec) -> Iterator[tuple[str, str | None]]:
+    """Every member of the model's list, a page of 100 at a time (paced like any request):
+    its profile id and its sync key as the model's keys are written (None when the profile
+    has no value for the key's identifier, so no row of the model can be it)."""
+    field = spec.key_field
+    params = {"fields[profile]": field, "page[size]": str(MEMBERS_PAGE)}
+    path = (str(spec.list_id),)
+    for profile in client.pages("get_profiles_for_list", path_params=path, params=params):
+        value = (profile.get("attributes") or {}).get(field)
+        profile_id = dig(profile, "id", operation="get_profiles_for_list")
+        yield str(profile_id), None if value is None else sync_key(field, str(value))
 
 
 def _member_index(pointer: str | None) -> int | None:

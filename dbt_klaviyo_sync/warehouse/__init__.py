@@ -123,6 +123,9 @@ class Warehouse(Protocol):
     def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
         """Stream the rows of these change kinds in Arrow batches (`changeset` columns)."""
 
+    def model_keys(self, spec: SyncSpec) -> set[str]:
+        """Every sync key of the model, written as `KEY` is (for a list reconcile)."""
+
     def standing_rejects(self, sid: str) -> int:
         """Rows refused earlier and not tried again in this diff."""
 

@@ -393,6 +393,16 @@ class AdapterWarehouse:
             held=held_rows,
         )
 
+    def model_keys(self, spec: SyncSpec) -> set[str]:
+        columns = mapped_columns(spec, self._columns(spec))
+        text = self._macro("as_text", expression=self._adapter.quote(columns[0][0]))
+        key = self._macro("sync_key", text=text, key_field=spec.key_field)
+        rows = self._rows(
+            f"select distinct k from (select {key} as k from {spec.relation}) as m "
+            "where k is not null"
+        )
+        return {str(k) for (k,) in rows}
+
     def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
         """The change rows, a batch at a time: with psycopg2 from a server-side cursor that
         outlives the commits made while they are sent (WITH HOLD); other drivers keep a

@@ -55,6 +55,9 @@ class DuckDBWarehouse(State):
         finally:
             self.memory_for("send")
 
+    def model_keys(self, spec: SyncSpec) -> set[str]:
+        return diff.model_keys(self.con, spec)
+
     def changes(self, kinds: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
         return diff.batches(self.con, kinds)
 

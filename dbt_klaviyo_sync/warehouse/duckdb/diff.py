@@ -193,6 +193,15 @@ def compute(
     )
 
 
+def model_keys(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> set[str]:
+    """The model's sync keys as `__key` writes them, NULL ones left out."""
+    key = _selected(con, spec)[0]
+    rows = con.execute(
+        f"SELECT DISTINCT k FROM (SELECT {key} AS k FROM {spec.relation}) WHERE k IS NOT NULL"
+    ).fetchall()
+    return {str(k) for (k,) in rows}
+
+
 def rebase(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> int:
     """Bring a sync recorded by an earlier version to today's keys and fingerprints,
     without sending anything: keys are normalised (`key_sql`; two that become one keep the

@@ -95,8 +95,9 @@ def _problems(out: Console, m: ModelResult, would: bool) -> None:
     verb = "would reject" if would else "rejected"
     for reject in m.rejects:
         where = f" {reject.column}" if reject.column else ""
+        key = "(a row with a NULL key)" if reject.key is None else repr(reject.key)
         out.print(
-            f"  {verb} {escape(m.model)} {reject.key!r}{escape(where)}: {escape(reject.reason)}"
+            f"  {verb} {escape(m.model)} {escape(key)}{escape(where)}: {escape(reject.reason)}"
         )
     if m.counts.rejected > len(m.rejects):
         more = m.counts.rejected - len(m.rejects)

@@ -75,6 +75,7 @@ from dbt_klaviyo_sync.summary import (
     ModelResult,
     RunSummary,
     changed_fields,
+    quantity,
 )
 from dbt_klaviyo_sync.warehouse import Warehouse, open_warehouse
 
@@ -213,11 +214,11 @@ def _warn_fresh_state(specs: list[SyncSpec], path: str) -> None:
     lost, events and deletions are requested again. Say so, loudly, before sending."""
     once = ", ".join(spec.model for spec in specs if spec.once)
     log.warning(
-        "no sync state at %s: every row counts as new and is sent.%s If this is not your "
-        "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state.",
+        "no sync state at %s: every row counts as new and is sent. If this is not your "
+        "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state%s.",
         path,
-        f" {once} will send every event and deletion again (Klaviyo drops events it already "
-        "has by unique_id)."
+        f": {once} would otherwise send each of its events and deletions a second time "
+        "(Klaviyo drops events it already has by unique_id)"
         if once
         else "",
     )
@@ -419,7 +420,7 @@ class ModelSync:
             if unsent > 0:  # the run stopped early, or Klaviyo kept refusing requests
                 tally.failed += unsent
                 self.result.failures.append(
-                    f"{unsent:,} records were not sent: {self._why_stopped()}"
+                    f"{quantity(unsent, 'record')} not sent: {self._why_stopped()}"
                 )
             if len(self._refusals_in_a_row) >= MAX_REFUSALS_IN_A_ROW:
                 raise ModelError(
@@ -447,10 +448,10 @@ class ModelSync:
             if not self.dry_run:
                 self.warehouse.finish_run(self.run_id, tally, status, error)
                 log.info(
-                    "%s: done in %.1f s, %d requests",
+                    "%s: done in %.1f s, %s",
                     self.spec.model,
                     time.monotonic() - began,
-                    tally.requests,
+                    quantity(tally.requests, "request"),
                 )
         return self.result
 

@@ -275,6 +275,15 @@ def test_validate_names_a_missing_list(project: Path, emulator: Emulator) -> Non
     assert LIST_ID in done.stdout and "vip_audience" in done.stdout
 
 
+def test_validate_fails_when_the_database_is_missing(project: Path, emulator: Emulator) -> None:
+    emulator.create_list("VIP customers", list_id=LIST_ID)
+    (project / "warehouse.duckdb").unlink()
+    done = dbt_klaviyo(project, emulator, "validate", "--project-dir", ".", "--profiles-dir", ".")
+    assert done.returncode == 2, done.output
+    assert "ok  each mapped column" not in done.stdout
+    assert "warehouse.duckdb" in done.stdout
+
+
 # -- Build and sync ---------------------------------------------------------------------
 
 

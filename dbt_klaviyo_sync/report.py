@@ -27,7 +27,8 @@ def console() -> Console:
 
 
 def summary(out: Console, run: RunSummary) -> None:
-    """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan."""
+    """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan.
+    The run's own error is not here: the CLI prints it once, on standard error."""
     title = "Dry run: nothing was sent" if run.dry_run else "Klaviyo sync"
     table = Table(title=title, title_justify="left")
     columns = [f.name for f in fields(RunCounts)]
@@ -47,8 +48,6 @@ def summary(out: Console, run: RunSummary) -> None:
             "[yellow]Interrupted:[/yellow] stopped on request. Every answer received was "
             "recorded; what was not sent goes on the next run."
         )
-    if run.error:
-        out.print(f"[red]Error:[/red] {escape(run.error)}")
 
 
 def _plan(out: Console, m: ModelResult) -> None:

@@ -384,8 +384,8 @@ class ModelSync:
             if counts.held:
                 tally.failed += counts.held
                 self.result.failures.append(
-                    f"{counts.held:,} records: a bulk job an earlier run created is still "
-                    "running in Klaviyo; they wait for it"
+                    f"{quantity(counts.held, 'record')}: a bulk job an earlier run created is "
+                    "still running in Klaviyo; they wait for it"
                 )
             self._brake(counts)
             self._settle()
@@ -519,7 +519,7 @@ class ModelSync:
         if acting <= share * before:
             return
         message = (
-            f"model '{self.spec.model}' would {verb} {acting:,} profiles, "
+            f"model '{self.spec.model}' would {verb} {quantity(acting, 'profile')}, "
             f"{acting / before:.0%} of the {before:,} the last sync left in Klaviyo, more "
             f"than its max_removal_share ({share:.0%}). Nothing was sent. Check that the "
             "model reads the right data (the log names the database file), then run again "

@@ -175,11 +175,19 @@ def _validate(project: DbtProject, check: Callable[[str], Check]) -> None:
         annotations.problems += [str(p) for p in exc.problems]
         return
     annotations.what = f"annotations of {len(specs)} model(s): {', '.join(s.model for s in specs)}"
-    columns = check("each mapped column is in the built relation")
+    columns = check(
+        "each mapped column is in the built relation, and every row has a sync key of its own "
+        "(values are checked row by row by `plan`)"
+    )
     with open_warehouse(project, models, None, dry_run=True, state=False) as (warehouse, _, _):
         for spec in specs:
             try:
                 warehouse.describe(spec)
+                column = spec.fields[0].column
+                columns.problems += [
+                    f"model '{spec.model}', column '{column}': {problem}"
+                    for problem in warehouse.key_problems(spec).messages()
+                ]
             except AnnotationErrors as exc:
                 columns.problems += [str(p) for p in exc.problems]
             except SyncError as exc:

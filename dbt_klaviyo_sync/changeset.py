@@ -88,6 +88,34 @@ class ChangeCounts:
         return self.add + self.update
 
 
+@dataclass(frozen=True)
+class KeyProblems:
+    """A model's rows that the next sync rejects for their key alone, over the whole model:
+    NULL keys, and keys (normalised as the sync matches them) on more than one row."""
+
+    nulls: int
+    duplicated: int
+    examples: tuple[str, ...]  # a few of the duplicated keys
+
+    def messages(self) -> list[str]:
+        """What to tell the user, one line per problem."""
+        found = []
+        if self.nulls:
+            rows = "row" if self.nulls == 1 else "rows"
+            found.append(
+                f"{self.nulls:,} {rows} with a NULL sync key, which the sync rejects: give "
+                "every row a key, or leave such rows out of the model"
+            )
+        if self.duplicated:
+            keys = "sync key" if self.duplicated == 1 else "sync keys"
+            found.append(
+                f"{self.duplicated:,} {keys} on more than one row ({', '.join(self.examples)}"
+                f"{', ...' if self.duplicated > len(self.examples) else ''}), whose rows the "
+                "sync rejects: make the key unique (dbt's `unique` test catches it at build)"
+            )
+        return found
+
+
 # -- records and rejects -----------------------------------------------------------------
 
 

@@ -249,8 +249,8 @@ def _sync(output: str, reject_rate: float | None, **settings: Any) -> None:
         )
     else:
         report.summary(report.console(), summary)
-    if summary.error:
-        click.echo(f"Error: {summary.error}", err=True)
+        if summary.error:  # once: in the JSON, or here
+            click.echo(f"Error: {summary.error}", err=True)
     sys.exit(summary.exit_status)
 
 
@@ -302,13 +302,14 @@ def rejects(model: str, every: bool, limit: int, csv_path: Path | None, **where:
     """MODEL's rejected records with their reasons: those still rejected (the row has not
     changed since), or with --all the whole log."""
     from dbt_klaviyo_sync import report
+    from dbt_klaviyo_sync.summary import quantity
 
     with _history(**where) as warehouse:
         found = warehouse.rejects(model, every)
         total = found.count()
         if csv_path:
             found.export_csv(csv_path)
-            click.echo(f"{total:,} rejected records of {model} written to {csv_path}")
+            click.echo(f"{quantity(total, 'rejected record')} of {model} written to {csv_path}")
             return
         report.rejects(report.console(), model, found.first(limit), total)
 

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from dbt_klaviyo_sync.errors import ConfigurationError
+from dbt_klaviyo_sync.logs import root_logger_kept
 from dbt_klaviyo_sync.manifest import ModelNode, annotated_models, invocation_id, read_manifest
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,12 @@ class DbtProject:
         environment and from this directory would: dbt's own flag parsing (its click command
         and `Flags`), then its profile and project loaders inside its invocation context."""
         import click
-        from dbt.cli.flags import Flags, args_to_context
-        from dbt.config.runtime import RuntimeConfig, load_profile, load_project
-        from dbt.flags import set_flags
-        from dbt_common.exceptions import DbtBaseException
+
+        with root_logger_kept():  # the first import of dbt, which configures logging
+            from dbt.cli.flags import Flags, args_to_context
+            from dbt.config.runtime import RuntimeConfig, load_profile, load_project
+            from dbt.flags import set_flags
+            from dbt_common.exceptions import DbtBaseException
 
         try:
             with _dbt():

@@ -105,6 +105,20 @@ def configure(level: str = "INFO") -> None:
 
 
 @contextmanager
+def root_logger_kept() -> Iterator[None]:
+    """Leave the root logger as the host application set it. dbt's dependencies configure
+    it when first imported (snowplow_tracker calls `logging.basicConfig()`), which in an
+    orchestrator's process would print every library's warnings, and ours, to stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@contextmanager
 def add_log_file(path: Path) -> Iterator[None]:
     """Also log to `path` (appending, at INFO or finer, with times), keys scrubbed, as
     dbt keeps logs/dbt.log."""

@@ -27,7 +27,8 @@ def console() -> Console:
 
 
 def summary(out: Console, run: RunSummary) -> None:
-    """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan."""
+    """The table CONTRACT.md promises, then rejects, failures and, for a dry run, the plan.
+    The run's own error is not here: the CLI prints it once, on standard error."""
     title = "Dry run: nothing was sent" if run.dry_run else "Klaviyo sync"
     table = Table(title=title, title_justify="left")
     columns = [f.name for f in fields(RunCounts)]
@@ -49,8 +50,6 @@ def summary(out: Console, run: RunSummary) -> None:
             "[yellow]Interrupted:[/yellow] stopped on request. Every answer received was "
             "recorded; what was not sent goes on the next run."
         )
-    if run.error:
-        out.print(f"[red]Error:[/red] {escape(run.error)}")
 
 
 def _plan(out: Console, m: ModelResult) -> None:
@@ -106,8 +105,9 @@ def _problems(out: Console, m: ModelResult, would: bool) -> None:
     verb = "would reject" if would else "rejected"
     for reject in m.rejects:
         where = f" {reject.column}" if reject.column else ""
+        key = "(a row with a NULL key)" if reject.key is None else repr(reject.key)
         out.print(
-            f"  {verb} {escape(m.model)} {reject.key!r}{escape(where)}: {escape(reject.reason)}"
+            f"  {verb} {escape(m.model)} {escape(key)}{escape(where)}: {escape(reject.reason)}"
         )
     if m.counts.rejected > len(m.rejects):
         more = m.counts.rejected - len(m.rejects)

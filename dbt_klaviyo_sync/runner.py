@@ -78,6 +78,7 @@ from dbt_klaviyo_sync.summary import (
     ModelResult,
     RunSummary,
     changed_fields,
+    quantity,
 )
 from dbt_klaviyo_sync.warehouse import Warehouse, open_warehouse
 
@@ -229,11 +230,11 @@ def _warn_fresh_state(specs: list[SyncSpec], path: str) -> None:
     lost, events and deletions are requested again. Say so, loudly, before sending."""
     once = ", ".join(spec.model for spec in specs if spec.once)
     log.warning(
-        "no sync state at %s: every row counts as new and is sent.%s If this is not your "
-        "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state.",
+        "no sync state at %s: every row counts as new and is sent. If this is not your "
+        "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state%s.",
         path,
-        f" {once} will send every event and deletion again (Klaviyo drops events it already "
-        "has by unique_id)."
+        f": {once} would otherwise send each of its events and deletions a second time "
+        "(Klaviyo drops events it already has by unique_id)"
         if once
         else "",
     )
@@ -436,8 +437,8 @@ class ModelSync:
             if counts.held:
                 tally.failed += counts.held
                 self.result.failures.append(
-                    f"{counts.held:,} records: a bulk job an earlier run created is still "
-                    "running in Klaviyo; they wait for it"
+                    f"{quantity(counts.held, 'record')}: a bulk job an earlier run created is "
+                    "still running in Klaviyo; they wait for it"
                 )
             self._brake(counts)
             self._warn_old_events()
@@ -475,7 +476,7 @@ class ModelSync:
             if unsent > 0:  # the run stopped early, or Klaviyo kept refusing requests
                 tally.failed += unsent
                 self.result.failures.append(
-                    f"{unsent:,} records were not sent: {self._why_stopped()}"
+                    f"{quantity(unsent, 'record')} not sent: {self._why_stopped()}"
                 )
             if len(self._refusals_in_a_row) >= MAX_REFUSALS_IN_A_ROW:
                 raise ModelError(
@@ -505,10 +506,10 @@ class ModelSync:
             if not self.dry_run:
                 self.warehouse.finish_run(self.run_id, tally, status, error)
                 log.info(
-                    "%s: done in %.1f s, %d requests",
+                    "%s: done in %.1f s, %s",
                     self.spec.model,
                     time.monotonic() - began,
-                    tally.requests,
+                    quantity(tally.requests, "request"),
                 )
         return self.result
 
@@ -578,7 +579,7 @@ class ModelSync:
         if acting <= share * before:
             return
         message = (
-            f"model '{self.spec.model}' would {verb} {acting:,} profiles, "
+            f"model '{self.spec.model}' would {verb} {quantity(acting, 'profile')}, "
             f"{acting / before:.0%} of the {before:,} the last sync left in Klaviyo, more "
             f"than its max_removal_share ({share:.0%}). Nothing was sent. Check that the "
             "model reads the right data (the log names the database file), then run again "

@@ -8,6 +8,12 @@ from typing import Any
 
 from dbt_klaviyo_sync.changeset import Reject, RunCounts
 
+
+def quantity(count: int, noun: str) -> str:
+    """'1 request', '2 requests': how output counts things."""
+    return f"{count:,} {noun if count == 1 else noun + 's'}"
+
+
 #: How many records of each kind a plan shows, and how many rejects a console run prints.
 SAMPLE_SIZE = 5
 PRINTED_REJECTS = 20

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,25 @@ def test_the_python_api_reads_the_file_dbt_would_read_and_says_which(
         f"customers: reading main.customers from {project / 'warehouse.duckdb'} (target dev)"
         in log.read_text()
     )
+
+
+def test_the_python_api_leaves_the_root_logger_alone(project: Path) -> None:
+    """An orchestrator's process keeps its logging as it set it up: dbt's first import
+    configures the root logger (snowplow_tracker calls basicConfig), after which our own
+    log lines went to the orchestrator's stderr."""
+    script = (
+        "import logging, dbt_klaviyo_sync\n"
+        "dbt_klaviyo_sync.validate('.', profiles_dir='.')\n"
+        "print(logging.getLogger().handlers, logging.getLogger().level)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] 30"
+    assert "dbt_klaviyo_sync" not in done.stderr

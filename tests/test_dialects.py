@@ -340,6 +340,11 @@ def statements(package: Package) -> Iterator[tuple[str, str]]:
     yield "commit_outcomes.insert", f"insert into {commit['name']} ({columns}) values (%s)"
     for sql in commit["steps"]:
         yield "commit_outcomes.steps", sql
+    for key_field in ("external_id", "email", "phone_number"):
+        key_text = package("as_text", package.quote("customer_id"))
+        found = package("key_problems", relation(package), key_text, key_field)
+        yield "key_problems.counts", found["counts"]
+        yield "key_problems.examples", found["examples"]
 
 
 # -- the checks ----------------------------------------------------------------------------

@@ -204,6 +204,24 @@ def test_faults_and_rejects(warehouse_project: Path, emulator: Emulator) -> None
     assert emulator.stats()["retry_after_violations"] == 0
 
 
+def test_validate_fails_for_keys_the_sync_would_reject(
+    warehouse_project: Path, emulator: Emulator
+) -> None:
+    """A NULL or duplicated sync key is a reject on the next sync: validate says so, over
+    the whole model, with the key normalised as the diff keys rows."""
+    project = warehouse_project
+    emulator.create_list("VIP customers", list_id=LIST_ID)
+    change_model(
+        project,
+        "UPDATE main.customers SET customer_id = NULL WHERE customer_id = 'C00001'; "
+        "UPDATE main.customers SET customer_id = 'C00003' WHERE customer_id = 'C00002'",
+    )
+    done = dbt_klaviyo(project, emulator, "validate", "--project-dir", ".", "--profiles-dir", ".")
+    assert done.returncode == 2, done.output
+    assert "model 'customers', column 'customer_id': 1 row with a NULL sync key" in done.stdout
+    assert "1 sync key on more than one row (C00003)" in done.stdout
+
+
 def test_dbt_reads_the_history_in_the_warehouse_through_the_packages_sources(
     pg_project: Path, emulator: Emulator
 ) -> None:

@@ -182,7 +182,7 @@ def test_rejects_lists_open_rejects_and_exports_them_to_csv(
 
     exported = project / "rejects.csv"
     done = dbt_klaviyo(project, None, "rejects", "loyalty_updates", "--csv", str(exported))
-    assert done.returncode == 0 and "1 rejected records" in done.stdout
+    assert done.returncode == 0 and "1 rejected record of loyalty_updates" in done.stdout
     rows = list(csv.DictReader(exported.open()))
     assert [r["key"] for r in rows] == ["C99999"]
     assert rows[0]["code"] == "not_found" and "no profile" in rows[0]["reason"]
@@ -291,6 +291,30 @@ def test_validate_names_a_missing_list(project: Path, emulator: Emulator) -> Non
     done = dbt_klaviyo(project, emulator, "validate", "--project-dir", ".", "--profiles-dir", ".")
     assert done.returncode == 2
     assert LIST_ID in done.stdout and "vip_audience" in done.stdout
+
+
+def test_validate_fails_when_the_database_is_missing(project: Path, emulator: Emulator) -> None:
+    emulator.create_list("VIP customers", list_id=LIST_ID)
+    (project / "warehouse.duckdb").unlink()
+    done = dbt_klaviyo(project, emulator, "validate", "--project-dir", ".", "--profiles-dir", ".")
+    assert done.returncode == 2, done.output
+    assert "ok  each mapped column" not in done.stdout
+    assert "warehouse.duckdb" in done.stdout
+
+
+def test_an_error_is_printed_once(project: Path, emulator: Emulator) -> None:
+    done = dbt_klaviyo(
+        project,
+        emulator,
+        "sync",
+        "--project-dir",
+        ".",
+        "--profiles-dir",
+        ".",
+        env={"KLAVIYO_PRIVATE_API_KEY": "pk_wrong_key_for_the_test"},
+    )
+    assert done.returncode == 2
+    assert (done.stdout + done.stderr).count("refused the API key") == 1, done.output
 
 
 # -- Build and sync ---------------------------------------------------------------------

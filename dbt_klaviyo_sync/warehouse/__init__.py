@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from dbt_klaviyo_sync.changeset import ChangeCounts, JournaledUnit, RunCounts, SyncIdentity
+from dbt_klaviyo_sync.changeset import (
+    ChangeCounts,
+    JournaledUnit,
+    KeyProblems,
+    RunCounts,
+    SyncIdentity,
+)
 from dbt_klaviyo_sync.errors import ConfigurationError
 from dbt_klaviyo_sync.spec import SyncSpec
 
@@ -66,6 +72,10 @@ class Warehouse(Protocol):
         """Check that the model can be read and has its mapped columns: `ModelError` when
         the model has no relation to read (stop it alone), `AnnotationErrors` for missing
         columns (stop the run)."""
+
+    def key_problems(self, spec: SyncSpec) -> KeyProblems:
+        """The model's NULL and duplicated sync keys, over all its rows: what `validate`
+        must not call ok, as the next sync rejects those rows."""
 
     def readable(self, spec: SyncSpec) -> None:
         """`ModelError` when the model has no relation to read (not built, ephemeral)."""

@@ -38,6 +38,7 @@ from dbt_klaviyo_sync.changeset import (
     SENT,
     ChangeCounts,
     JournaledUnit,
+    KeyProblems,
     RunCounts,
     SyncIdentity,
     field_column,
@@ -190,6 +191,18 @@ class AdapterWarehouse:
 
     def describe(self, spec: SyncSpec) -> None:
         mapped_columns(spec, self._columns(spec))
+
+    def key_problems(self, spec: SyncSpec) -> KeyProblems:
+        key_column = mapped_columns(spec, self._columns(spec))[0][0]
+        statements = self._macro(
+            "key_problems",
+            relation=spec.relation,
+            key_text=self._macro("as_text", expression=self._adapter.quote(key_column)),
+            key_field=spec.key_field,
+        )
+        [(nulls, duplicated)] = self._rows(statements["counts"])
+        examples = tuple(str(key) for (key,) in self._rows(statements["examples"]))
+        return KeyProblems(int(nulls), int(duplicated), examples)
 
     # -- which sync ------------------------------------------------------------------
 

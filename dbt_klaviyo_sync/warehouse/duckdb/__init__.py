@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dbt_klaviyo_sync.changeset import ChangeCounts
+from dbt_klaviyo_sync.changeset import ChangeCounts, KeyProblems
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.warehouse.duckdb import diff, history
 from dbt_klaviyo_sync.warehouse.duckdb.state import (
@@ -34,6 +34,9 @@ class DuckDBWarehouse(State):
 
     def describe(self, spec: SyncSpec) -> None:
         diff.check_columns(self.con, spec)
+
+    def key_problems(self, spec: SyncSpec) -> KeyProblems:
+        return diff.key_problems(self.con, spec)
 
     def readable(self, spec: SyncSpec) -> None:
         diff.relation_columns(self.con, spec)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import duckdb
 import pyarrow as pa
 
-from dbt_klaviyo_sync.changeset import ChangeCounts, field_column
+from dbt_klaviyo_sync.changeset import ChangeCounts, KeyProblems, field_column
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreadable
 from dbt_klaviyo_sync.warehouse.duckdb.columns import value_sql
@@ -96,6 +96,20 @@ def _selected(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
         else value_sql(_ident(name), kind, f.field)
         for i, ((name, kind), f) in enumerate(zip(columns, spec.fields, strict=True))
     ]
+
+
+def key_problems(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> KeyProblems:
+    """The model's NULL and duplicated sync keys, normalised as the diff keys rows."""
+    keys = f"SELECT {_selected(con, spec)[0]} AS k FROM {spec.relation}"
+    duplicated = f"SELECT k FROM ({keys}) WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+    found = con.execute(
+        f"""SELECT (SELECT count(*) FROM ({keys}) WHERE k IS NULL),
+                   (SELECT count(*) FROM ({duplicated})),
+                   (SELECT list(k ORDER BY k)[1:3] FROM ({duplicated}))"""
+    ).fetchone()
+    assert found is not None  # an aggregate always has its row
+    nulls, count, examples = found
+    return KeyProblems(int(nulls), int(count), tuple(examples or ()))
 
 
 def _model_sql(

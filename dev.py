@@ -4,43 +4,76 @@
     python3 dev.py demo   # dbt builds 1,200 customers, the emulator starts, two syncs
     python3 dev.py test   # lint, type checks and the whole test suite (what CI runs),
                           # with a throwaway PostgreSQL server (scripts/postgres.py)
+    python3 dev.py test --dbt 1.12   # the same next to dbt-core 1.12 (.venv-dbt112/)
+    python3 dev.py dist   # build the sdist and the wheel into dist/, and `twine check` them
     python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
 
-Both create `.venv/` and install the project into it on first use (and again whenever
-pyproject.toml changes), then run inside it.
+Each creates `.venv/` (or its lane's) and installs the project into it on first use (and
+again whenever pyproject.toml or the lane's constraints change), then runs inside it. Each
+lane pins dbt-core with a constraints file (constraints/): the package itself accepts any
+dbt-core it supports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 from scripts import postgres
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
+#: The dbt-core versions CI tests: each its virtual environment and constraints file.
+LANES = {"1.11": ".venv", "1.12": ".venv-dbt112"}
+DEFAULT_LANE = "1.11"
+#: What the wheel must carry besides the Python modules (they are read at run time).
+WHEEL_DATA = (
+    "dbt_klaviyo_sync/py.typed",
+    "dbt_klaviyo_sync/schema/annotations.json",
+    "dbt_klaviyo_sync/klaviyo/openapi-subset.json",
+)
+VENV = ROOT / LANES[DEFAULT_LANE]
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 
 
+def use_lane(lane: str) -> None:
+    """Run in the virtual environment of dbt-core `lane` from now on."""
+    global VENV, BIN, PYTHON
+    if lane not in LANES:
+        sys.exit(f"no test lane for dbt {lane}; there are: {', '.join(LANES)}")
+    VENV = ROOT / LANES[lane]
+    BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+    PYTHON = BIN / "python"
+
+
 def ensure_venv() -> None:
-    """Create the virtual environment and install the project with its dev extras."""
+    """Create the virtual environment and install the project with its dev extras, dbt-core
+    held to the lane's version by its constraints file."""
+    lane = next(name for name, folder in LANES.items() if ROOT / folder == VENV)
+    constraints = ROOT / "constraints" / f"dbt-{lane}.txt"
     stamp = VENV / ".installed"
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + constraints.read_bytes()
+    ).hexdigest()
     if stamp.exists() and stamp.read_text() == wanted:
         return
     if not PYTHON.exists():
         print(f"Creating {VENV} ...", flush=True)
         venv.create(VENV, with_pip=True)
-    print("Installing dbt-klaviyo-sync and its dependencies (a minute or two) ...", flush=True)
+    print(
+        f"Installing dbt-klaviyo-sync and its dependencies, with dbt {lane} (a minute or two) ...",
+        flush=True,
+    )
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    subprocess.run([*pip, "-c", str(constraints), "-e", f"{ROOT}[dev]"], check=True)
     stamp.write_text(wanted)
 
 
@@ -82,17 +115,40 @@ def test(pytest_args: list[str]) -> None:
             print(f"warning: stopping PostgreSQL: {exc}", file=sys.stderr)
 
 
+def dist() -> None:
+    """Build the sdist and the wheel as a release would (in an isolated environment), check
+    their metadata with twine, and that the wheel carries the data files the tool reads."""
+    out = ROOT / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    run(str(PYTHON), "-m", "build", "--outdir", str(out), str(ROOT))
+    built = sorted(str(path) for path in out.iterdir())
+    run(str(BIN / "twine"), "check", "--strict", *built)
+    [wheel] = out.glob("*.whl")
+    missing = set(WHEEL_DATA) - set(zipfile.ZipFile(wheel).namelist())
+    if missing:
+        sys.exit(f"{wheel.name} lacks {', '.join(sorted(missing))}")
+    print(f"{wheel.name} holds the package and its data files", flush=True)
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     scripts = {"demo": ROOT / "scripts" / "demo.py", "bench": ROOT / "benchmarks" / "run.py"}
-    if command != "test" and command not in scripts:
+    if command not in ("test", "dist") and command not in scripts:
         sys.exit(__doc__)
+    args = sys.argv[2:]
+    if command == "test" and args[:1] == ["--dbt"]:
+        if len(args) < 2:
+            sys.exit("--dbt takes a dbt-core version: " + ", ".join(LANES))
+        use_lane(args[1])
+        args = args[2:]
     ensure_venv()
     if command == "test":
-        test(sys.argv[2:])
+        test(args)
+    elif command == "dist":
+        dist()
     else:
         script = scripts[command]
-        done = subprocess.run([str(PYTHON), str(script), *sys.argv[2:]], cwd=script.parent)
+        done = subprocess.run([str(PYTHON), str(script), *args], cwd=script.parent)
         sys.exit(done.returncode)
 
 

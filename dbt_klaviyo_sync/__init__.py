@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dbt_klaviyo_sync.api import sync, validate
 
-__all__ = ["sync", "validate"]
+#: The tool's version, and the dbt package's (dbt_project.yml `version:`), kept equal by
+#: tests/test_packaging.py: `sync` and `validate` refuse a dbt package of another minor version.
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "sync", "validate"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ summary, with exit status 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, select_models
+from dbt_klaviyo_sync import __version__
+from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, build, check_package, select_models
 from dbt_klaviyo_sync.errors import AnnotationErrors, SyncError
 from dbt_klaviyo_sync.logs import add_log_file, api_key, redact
 from dbt_klaviyo_sync.manifest import ModelNode
@@ -43,6 +45,8 @@ from dbt_klaviyo_sync.runner import (
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.summary import ModelResult, RunSummary
 from dbt_klaviyo_sync.warehouse import open_warehouse
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 LOG_FILE = "dbt-klaviyo.log"
@@ -100,6 +104,7 @@ def sync(
             reconcile=reconcile,
         )
         with _logged_to(project):
+            _check_package(project)
             models = select_models(project)
             if build:
                 models = _build(project, models, summary)
@@ -167,6 +172,11 @@ def validate(
 
 
 def _validate(project: DbtProject, check: Callable[[str], Check]) -> None:
+    package = check(f"the dbt package klaviyo_sync, if installed, is dbt-klaviyo's {__version__}")
+    try:
+        _check_package(project)
+    except SyncError as exc:
+        package.problems.append(str(exc))
     annotations = check("annotations")
     models = select_models(project)
     try:
@@ -211,6 +221,13 @@ def _validate_credentials(specs: list[SyncSpec], credentials: Check) -> None:
         credentials.problems.append(redact(str(exc)))
     finally:
         client.close()
+
+
+def _check_package(project: DbtProject) -> None:
+    """Stop for a dbt package of another minor version than the tool; warn for a patch."""
+    warning = check_package(project, __version__)
+    if warning:
+        log.warning("Warning: %s", warning)
 
 
 def _options(**settings: Any) -> SyncOptions:

@@ -34,6 +34,11 @@ def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None
         configure(value)
 
 
+def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        configure(log_format=value)
+
+
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         configure("WARNING")
@@ -57,8 +62,17 @@ _logging_options = _options(
         expose_value=False,
         is_eager=True,
         callback=_set_log_level,
-        help="How much to log to stderr [default: info, or DBT_KLAVIYO_LOG_LEVEL]. "
-        "target/dbt-klaviyo.log gets info or finer.",
+        help="How much to log to stderr [default: info]. target/dbt-klaviyo.log gets info "
+        "or finer.",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"], case_sensitive=False),
+        expose_value=False,
+        is_eager=True,
+        callback=_set_log_format,
+        help="json: one JSON object per log line (time, level, logger, message), on stderr "
+        "and in target/dbt-klaviyo.log [default: text].",
     ),
     click.option(
         "--quiet",
@@ -184,9 +198,40 @@ _sync_options = _options(
 )
 
 
+def _show_versions(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """The tool's, dbt-core's and each installed adapter's versions, as `dbt --version`
+    lists them (without its look-up of the latest versions on PyPI)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from dbt.version import __version__ as dbt_version
+    from dbt.version import _get_dbt_plugins_info
+
+    from dbt_klaviyo_sync import __version__
+
+    click.echo(f"dbt-klaviyo: {__version__}\ndbt-core: {dbt_version}")
+    for name, version in sorted(_get_dbt_plugins_info()):
+        click.echo(f"dbt-{name}: {version}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_versions,
+    help="Show the versions of dbt-klaviyo, dbt-core and the dbt adapters, and exit.",
+)
+@_logging_options
 def cli() -> None:
-    """Sync annotated dbt models to Klaviyo, sending only what changed."""
+    """Sync annotated dbt models to Klaviyo, sending only what changed.
+
+    The logging options go before the command or after it, as in dbt. Every option can
+    also be set with an environment variable DBT_KLAVIYO_<OPTION> (DBT_KLAVIYO_LOG_LEVEL,
+    DBT_KLAVIYO_CONCURRENCY, ...), shown in each command's --help; an option on the command
+    line wins.
+    """
 
 
 @cli.command()
@@ -277,13 +322,13 @@ def status(model: str | None, runs: int, output: str, **where: Any) -> None:
     from dbt_klaviyo_sync import report
 
     with _history(**where) as warehouse:
-        rows = warehouse.last_runs(model, runs)
+        rows = warehouse.last_runs(model, runs)  # an unknown model: as for `rejects`
     if output == "json":
         click.echo(orjson.dumps(rows, default=str, option=orjson.OPT_INDENT_2).decode())
     elif rows:
         report.runs(report.console(), rows)
     else:
-        click.echo(f"No syncs recorded{' for ' + model if model else ''} yet.")
+        click.echo("No syncs recorded yet.")
 
 
 @cli.command()
@@ -334,10 +379,12 @@ def _history(
 ) -> Iterator[Warehouse]:
     """The sync state, read-only, for the history commands: the state file of a dbt-duckdb
     project (found without starting dbt when it is in its default place), or the state
-    schema in the warehouse of another target."""
+    schema in the warehouse of another target. The project is found as dbt finds it:
+    --project-dir, DBT_PROJECT_DIR, or the nearest folder up from here with a
+    dbt_project.yml."""
     from dbt_klaviyo_sync.warehouse.duckdb import default_path, open_duckdb
 
-    here = Path(project_dir or ".").resolve()
+    here = _project_root(project_dir or os.environ.get("DBT_PROJECT_DIR"))
     if state_path is None and default_path(here).is_file():
         state_path = default_path(here)
     if state_path is None:
@@ -358,7 +405,39 @@ def _history(
         yield warehouse
 
 
-cli.add_command(emulator_command)
+def _project_root(given: str | None) -> Path:
+    """The dbt project folder as dbt 1.10+ resolves a missing --project-dir: the working
+    directory or the nearest of its parents that holds a dbt_project.yml."""
+    if given:
+        return Path(given).resolve()
+    here = Path.cwd()
+    return next((p for p in (here, *here.parents) if (p / "dbt_project.yml").is_file()), here)
+
+
+# The emulator's command lives in its package, which imports nothing of the client; it
+# takes the logging options every command takes (click adds them to a command object).
+cli.add_command(_logging_options(emulator_command))  # type: ignore[arg-type]
+
+
+def _take_environment(group: click.Group, prefix: str = "DBT_KLAVIYO_") -> None:
+    """Give every option an environment variable, DBT_KLAVIYO_ and its long name
+    (`--job-timeout`: DBT_KLAVIYO_JOB_TIMEOUT), the same for every command, and show it in
+    --help. The logging options read theirs once, before the command: repeated after it,
+    only what the command line says counts, wherever it is said."""
+    shared = {param.name for param in group.params}
+    for command in [group, *group.commands.values()]:
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name in ("help", "version"):
+                continue
+            if command is not group and param.name in shared:
+                continue
+            if param.envvar is None:
+                longest = max(param.opts, key=len).lstrip("-")
+                param.envvar = prefix + longest.upper().replace("-", "_")
+            param.show_envvar = True
+
+
+_take_environment(cli)
 
 
 def _expand_multi_values(args: list[str]) -> list[str]:
@@ -382,7 +461,7 @@ def _expand_multi_values(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    configure(os.environ.get("DBT_KLAVIYO_LOG_LEVEL", "INFO"))
+    configure("INFO", "text")  # until the options (or DBT_KLAVIYO_LOG_*) say otherwise
     args = _expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
         cli.main(args=args, prog_name="dbt-klaviyo", standalone_mode=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from dbt_klaviyo_sync.errors import ConfigurationError
 from dbt_klaviyo_sync.logs import root_logger_kept
@@ -590,3 +591,75 @@ def adapter(project: DbtProject) -> Iterator[Any]:
             ) from exc
         finally:
             cleanup_connections()  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
+
+
+# -- The dbt package beside the tool --------------------------------------------------------
+
+PACKAGE = "klaviyo_sync"
+
+
+def check_package(project: DbtProject, tool: str) -> str | None:
+    """Compare the dbt package `klaviyo_sync` that `dbt deps` installed in the project (as
+    dbt itself loads it, wherever `packages-install-path` puts it) with the tool's version
+    `tool`: its macros write the state the tool reads, so another major or minor version
+    raises ConfigurationError before anything is sent. Another patch version is returned as
+    a warning to show. None when they match, or the package is not installed."""
+    from dbt_common.exceptions import DbtBaseException
+
+    try:
+        installed = project.config.load_dependencies().get(PACKAGE)
+    except DbtBaseException as exc:
+        raise ConfigurationError(
+            _scrub(f"dbt cannot load the project's packages: {_said(exc)}")
+        ) from exc
+    if installed is None or Path(installed.project_root) == project.project_dir:
+        return None
+    version = str(installed.version)
+    if version == tool:
+        return None
+    problem = (
+        f"the dbt package {PACKAGE} installed in {installed.project_root} is version "
+        f"{version}, but dbt-klaviyo is {tool}: {_package_fix(project, tool)} (Or install "
+        f"the tool that matches the package: pip install 'dbt-klaviyo-sync=={version}'.)"
+    )
+    if version.split(".")[:2] != tool.split(".")[:2]:
+        raise ConfigurationError(problem)
+    return problem
+
+
+def _package_fix(project: DbtProject, tool: str) -> str:
+    """How to install the dbt package of version `tool`, in the words of the project's own
+    packages.yml entry for it."""
+    path = getattr(project.config, "packages_specified_path", "packages.yml")
+    entries = [entry for entry in project.config.packages.packages if _is_ours(project, entry)]
+    then = "then run `dbt deps`."
+    if len(entries) != 1:
+        return (
+            f"in {path}, install {PACKAGE} {tool} (git `revision: v{tool}` of the "
+            f"dbt-klaviyo-sync repository), {then}"
+        )
+    entry = entries[0]
+    if hasattr(entry, "git"):
+        return f'in {path}, set the entry of {entry.git} to `revision: "v{tool}"`, {then}'
+    if hasattr(entry, "package"):
+        return f'in {path}, set the entry of {entry.package} to `version: "{tool}"`, {then}'
+    if hasattr(entry, "local"):
+        return (
+            f"in {path}, point `local: {entry.local}` at a checkout of dbt-klaviyo-sync "
+            f"{tool}, {then}"
+        )
+    return f"in {path}, install {PACKAGE} {tool}, {then}"
+
+
+def _is_ours(project: DbtProject, entry: Any) -> bool:
+    """Whether a packages.yml entry installs `klaviyo_sync`: by its name, the project at
+    its local path, or a git URL or hub name that says klaviyo."""
+    if getattr(entry, "name", None) == PACKAGE:
+        return True
+    if hasattr(entry, "local"):
+        config = project.project_dir / entry.local / "dbt_project.yml"
+        try:
+            return bool(yaml.safe_load(config.read_text()).get("name") == PACKAGE)
+        except (OSError, yaml.YAMLError, AttributeError):
+            return False
+    return "klaviyo" in str(getattr(entry, "git", "") or getattr(entry, "package", ""))

@@ -48,6 +48,17 @@ class ModelError(SyncError):
     over its safety brake): it stops, with this message, and the other models go on."""
 
 
+class NeverSynced(ConfigurationError):
+    """`status` or `rejects` named a model that has no sync recorded in this state (a typo,
+    another project, or another state file), in the same words for both."""
+
+    def __init__(self, model: str, synced: list[str]) -> None:
+        super().__init__(
+            f"model '{model}' has never been synced with this state (synced models: "
+            f"{', '.join(sorted(synced)) or 'none'})"
+        )
+
+
 class StateError(SyncError):
     """The state file is locked, damaged or from an unknown version."""
 

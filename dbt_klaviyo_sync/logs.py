@@ -9,8 +9,11 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
+
+import orjson
 
 from dbt_klaviyo_sync.errors import ConfigurationError
 
@@ -92,12 +95,40 @@ _OURS = "dbt_klaviyo_sync"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure(level: str = "INFO") -> None:
-    """Log to stderr at `level` (DEBUG, INFO, WARNING or ERROR); keys are always scrubbed."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors: time (UTC), level, logger, message,
+    and the traceback when there is one. The message is the one RedactingFilter scrubbed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry).decode()
+
+
+#: The CLI's choice of format (--log-format), for stderr and the log file alike.
+_log_format = "text"
+
+
+def _formatter(text_format: str) -> logging.Formatter:
+    return JsonFormatter() if _log_format == "json" else logging.Formatter(text_format)
+
+
+def configure(level: str | None = None, log_format: str | None = None) -> None:
+    """Log to stderr at `level` (DEBUG, INFO, WARNING or ERROR; as before when None), as
+    text or as JSON lines (`log_format`, as before when None); keys are always scrubbed."""
+    global _log_format
+    _log_format = (log_format or _log_format).lower()
+    before = [h.level for h in logging.getLogger().handlers if isinstance(h, _StderrHandler)]
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_formatter("%(message)s"))
     handler.addFilter(RedactingFilter())
-    handler.setLevel(level.upper())
+    handler.setLevel(level.upper() if level else (before[0] if before else logging.INFO))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -124,7 +155,7 @@ def add_log_file(path: Path) -> Iterator[None]:
     dbt keeps logs/dbt.log."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(_formatter(_FORMAT))
     handler.addFilter(RedactingFilter())
     ours = logging.getLogger(_OURS)
     level = ours.level

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import click
 import pytest
 
 from dbt_klaviyo_sync import cli
 from dbt_klaviyo_sync.dbt import DbtProject
-from tests.conftest import PRIVATE_KEY, PUBLIC_KEY
+from dbt_klaviyo_sync.emulator import Emulator
+from dbt_klaviyo_sync.logs import configure
+from tests.conftest import PRIVATE_KEY, PUBLIC_KEY, dbt_klaviyo, sync_customers
 
 
 @pytest.mark.parametrize(
@@ -44,3 +53,112 @@ def test_an_unexpected_error_exits_2_without_a_traceback_or_keys(
     assert "Traceback" not in err  # a traceback could carry what a library put in it
     assert PRIVATE_KEY not in err and PUBLIC_KEY not in err
     assert "[redacted key]" in err
+
+
+# -- dbt's conventions: global flags anywhere, options from the environment, JSON logs -----
+
+PLAN = ("plan", "--project-dir", ".", "--profiles-dir", ".")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--log-level", "warning", *PLAN),
+        (*PLAN, "--log-level", "warning"),
+        ("-q", *PLAN),
+        (*PLAN, "-q"),
+    ],
+)
+def test_logging_options_go_before_or_after_the_command(
+    project: Path, emulator: Emulator, argv: tuple[str, ...]
+) -> None:
+    loud = dbt_klaviyo(project, emulator, *PLAN, "-s", "customers")
+    assert "customers: reading" in loud.stderr
+    quiet = dbt_klaviyo(project, emulator, *argv, "-s", "customers")
+    assert quiet.returncode == 0, quiet.output
+    assert "customers: reading" not in quiet.stderr
+    assert "customers" in quiet.stdout  # the summary still prints
+
+
+def test_every_option_also_comes_from_the_environment(project: Path, emulator: Emulator) -> None:
+    env = {
+        "DBT_KLAVIYO_SELECT": "customers",
+        "DBT_KLAVIYO_PROJECT_DIR": ".",
+        "DBT_KLAVIYO_PROFILES_DIR": ".",
+        "DBT_KLAVIYO_OUTPUT": "json",
+        "DBT_KLAVIYO_LOG_LEVEL": "warning",
+    }
+    planned = dbt_klaviyo(project, emulator, "plan", env=env)
+    assert planned.returncode == 0, planned.output
+    assert [m["model"] for m in json.loads(planned.stdout)["models"]] == ["customers"]
+    assert "customers: reading" not in planned.stderr
+    # The command line wins, before or after the command.
+    for argv in (("--log-level", "info", "plan"), ("plan", "--log-level", "info")):
+        chosen = dbt_klaviyo(project, emulator, *argv, "-s", "loyalty_updates", env=env)
+        assert [m["model"] for m in json.loads(chosen.stdout)["models"]] == ["loyalty_updates"]
+        assert "loyalty_updates: reading" in chosen.stderr
+
+
+def test_every_option_names_its_environment_variable_in_help() -> None:
+    logging_options = {"log_level", "log_format", "quiet"}
+    assert {param.name for param in cli.cli.params} == {"version", *logging_options}
+    for command in [cli.cli, *cli.cli.commands.values()]:
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name == "version":
+                continue
+            if command is not cli.cli and param.name in logging_options:
+                assert param.envvar is None  # read once, before the command
+                continue
+            longest = max(param.opts, key=len).lstrip("-").upper().replace("-", "_")
+            assert param.envvar == f"DBT_KLAVIYO_{longest}", (command.name, param.name)
+            assert param.show_envvar
+
+
+def test_log_format_json_writes_one_object_per_line_keys_scrubbed(
+    project: Path, emulator: Emulator
+) -> None:
+    done = dbt_klaviyo(project, emulator, "--log-format", "json", *PLAN, "-s", "customers")
+    assert done.returncode == 0, done.output
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert any(line["message"].startswith("customers: reading") for line in lines)
+    assert {line["level"] for line in lines} == {"info"}
+    logged = (project / "target" / "dbt-klaviyo.log").read_text().splitlines()
+    assert json.loads(logged[-1])["logger"].startswith("dbt_klaviyo_sync")
+    assert PRIVATE_KEY not in done.output + "".join(logged)
+
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KLAVIYO_PRIVATE_API_KEY", PRIVATE_KEY)
+        configure("INFO", "json")
+        logging.getLogger("dbt_klaviyo_sync.test").info("sent with %s", PRIVATE_KEY)
+        configure("INFO", "text")
+    assert json.loads(out.getvalue())["message"] == "sent with [redacted key]"
+
+
+# -- status and rejects: the project found as sync finds it, unknown models alike --------
+
+
+def test_history_commands_find_the_project_from_a_subdirectory(
+    project: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    assert sync_customers(project, emulator).returncode == 0
+    below = project / "models"
+    for argv in (("status",), ("rejects", "customers")):
+        done = dbt_klaviyo(project, None, *argv, cwd=below)
+        assert done.returncode == 0, done.output
+        assert "customers" in done.stdout
+    elsewhere = dbt_klaviyo(
+        project, None, "status", cwd=tmp_path, env={"DBT_PROJECT_DIR": str(project)}
+    )
+    assert elsewhere.returncode == 0 and "customers" in elsewhere.stdout, elsewhere.output
+
+
+def test_status_and_rejects_treat_an_unknown_model_alike(project: Path, emulator: Emulator) -> None:
+    assert sync_customers(project, emulator).returncode == 0
+    status = dbt_klaviyo(project, None, "status", "custmers")
+    rejects = dbt_klaviyo(project, None, "rejects", "custmers")
+    assert status.returncode == rejects.returncode == 2
+    assert status.stderr == rejects.stderr
+    assert "model 'custmers' has never been synced" in status.stderr
+    assert "customers" in status.stderr

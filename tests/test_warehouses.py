@@ -201,6 +201,13 @@ def test_faults_and_rejects(warehouse_project: Path, emulator: Emulator) -> None
     assert "C00007" in rejects.stdout and "not a valid email" in rejects.stdout
     status = dbt_klaviyo(project, emulator, "status", "--project-dir", ".", "--profiles-dir", ".")
     assert status.returncode == 0 and "customers" in status.stdout
+    unknown = [
+        dbt_klaviyo(project, emulator, command, "custmers", "--project-dir", ".")
+        for command in ("status", "rejects")
+    ]
+    assert [done.returncode for done in unknown] == [2, 2]
+    assert unknown[0].stderr == unknown[1].stderr
+    assert "model 'custmers' has never been synced" in unknown[0].stderr
     assert emulator.stats()["retry_after_violations"] == 0
 
 

@@ -34,7 +34,16 @@ def emulator(
     It accepts only the keys in KLAVIYO_PRIVATE_API_KEY and KLAVIYO_PUBLIC_API_KEY when
     they are set, and any key otherwise. Its state is at /__emulator__/state.
     """
-    from .server import serve  # the server's imports load only when it runs
+    try:
+        from .server import serve  # the server's imports load only when it runs
+    except ModuleNotFoundError as exc:  # installed without the [emulator] extra
+        missing = (exc.name or "werkzeug").partition(".")[0]
+        click.echo(
+            f"Error: the emulator needs {missing}, which is not installed: "
+            "pip install 'dbt-klaviyo-sync[emulator]'",
+            err=True,
+        )
+        raise SystemExit(2) from None
 
     serve(
         host,

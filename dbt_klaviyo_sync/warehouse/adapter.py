@@ -44,7 +44,7 @@ from dbt_klaviyo_sync.changeset import (
     field_column,
     field_kind,
 )
-from dbt_klaviyo_sync.errors import ConfigurationError, StateError
+from dbt_klaviyo_sync.errors import NeverSynced, StateError
 from dbt_klaviyo_sync.spec import SyncSpec
 from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreadable
 
@@ -510,17 +510,19 @@ class AdapterWarehouse:
     # -- the history -----------------------------------------------------------------
 
     def last_runs(self, model: str | None, runs: int) -> list[dict[str, Any]]:
+        if model is not None:
+            self._require_synced(model)
         rows = self._rows(self._sql("last_runs", model=model, runs=runs))
         return [dict(zip(RUN_COLUMNS, row, strict=True)) for row in rows]
 
     def rejects(self, model: str, every: bool = False) -> AdapterRejects:
+        self._require_synced(model)
+        return AdapterRejects(self, self._sql("rejects", model=model, every=every))
+
+    def _require_synced(self, model: str) -> None:
         if not self._value(self._sql("known_model", model=model)):
             synced = [name for (name,) in self._rows(self._sql("synced_models"))]
-            raise ConfigurationError(
-                f"model '{model}' has never been synced with this state (synced models: "
-                f"{', '.join(synced) or 'none'})"
-            )
-        return AdapterRejects(self, self._sql("rejects", model=model, every=every))
+            raise NeverSynced(model, synced)
 
 
 def _marks(connection: Any, count: int) -> str:

@@ -11,7 +11,7 @@ import duckdb
 import pyarrow.csv as pacsv
 
 from dbt_klaviyo_sync.changeset import RUN_COLUMNS
-from dbt_klaviyo_sync.errors import ConfigurationError
+from dbt_klaviyo_sync.errors import NeverSynced
 from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG, State
 
 _LAST_RUNS = f"""
@@ -52,6 +52,8 @@ _EVERY_REJECT = f"""
 
 def last_runs(state: State, model: str | None, runs: int) -> list[dict[str, Any]]:
     """The last `runs` runs of each synced model (or of one), newest first."""
+    if model is not None:
+        _require_synced(state, model)
     rows = state.con.execute(_LAST_RUNS, {"model": model, "runs": runs}).fetchall()
     return [dict(zip(RUN_COLUMNS, row, strict=True)) for row in rows]
 
@@ -86,14 +88,14 @@ class Rejects:
 
 def rejects(state: State, model: str, every: bool = False) -> Rejects:
     """The model's outstanding rejects (or, with `every`, every reject ever logged)."""
+    _require_synced(state, model)
+    return Rejects(state, model, every)
+
+
+def _require_synced(state: State, model: str) -> None:
     [(known,)] = state.con.execute(
         f"SELECT count(*) FROM {CATALOG}.syncs WHERE model = $1", [model]
     ).fetchall()
     if not known:
         names = state.con.execute(f"SELECT DISTINCT model FROM {CATALOG}.syncs").fetchall()
-        synced = [name for (name,) in names]
-        raise ConfigurationError(
-            f"model '{model}' has never been synced with this state (synced models: "
-            f"{', '.join(sorted(synced)) or 'none'})"
-        )
-    return Rejects(state, model, every)
+        raise NeverSynced(model, [name for (name,) in names])

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dbt_klaviyo_sync.api import Check
 from dbt_klaviyo_sync.changeset import REJECT_COLUMNS, RUN_COLUMNS, RunCounts
-from dbt_klaviyo_sync.summary import ModelResult, RunSummary
+from dbt_klaviyo_sync.summary import ModelResult, RunSummary, in_words
 
 #: Fields of a sample record shown in a plan (a new record has them all; --output json
 #: gives every one).
@@ -44,6 +44,9 @@ def summary(out: Console, run: RunSummary) -> None:
     for m in run.models:
         if run.dry_run:
             _plan(out, m)
+        elif any((m.counts.added, m.counts.updated, m.counts.removed)):
+            said = in_words(m.object, m.behavior, m.counts, done=True)
+            out.print(f"{escape(m.model)} ({m.object} {m.behavior}): {said}")
         _problems(out, m, would=run.dry_run)
     if run.interrupted:
         out.print(
@@ -55,33 +58,8 @@ def summary(out: Console, run: RunSummary) -> None:
 def _plan(out: Console, m: ModelResult) -> None:
     """What the sync would do to the model's records, in its behaviour's words, with a few
     records field by field."""
-    c = m.counts
-    doing = {
-        ("profile", "upsert"): [
-            (c.added, "to create"),
-            (c.updated, "to update"),
-            (c.removed, "left the model (left as they are in Klaviyo)"),
-        ],
-        ("profile", "update_only"): [(c.updated, "profiles to update")],
-        ("profile", "delete"): [(c.removed, "profiles to delete")],
-        ("list", "mirror"): [
-            (c.added, "to add to the list"),
-            (c.updated, "members to update"),
-            (c.removed, "to remove from the list"),
-        ],
-        ("event", "send"): [(c.added, "events to send")],
-        ("subscription", "mirror"): [
-            (c.added, "to subscribe"),
-            (c.updated + c.removed, f"to unsubscribe ({c.removed:,} left the model)"),
-        ],
-        ("subscription", "subscribe"): [(c.added, "to subscribe")],
-        ("suppression", "mirror"): [
-            (c.added, "to suppress"),
-            (c.updated + c.removed, f"to unsuppress ({c.removed:,} left the model)"),
-        ],
-    }.get((m.object, m.behavior), [])
-    words = ", ".join(f"{n:,} {what}" for n, what in doing)
-    out.print(f"[bold]{escape(m.model)}[/bold] ({m.object} {m.behavior}): {words or 'nothing'}")
+    words = in_words(m.object, m.behavior, m.counts, done=False)
+    out.print(f"[bold]{escape(m.model)}[/bold] ({m.object} {m.behavior}): {words}")
     for sample in m.samples:
         shown = list(sample.fields.items())[:SHOWN_FIELDS]
         changes = "; ".join(f"{name}: {_value(old)} -> {_value(new)}" for name, (old, new) in shown)

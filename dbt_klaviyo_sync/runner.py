@@ -78,6 +78,7 @@ from dbt_klaviyo_sync.summary import (
     ModelResult,
     RunSummary,
     changed_fields,
+    in_words,
     quantity,
 )
 from dbt_klaviyo_sync.warehouse import Warehouse, open_warehouse
@@ -423,8 +424,8 @@ class ModelSync:
             standing = self.warehouse.standing_rejects(self.sid)
             self.result.rows = counts.model_rows
             log.info(
-                "%s: %d rows; %d to add, %d to update, %d left the model, %d with a NULL or "
-                "duplicated sync key, %d still refused from earlier runs (diff: %.1f s)",
+                "%s: %d rows; since the last sync %d new, %d changed, %d left the model; %d with "
+                "a NULL or duplicated sync key, %d still refused from earlier runs (diff: %.1f s)",
                 self.spec.model,
                 counts.model_rows,
                 counts.add,
@@ -506,9 +507,10 @@ class ModelSync:
             if not self.dry_run:
                 self.warehouse.finish_run(self.run_id, tally, status, error)
                 log.info(
-                    "%s: done in %.1f s, %s",
+                    "%s: done in %.1f s: %s; %s",
                     self.spec.model,
                     time.monotonic() - began,
+                    in_words(self.spec.object, self.spec.behavior, tally, done=True),
                     quantity(tally.requests, "request"),
                 )
         return self.result

@@ -14,6 +14,48 @@ def quantity(count: int, noun: str) -> str:
     return f"{count:,} {noun if count == 1 else noun + 's'}"
 
 
+#: Each behaviour's words for the table's added, updated and removed: (column, as a plan
+#: says it, as a run reports it). The log, the plan and the line under the table use them.
+_WORDS: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {
+    ("profile", "upsert"): (
+        ("added", "to create", "created"),
+        ("updated", "to update", "updated"),
+        ("removed", "left the model (kept in Klaviyo)", "left the model (kept in Klaviyo)"),
+    ),
+    ("profile", "update_only"): (("updated", "profiles to update", "profiles updated"),),
+    ("profile", "delete"): (("removed", "profiles to delete", "profiles deleted"),),
+    ("list", "mirror"): (
+        ("added", "to add to the list", "added to the list"),
+        ("updated", "members to update", "members updated"),
+        ("removed", "to remove from the list", "removed from the list"),
+    ),
+    ("event", "send"): (("added", "events to send", "events sent"),),
+    ("subscription", "mirror"): (
+        ("added", "to subscribe", "subscribed"),
+        ("updated", "to unsubscribe", "unsubscribed"),
+        (
+            "removed",
+            "left the model, to unsubscribe",
+            "left the model (unsubscribed if in the list)",
+        ),
+    ),
+    ("subscription", "subscribe"): (("added", "to subscribe", "subscribed"),),
+    ("suppression", "mirror"): (
+        ("added", "to suppress", "suppressed"),
+        ("updated", "to unsuppress", "unsuppressed"),
+        ("removed", "left the model, to unsuppress", "left the model (unsuppressed)"),
+    ),
+}
+
+
+def in_words(obj: str, behavior: str, counts: RunCounts, *, done: bool) -> str:
+    """A model's counts in its behaviour's own words: '3 profiles deleted' where the table
+    says removed 3, '2 to subscribe' in a plan."""
+    words = _WORDS.get((obj, behavior), ())
+    said = [f"{getattr(counts, column):,} {run if done else plan}" for column, plan, run in words]
+    return ", ".join(said) or "nothing"
+
+
 #: How many records of each kind a plan shows, and how many rejects a console run prints.
 SAMPLE_SIZE = 5
 PRINTED_REJECTS = 20

@@ -218,6 +218,9 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
 
     assert first.returncode == 0, first.output
     assert first.row("erasure_requests")["removed"] == 2
+    # The log and the line under the table say it in the behaviour's words.
+    assert "erasure_requests (profile delete): 2 profiles deleted" in first.stdout
+    assert "2 profiles deleted" in first.stderr and "to add" not in first.stderr
     deletions_done(emulator)
     assert not {"C00003", "C00005"} & set(by_external_id(emulator))
     assert len(emulator.deletions()) == 2

@@ -63,7 +63,7 @@ def test_plan_shows_counts_rejects_and_changed_fields_old_and_new(
     out = plan.stdout
     assert "Dry run: nothing was sent" in out
     assert "customers (profile upsert): 0 to create, 1 to update" in out
-    assert "1 left the model" in out
+    assert "1 left the model (kept in Klaviyo)" in out
     # Only the changed field, old and new.
     line = next(line for line in out.splitlines() if "C00007" in line)
     assert "first_name:" in line and "-> 'Zed'" in line and "email" not in line

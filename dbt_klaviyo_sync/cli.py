@@ -353,7 +353,11 @@ def report_command(select: tuple[str, ...], runs: int, out: Path | None, **where
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(histories, _source(where), datetime.now(UTC)), encoding="utf-8")
     shown = sum(len(history.runs) for history in histories)
-    click.echo(f"Wrote {shown:,} runs of {len(histories):,} models to {out}")
+    click.echo(f"Wrote {_count(shown, 'run')} of {_count(len(histories), 'model')} to {out}")
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number:,} {thing}{'' if number == 1 else 's'}"
 
 
 def _source(where: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ table { border-collapse: collapse; margin: 4px 0 8px; font-size: 13px; }
 th, td { border: 1px solid #d1d9e0; padding: 2px 8px; text-align: left; vertical-align: top; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .status-ok { color: #2e7d32; } .status-error, .status-failed { color: #c62828; }
-code { font-size: 12px; word-break: break-all; }
+code { font-size: 12px; overflow-wrap: anywhere; } .reasons code { white-space: nowrap; }
 """
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import subprocess
 import zlib
 from collections import Counter
 from datetime import UTC, datetime
@@ -27,6 +25,7 @@ from dbt_klaviyo_sync.changeset import RUN_COLUMNS
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.html_report import CHARTS, ModelHistory, render
 from dbt_klaviyo_sync.warehouse import ReasonGroup
+from scripts import chromium
 from tests.conftest import PRIVATE_KEY, change_model, dbt_klaviyo, model_rows, sync_customers
 
 HOSTILE = '<script>document.title="owned"</script>'
@@ -159,37 +158,15 @@ def test_a_state_schema_from_before_the_wait_column_is_migrated_and_reported(
 # -- in Chromium ---------------------------------------------------------------------------
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
+def need_chromium() -> None:
+    if chromium.find():
+        return
     if os.environ.get("DBT_KLAVIYO_REQUIRE_CHROMIUM"):
         pytest.fail("DBT_KLAVIYO_REQUIRE_CHROMIUM is set, but no chromium is on the PATH")
     pytest.skip(
         "Chromium is not installed (Debian: apt-get install chromium; `python3 dev.py test` "
         "installs it as root); set DBT_KLAVIYO_REQUIRE_CHROMIUM=1 to make this an error"
     )
-
-
-def load(page: Path, profile: Path, *args: str) -> str:
-    """What headless Chromium makes of the page: its DOM, or with --screenshot, nothing."""
-    done = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",  # as root, in CI
-            "--disable-gpu",
-            f"--user-data-dir={profile}",
-            "--window-size=1280,2400",
-            *args,
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def png_colours(path: Path) -> Counter[tuple[int, int, int]]:
@@ -233,7 +210,7 @@ def png_colours(path: Path) -> Counter[tuple[int, int, int]]:
 def test_report_renders_each_runs_numbers_in_chromium(
     project: Path, emulator: Emulator, tmp_path: Path
 ) -> None:
-    chromium()
+    need_chromium()
     syncs = [sync_customers(project, emulator)]
     change_model(
         project,
@@ -250,9 +227,9 @@ def test_report_renders_each_runs_numbers_in_chromium(
     out = tmp_path / "history.html"
     written = dbt_klaviyo(project, None, "report", "--out", str(out))
     assert written.returncode == 0, written.output
-    assert f"Wrote 3 runs of 1 models to {out}" in written.stdout
+    assert f"Wrote 3 runs of 1 model to {out}" in written.stdout
 
-    dom = Page(load(out, tmp_path / "chromium", "--dump-dom"))
+    dom = Page(chromium.headless(out, "--dump-dom"))
     bars = dom.bars("customers")
     for name in ("added", "updated", "removed", "rejected", "failed", "requests"):
         assert bars[name] == [e[name] for e in expected], name
@@ -265,7 +242,7 @@ def test_report_renders_each_runs_numbers_in_chromium(
     assert "C00003" in "".join(dom.text)
 
     shot = tmp_path / "page.png"
-    load(out, tmp_path / "chromium", f"--screenshot={shot}", "--hide-scrollbars")
+    chromium.headless(out, f"--screenshot={shot}")
     colours = png_colours(shot)
     drawn = {name: colour for _, series in CHARTS for name, colour in series}
     for name in ("added", "rejected", "requests", "rate_limit_seconds"):

@@ -3,7 +3,8 @@
 
     python3 dev.py demo   # dbt builds 1,200 customers, the emulator starts, two syncs
     python3 dev.py test   # lint, type checks and the whole test suite (what CI runs),
-                          # with a throwaway PostgreSQL server (scripts/postgres.py)
+                          # with a throwaway PostgreSQL server (scripts/postgres.py) and,
+                          # installed as root when missing, Chromium (scripts/chromium.py)
     python3 dev.py test --dbt 1.12   # the same next to dbt-core 1.12 (.venv-dbt112/)
     python3 dev.py dist   # build the sdist and the wheel into dist/, and `twine check` them
     python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
@@ -26,7 +27,7 @@ import venv
 import zipfile
 from pathlib import Path
 
-from scripts import postgres
+from scripts import chromium, postgres
 
 ROOT = Path(__file__).resolve().parent
 #: The dbt-core versions CI tests: each its virtual environment and constraints file.
@@ -98,6 +99,12 @@ def test(pytest_args: list[str]) -> None:
     run(str(BIN / "ruff"), "format", "--check", ".")
     run(str(BIN / "mypy"), "dbt_klaviyo_sync")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        browser = chromium.ensure()
+    except chromium.BrowserError as exc:
+        sys.exit(f"cannot install Chromium for the tests: {exc}")
+    if not browser:
+        print("Chromium is not installed: the report's browser tests will be skipped.")
     print("Starting a throwaway PostgreSQL server for the tests ...", flush=True)
     try:
         server = postgres.start()
@@ -107,6 +114,8 @@ def test(pytest_args: list[str]) -> None:
     try:
         # Required: with the server up, a PostgreSQL test that cannot reach it is an error.
         env = {**server.env(), "DBT_KLAVIYO_REQUIRE_POSTGRES": "1"}
+        if browser:  # and with Chromium here, a browser test that cannot run is an error
+            env["DBT_KLAVIYO_REQUIRE_CHROMIUM"] = "1"
         run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args, env=env)
     finally:
         try:

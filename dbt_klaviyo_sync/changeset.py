@@ -238,6 +238,7 @@ RUN_COLUMNS = (
     "rejected",
     "failed",
     "requests",
+    "rate_limit_seconds",  # seconds its requests waited for Klaviyo's rate limits
     "error",
 )
 REJECT_COLUMNS = ("model", "key", "column_name", "field", "code", "reason", "rejected_at")

@@ -359,6 +359,69 @@ def rejects(model: str, every: bool, limit: int, csv_path: Path | None, **where:
         report.rejects(report.console(), model, found.first(limit), total)
 
 
+@cli.command("report")
+@_history_options
+@click.option(
+    "--select",
+    "-s",
+    "select",
+    multiple=True,
+    help="Only these models, by name; several may follow one --select.",
+)
+@click.option(
+    "--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Runs per model."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write [default: <project>/target/klaviyo-report.html].",
+)
+@_logging_options
+def report_command(select: tuple[str, ...], runs: int, out: Path | None, **where: Any) -> None:
+    """Write the sync history as one HTML page: each model's runs as charts, its open
+    rejects by reason and its last run. The page needs nothing else to open."""
+    from datetime import UTC, datetime
+
+    from dbt_klaviyo_sync.html_report import ModelHistory, render
+
+    out = out or Path(where["project_dir"] or ".") / "target" / "klaviyo-report.html"
+    with _history(**where) as warehouse:
+        rows = warehouse.last_runs(None, runs)
+        synced = sorted({row["model"] for row in rows})
+        unknown = [name for name in select if name not in synced]
+        if unknown:
+            raise ConfigurationError(
+                f"model '{unknown[0]}' has never been synced with this state (synced models: "
+                f"{', '.join(synced) or 'none'})"
+            )
+        histories = [
+            ModelHistory(
+                model,
+                [row for row in reversed(rows) if row["model"] == model],
+                warehouse.rejects(model).by_reason(examples=3),
+            )
+            for model in synced
+            if not select or model in select
+        ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(histories, _source(where), datetime.now(UTC)), encoding="utf-8")
+    shown = sum(len(history.runs) for history in histories)
+    click.echo(f"Wrote {_count(shown, 'run')} of {_count(len(histories), 'model')} to {out}")
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number:,} {thing}{'' if number == 1 else 's'}"
+
+
+def _source(where: dict[str, Any]) -> str:
+    """Where the history was read, in a few words, for the page's header."""
+    if where["state_path"]:
+        return f"the state file {where['state_path']}"
+    target = f" (target {where['target']})" if where["target"] else ""
+    project = Path(where["project_dir"] or ".").resolve()
+    return f"the sync state of the dbt project {project}{target}"
+
+
 @cli.command()
 @_project_options
 @_logging_options

@@ -101,10 +101,17 @@ def _problems(out: Console, m: ModelResult, would: bool) -> None:
         out.print(f"  [red]{escape(m.model)}: {escape(m.error)}[/red]")
 
 
+#: Shorter headers for the run history's table, to keep it within a terminal's width.
+_RUN_HEADERS = {"rate_limit_seconds": "waited"}
+
+
 def runs(out: Console, rows: list[dict[str, Any]]) -> None:
     table = Table(title="Last syncs", title_justify="left")
     for column in RUN_COLUMNS:
-        table.add_column(column, justify="right" if column not in ("model", "status") else "left")
+        table.add_column(
+            _RUN_HEADERS.get(column, column),
+            justify="right" if column not in ("model", "status") else "left",
+        )
     for row in rows:
         cells = [f"{row[c]:,}" if isinstance(row[c], int) else _cell(row[c]) for c in RUN_COLUMNS]
         table.add_row(*(escape(c) for c in cells))

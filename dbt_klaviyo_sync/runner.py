@@ -505,7 +505,13 @@ class ModelSync:
             tally.unchanged = max(0, self.result.rows - acted - tally.rejected - tally.failed)
             tally.requests = self.client.requests_made - requests_before
             if not self.dry_run:
-                self.warehouse.finish_run(self.run_id, tally, status, error)
+                self.warehouse.finish_run(
+                    self.run_id,
+                    tally,
+                    status,
+                    error,
+                    rate_limit_seconds=self.client.rate_limit_wait - self._waited_before,
+                )
                 log.info(
                     "%s: done in %.1f s: %s; %s",
                     self.spec.model,

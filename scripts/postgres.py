@@ -29,6 +29,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+if __package__:
+    from scripts import debian
+else:  # run as a script: python3 scripts/postgres.py
+    import debian  # type: ignore[no-redef]
+
 HOST = "127.0.0.1"
 #: The database superuser initdb creates: the name a stock server has, so the demo's
 #: profile defaults work against either.
@@ -115,19 +120,16 @@ def binaries() -> Path | None:
 
 def install() -> Path:
     """Install Debian's PostgreSQL server package (as root, non-interactively)."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    if not debian.can_install():
         raise ServerError(
             "PostgreSQL is not installed: no initdb in /usr/lib/postgresql/*/bin or on the PATH. "
             f"Install the server (on Debian and Ubuntu: `sudo apt-get install {DEBIAN_PACKAGE}`)."
         )
     print(f"PostgreSQL is not installed: apt-get install {DEBIAN_PACKAGE} ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-q", "-y", "--no-install-recommends", DEBIAN_PACKAGE],
-    ):
-        if subprocess.run(command, env=env).returncode:
-            raise ServerError(f"`{' '.join(command)}` failed (see its output above).")
+    try:
+        debian.install(DEBIAN_PACKAGE)
+    except debian.InstallError as exc:
+        raise ServerError(str(exc)) from None
     bin_dir = binaries()
     if bin_dir is None:
         raise ServerError(f"{DEBIAN_PACKAGE} was installed, but no initdb can be found.")

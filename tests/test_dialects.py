@@ -34,6 +34,8 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel
 
+from dbt_klaviyo_sync.warehouse import reason_groups_sql
+
 MACROS = Path(__file__).resolve().parent.parent / "macros" / "warehouse"
 
 #: Adapter type -> sqlglot dialect.
@@ -281,7 +283,9 @@ def statements(package: Package) -> Iterator[tuple[str, str]]:
             **dict.fromkeys(["added", "updated", "removed", "unchanged", "rejected"], 3),
             "failed": 0,
             "requests": 12,
+            "rate_limit_seconds": 2.5,
         },
+        "add_rate_limit_seconds": {},
         "record_job": {"sid": SID, "unit": "u0001", "job_id": "01HZX"},
         "journaled": {"sid": SID},
         "drop_journal": {"sid": SID, "units": ["u0001", "u0002"]},
@@ -308,6 +312,7 @@ def statements(package: Package) -> Iterator[tuple[str, str]]:
         yield "state_sql.rejects", sql
         yield "rejects.count", f"select count(*) from ({sql}) as r"
         yield "rejects.first", f"select * from ({sql}) as r limit 20"
+        yield "rejects.by_reason", reason_groups_sql(sql, 3)
     for key_field, once, events in (
         ("external_id", False, False),
         ("email", True, False),

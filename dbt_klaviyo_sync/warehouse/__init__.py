@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +52,39 @@ class RejectsView(Protocol):
     def first(self, limit: int) -> list[tuple[Any, ...]]: ...
 
     def export_csv(self, path: Path) -> None: ...
+
+    def by_reason(self, examples: int) -> list[ReasonGroup]:
+        """The rejects grouped by code and reason, most frequent first, with a few keys."""
+
+
+@dataclass(frozen=True)
+class ReasonGroup:
+    """Rejects that share a code and a reason: how many, and the first few keys (None for
+    a row without a sync key)."""
+
+    code: str
+    reason: str
+    count: int
+    examples: list[str | None]
+
+
+def reason_groups_sql(query: str, examples: int) -> str:
+    """Group the rows of a rejects query (`REJECT_COLUMNS`) by code and reason, keeping the
+    first `examples` keys of each: one row per example, in SQL every engine runs."""
+    return f"""select code, reason, total, key from (
+        select code, reason, key, count(*) over (partition by code, reason) as total,
+            row_number() over (partition by code, reason order by key) as n
+        from ({query}) as found) as grouped
+        where n <= {int(examples)} order by total desc, code, reason, n"""
+
+
+def reason_groups(rows: list[tuple[Any, ...]]) -> list[ReasonGroup]:
+    """The groups of `reason_groups_sql`'s rows, in their order."""
+    groups: dict[tuple[str, str], ReasonGroup] = {}
+    for code, reason, total, key in rows:
+        group = groups.setdefault((code, reason), ReasonGroup(code, reason, int(total), []))
+        group.examples.append(key)
+    return list(groups.values())
 
 
 class Warehouse(Protocol):
@@ -108,8 +142,16 @@ class Warehouse(Protocol):
     def start_run(self, sid: str, model: str, *, full_refresh: bool) -> str: ...
 
     def finish_run(
-        self, run_id: str, counts: RunCounts, status: str, error: str | None = None
-    ) -> None: ...
+        self,
+        run_id: str,
+        counts: RunCounts,
+        status: str,
+        error: str | None = None,
+        *,
+        rate_limit_seconds: float = 0.0,
+    ) -> None:
+        """Record how the run ended; `rate_limit_seconds` is how long its requests
+        waited for Klaviyo's rate limits."""
 
     # -- the journal of what is in flight ----------------------------------------------
 

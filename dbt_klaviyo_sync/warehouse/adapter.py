@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,13 @@ from dbt_klaviyo_sync.changeset import (
 )
 from dbt_klaviyo_sync.errors import NeverSynced, StateError
 from dbt_klaviyo_sync.spec import SyncSpec
+from dbt_klaviyo_sync.warehouse import ReasonGroup, reason_groups, reason_groups_sql
 from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreadable
 
 #: The state's schema version in the warehouse (the meta table). Later versions migrate.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The `state_sql` job that brings the state from version N-1 to N. Append; never edit.
+_MIGRATIONS = {2: "add_rate_limit_seconds"}
 #: How many change rows travel from the warehouse to Python at a time.
 READ_BATCH_ROWS = 10_000
 #: Types whose values are JSON documents, sent parsed where Klaviyo takes JSON or a number.
@@ -163,6 +167,12 @@ class AdapterWarehouse:
                 f"the sync state in schema {self.schema} has version {version}, newer than "
                 f"this dbt-klaviyo-sync understands ({SCHEMA_VERSION}); upgrade it."
             )
+        else:
+            for step in range(int(version) + 1, SCHEMA_VERSION + 1):
+                self._run(
+                    self._sql(_MIGRATIONS[step]),
+                    *self._sql("set_schema_version", version=str(step)).split("; "),
+                )
 
     def close(self) -> None:
         """A dry run keeps nothing; a real run has committed as it went. The sync locks
@@ -276,7 +286,13 @@ class AdapterWarehouse:
         return run_id
 
     def finish_run(
-        self, run_id: str, counts: RunCounts, status: str, error: str | None = None
+        self,
+        run_id: str,
+        counts: RunCounts,
+        status: str,
+        error: str | None = None,
+        *,
+        rate_limit_seconds: float = 0.0,
     ) -> None:
         self._run(
             self._sql(
@@ -284,6 +300,7 @@ class AdapterWarehouse:
                 run_id=run_id,
                 status=status,
                 error=error,
+                rate_limit_seconds=round(rate_limit_seconds, 3),
                 **{name: getattr(counts, name) for name in vars(counts)},
             )
         )
@@ -513,7 +530,9 @@ class AdapterWarehouse:
         if model is not None:
             self._require_synced(model)
         rows = self._rows(self._sql("last_runs", model=model, runs=runs))
-        return [dict(zip(RUN_COLUMNS, row, strict=True)) for row in rows]
+        # Seconds come back as decimals, which JSON and the charts take as floats.
+        plain = [[float(v) if isinstance(v, Decimal) else v for v in row] for row in rows]
+        return [dict(zip(RUN_COLUMNS, row, strict=True)) for row in plain]
 
     def rejects(self, model: str, every: bool = False) -> AdapterRejects:
         self._require_synced(model)
@@ -571,6 +590,9 @@ class AdapterRejects:
 
     def first(self, limit: int) -> list[tuple[Any, ...]]:
         return self.warehouse._rows(f"select * from ({self.sql}) as r limit {int(limit)}")
+
+    def by_reason(self, examples: int) -> list[ReasonGroup]:
+        return reason_groups(self.warehouse._rows(reason_groups_sql(self.sql, examples)))
 
     def export_csv(self, path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as out:

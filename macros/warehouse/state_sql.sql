@@ -61,7 +61,8 @@
       ~ v.get('added') ~ ", updated = " ~ v.get('updated') ~ ", removed = " ~ v.get('removed')
       ~ ", unchanged = " ~ v.get('unchanged') ~ ", rejected = " ~ v.get('rejected')
       ~ ", failed = " ~ v.get('failed') ~ ", requests = " ~ v.get('requests') ~ ", status = "
-      ~ v.get('status') ~ ", error = " ~ v.get('error') ~ " where run_id = " ~ v.get('run_id'),
+      ~ v.get('status') ~ ", error = " ~ v.get('error') ~ ", rate_limit_seconds = "
+      ~ v.get('rate_limit_seconds') ~ " where run_id = " ~ v.get('run_id'),
     'record_job': "insert into " ~ s ~ ".jobs (sync_id, unit, job_id, created_at) values ("
       ~ v.get('sid') ~ ", " ~ v.get('unit') ~ ", " ~ v.get('job_id') ~ ", " ~ now ~ ")",
     'journaled': "select j.unit, b.job_id, j.position, j.key, j.fingerprint, j.in_snapshot,"
@@ -88,10 +89,13 @@
     'changes': "select * from " ~ changes ~ " where __change in " ~ v.get('kinds'),
     'last_runs': "select model, started_at, round(cast("
       ~ klaviyo_sync.seconds_between('started_at', 'finished_at') ~ " as decimal(18, 3)), 1) as seconds, status, added, updated, removed, unchanged,"
-      ~ " rejected, failed, requests, error from (select r.*, row_number() over (partition by"
+      ~ " rejected, failed, requests, round(rate_limit_seconds, 1)"
+      ~ " as rate_limit_seconds, error from (select r.*, row_number() over (partition by"
       ~ " model order by started_at desc) as n from " ~ s ~ ".runs as r where "
       ~ v.get('model') ~ " is null or model = " ~ v.get('model') ~ ") as r0 where n <= "
       ~ v.get('runs') ~ " order by model, started_at desc",
+    'add_rate_limit_seconds': "alter table " ~ s ~ ".runs add column rate_limit_seconds"
+      ~ " decimal(18, 3)",
     'known_model': "select count(*) from " ~ s ~ ".syncs where model = " ~ v.get('model'),
     'synced_models': "select distinct model from " ~ s ~ ".syncs order by model",
     'rejects': "select model, key, column_name, field, code, reason, rejected_at from ("

@@ -23,7 +23,8 @@
       ~ ' not null, started_at ' ~ stamp ~ ' not null, finished_at ' ~ stamp ~ ', dry_run'
       ~ ' boolean not null, full_refresh boolean not null, added bigint, updated bigint, removed'
       ~ ' bigint, unchanged bigint, rejected bigint, failed bigint, requests bigint, status '
-      ~ text ~ ' not null, error ' ~ text ~ klaviyo_sync.primary_key('run_id') ~ ')',
+      ~ text ~ ' not null, error ' ~ text ~ ', rate_limit_seconds decimal(18, 3)'
+      ~ klaviyo_sync.primary_key('run_id') ~ ')',
     'rejects': '(run_id ' ~ text ~ ' not null, sync_id ' ~ text ~ ' not null, model ' ~ text
       ~ ' not null, key ' ~ text ~ ', column_name ' ~ text ~ ', field ' ~ text ~ ', code ' ~ text
       ~ ' not null, reason ' ~ text ~ ' not null, fingerprint bigint, rejected_at ' ~ stamp

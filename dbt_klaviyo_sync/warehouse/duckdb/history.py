@@ -12,11 +12,13 @@ import pyarrow.csv as pacsv
 
 from dbt_klaviyo_sync.changeset import RUN_COLUMNS
 from dbt_klaviyo_sync.errors import NeverSynced
+from dbt_klaviyo_sync.warehouse import ReasonGroup, reason_groups, reason_groups_sql
 from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG, State
 
 _LAST_RUNS = f"""
     SELECT model, started_at, round(epoch(finished_at - started_at), 1) AS seconds, status,
-           added, updated, removed, unchanged, rejected, failed, requests, error
+           added, updated, removed, unchanged, rejected, failed, requests,
+           round(rate_limit_seconds, 1) AS rate_limit_seconds, error
     FROM {CATALOG}.runs
     WHERE $model IS NULL OR model = $model
     QUALIFY row_number() OVER (PARTITION BY model ORDER BY started_at DESC) <= $runs
@@ -76,6 +78,10 @@ class Rejects:
 
     def first(self, limit: int) -> list[tuple[Any, ...]]:
         return self._run(f"SELECT * FROM ({{query}}) LIMIT {int(limit)}").fetchall()
+
+    def by_reason(self, examples: int) -> list[ReasonGroup]:
+        sql = reason_groups_sql("{query}", examples)
+        return reason_groups(self._run(sql).fetchall())
 
     def export_csv(self, path: Path) -> None:
         """Stream every reject to a CSV file with a header, however many there are."""

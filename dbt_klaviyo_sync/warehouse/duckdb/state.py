@@ -34,7 +34,7 @@ CATALOG = "klaviyo_sync_state"
 # sent, DuckDB needs little, and the requests in flight need the room.
 DIFF_MEMORY_LIMIT = os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT", "1GB")
 SEND_MEMORY_LIMIT = "384MB"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: How fingerprints are computed now (see `diff.fingerprint_sql`); stored per sync.
 FINGERPRINT_VERSION = "md5-v1"
 
@@ -103,6 +103,8 @@ _MIGRATIONS: dict[int, list[str]] = {
                SELECT (sync_id, key) FROM rejects
                WHERE code IN ('not_found', 'duplicate_profile'))""",
     ],
+    # How long a run's requests waited for Klaviyo's rate limits (NULL: not recorded).
+    5: ["ALTER TABLE runs ADD COLUMN rate_limit_seconds DOUBLE"],
 }
 
 _SNAPSHOT_COLUMNS = (
@@ -403,12 +405,19 @@ class State:
 
     @_writes
     def finish_run(
-        self, run_id: str, counts: RunCounts, status: str, error: str | None = None
+        self,
+        run_id: str,
+        counts: RunCounts,
+        status: str,
+        error: str | None = None,
+        *,
+        rate_limit_seconds: float = 0.0,
     ) -> None:
         self._writer.execute(
             f"""UPDATE {CATALOG}.runs SET finished_at = current_timestamp, added = $2,
                 updated = $3, removed = $4, unchanged = $5, rejected = $6, failed = $7,
-                requests = $8, status = $9, error = $10 WHERE run_id = $1""",
+                requests = $8, status = $9, error = $10, rate_limit_seconds = $11
+                WHERE run_id = $1""",
             [
                 run_id,
                 counts.added,
@@ -420,6 +429,7 @@ class State:
                 counts.requests,
                 status,
                 error,
+                rate_limit_seconds,
             ],
         )
 

@@ -436,6 +436,33 @@ def validate(**settings: Any) -> None:
     sys.exit(0 if all(check.ok for check in found) else 2)
 
 
+@cli.command()
+@click.option(
+    "--project-dir",
+    type=click.Path(file_okay=False),
+    help="The dbt project (default: DBT_PROJECT_DIR, or the nearest folder up from here with "
+    "a dbt_project.yml).",
+)
+@click.option(
+    "--no-deps", is_flag=True, help="Do not run `dbt deps` (offline, or to run it later)."
+)
+@click.option(
+    "--local",
+    metavar="PATH",
+    help="For development: a `local: PATH` entry (a checkout of dbt-klaviyo-sync) instead of "
+    "the git entry at the tool's version.",
+)
+@_logging_options
+def init(project_dir: str | None, no_deps: bool, local: str | None) -> None:
+    """Add the dbt package (at this tool's version) to the dbt project's packages.yml and
+    an annotated example model config, then run `dbt deps`. Entries and files already there
+    are left as they are, so running it again changes nothing."""
+    from dbt_klaviyo_sync.scaffold import init as set_up
+
+    here = _project_root(project_dir or os.environ.get("DBT_PROJECT_DIR"))
+    set_up(here, local, run_deps=not no_deps, say=click.echo)
+
+
 @contextmanager
 def _history(
     project_dir: str | None, profiles_dir: str | None, target: str | None, state_path: Path | None

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,18 +437,13 @@ def build(project: DbtProject, models: list[ModelNode]) -> set[str]:
     that ran it, which would stop the sync from attaching it. The process inherits this
     one's environment and directory, so it resolves everything as we did. Its output goes
     to stderr, so that stdout keeps to the summary (and to JSON with `--output json`)."""
-    command = [sys.executable, "-c", "from dbt.cli.main import cli; cli()", "build"]
-    command += project.args.project_flags()
-    command += [arg for model in models for arg in ("--select", model.selector)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout or []:
-        sys.stderr.write(line)
-    process.wait()
+    selected = [arg for model in models for arg in ("--select", model.selector)]
+    status = _run_dbt(["build", *project.args.project_flags(), *selected])
     results = project.target_path / "run_results.json"
-    if process.returncode not in (0, 1) or not results.is_file():
+    if status not in (0, 1) or not results.is_file():
         raise ConfigurationError(
             f"`dbt build` could not run for {project.project_dir} (exit status "
-            f"{process.returncode}); see its output above. Fix the project and run again."
+            f"{status}); see its output above. Fix the project and run again."
         )
     run = orjson.loads(results.read_bytes())
     manifest = read_manifest(project.manifest_path)
@@ -463,6 +458,15 @@ def build(project: DbtProject, models: list[ModelNode]) -> set[str]:
         elif kind in ("test", "unit_test") and status in ("fail", "error"):
             failed.update(_tested_models(manifest, node["unique_id"]))
     return built - failed
+
+
+def _run_dbt(args: list[str]) -> int:
+    """Run dbt with `args` in a process of its own, its output on stderr; its exit status."""
+    command = [sys.executable, "-c", "from dbt.cli.main import cli; cli()", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout or []:
+        sys.stderr.write(line)
+    return process.wait()
 
 
 def _tested_models(manifest: dict[str, Any], test_id: str) -> list[str]:
@@ -596,6 +600,13 @@ def adapter(project: DbtProject) -> Iterator[Any]:
 # -- The dbt package beside the tool --------------------------------------------------------
 
 PACKAGE = "klaviyo_sync"
+#: Where the dbt package is released: a git tag `v<version>` for each version of the tool.
+PACKAGE_GIT = "https://github.com/dbt-klaviyo-sync/dbt-klaviyo-sync.git"
+
+
+def package_revision(tool: str) -> str:
+    """The git revision of the dbt package that goes with the tool of version `tool`."""
+    return f"v{tool}"
 
 
 def check_package(project: DbtProject, tool: str) -> str | None:
@@ -631,16 +642,21 @@ def _package_fix(project: DbtProject, tool: str) -> str:
     """How to install the dbt package of version `tool`, in the words of the project's own
     packages.yml entry for it."""
     path = getattr(project.config, "packages_specified_path", "packages.yml")
-    entries = [entry for entry in project.config.packages.packages if _is_ours(project, entry)]
+    entries = [
+        entry
+        for entry in project.config.packages.packages
+        if is_package_entry(project.project_dir, vars(entry))
+    ]
     then = "then run `dbt deps`."
     if len(entries) != 1:
         return (
-            f"in {path}, install {PACKAGE} {tool} (git `revision: v{tool}` of the "
+            f"in {path}, install {PACKAGE} {tool} (git `revision: {package_revision(tool)}` of the "
             f"dbt-klaviyo-sync repository), {then}"
         )
     entry = entries[0]
     if hasattr(entry, "git"):
-        return f'in {path}, set the entry of {entry.git} to `revision: "v{tool}"`, {then}'
+        revision = package_revision(tool)
+        return f'in {path}, set the entry of {entry.git} to `revision: "{revision}"`, {then}'
     if hasattr(entry, "package"):
         return f'in {path}, set the entry of {entry.package} to `version: "{tool}"`, {then}'
     if hasattr(entry, "local"):
@@ -651,15 +667,26 @@ def _package_fix(project: DbtProject, tool: str) -> str:
     return f"in {path}, install {PACKAGE} {tool}, {then}"
 
 
-def _is_ours(project: DbtProject, entry: Any) -> bool:
-    """Whether a packages.yml entry installs `klaviyo_sync`: by its name, the project at
-    its local path, or a git URL or hub name that says klaviyo."""
-    if getattr(entry, "name", None) == PACKAGE:
+def is_package_entry(project_dir: Path, entry: Mapping[str, Any]) -> bool:
+    """Whether a packages.yml entry (its fields) installs `klaviyo_sync`: by its name, the
+    project at its local path, or a git URL or hub name that says klaviyo."""
+    if entry.get("name") == PACKAGE:
         return True
-    if hasattr(entry, "local"):
-        config = project.project_dir / entry.local / "dbt_project.yml"
+    if entry.get("local"):
+        config = project_dir / str(entry["local"]) / "dbt_project.yml"
         try:
             return bool(yaml.safe_load(config.read_text()).get("name") == PACKAGE)
         except (OSError, yaml.YAMLError, AttributeError):
             return False
-    return "klaviyo" in str(getattr(entry, "git", "") or getattr(entry, "package", ""))
+    return "klaviyo" in str(entry.get("git") or entry.get("package") or "")
+
+
+def deps(project_dir: Path) -> None:
+    """`dbt deps` for the project, in a process of its own as for `build`, its output on
+    stderr; ConfigurationError when it fails."""
+    status = _run_dbt(["deps", "--project-dir", str(project_dir)])
+    if status != 0:
+        raise ConfigurationError(
+            f"`dbt deps` failed for {project_dir} (exit status {status}); see its "
+            "output above. Fix packages.yml (or your network) and run `dbt deps` again."
+        )

@@ -122,3 +122,20 @@ def test_a_failing_dbt_deps_is_exit_status_2(new_project: Path) -> None:
     done = dbt_klaviyo(new_project, None, "init", "--local", str(new_project / "missing"))
     assert done.returncode == 2
     assert f"Error: `dbt deps` failed for {new_project} (exit status" in done.stderr
+
+
+def test_from_a_subdirectory_it_finds_the_project_and_its_dependencies_yml(
+    new_project: Path,
+) -> None:
+    """dbt reads packages from dependencies.yml when there is no packages.yml."""
+    (new_project / "dependencies.yml").write_text(
+        "projects:\n  - name: core\npackages:\n  - local: ../utils\n"
+    )
+    done = dbt_klaviyo(new_project, None, "init", "--no-deps", cwd=new_project / "models")
+    assert done.returncode == 0, done.output
+    assert "to dependencies.yml (git: " in done.stdout
+    assert not (new_project / "packages.yml").exists()
+    assert (new_project / "dependencies.yml").read_text() == (
+        "projects:\n  - name: core\npackages:\n  - local: ../utils\n" + GIT_ENTRY
+    )
+    assert (new_project / "models" / "klaviyo" / "klaviyo_example.yml").is_file()

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import venv
 import zipfile
 from pathlib import Path
@@ -92,12 +93,28 @@ def run(*command: str, env: dict[str, str] | None = None) -> None:
         sys.exit(returncode)
 
 
+def docs() -> None:
+    """Build the docs/ site with --strict into a throwaway directory: the link check, failing
+    on a link to a missing page or anchor (README.md's links are tests/test_docs.py's)."""
+    with tempfile.TemporaryDirectory(prefix="dbt-klaviyo-site-") as site:
+        run(
+            str(BIN / "mkdocs"),
+            "build",
+            "--strict",
+            "--quiet",
+            "--site-dir",
+            site,
+            env={"NO_MKDOCS_2_WARNING": "1"},
+        )
+
+
 def test(pytest_args: list[str]) -> None:
     """Lint, type checks, then the tests with a throwaway PostgreSQL server, which is
     stopped whatever happens (a failure, Ctrl-C, or CI cancelling the job with SIGTERM)."""
     run(str(BIN / "ruff"), "check", ".")
     run(str(BIN / "ruff"), "format", "--check", ".")
     run(str(BIN / "mypy"), "dbt_klaviyo_sync")
+    docs()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         browser = chromium.ensure()

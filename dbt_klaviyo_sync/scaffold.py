@@ -27,8 +27,8 @@ _EXAMPLE_TEXT = """\
 # An example annotation for dbt-klaviyo, written by `dbt-klaviyo init`. It is commented out,
 # so dbt ignores it: copy it into the .yml file of the model you want in Klaviyo, put in your
 # model's and columns' names, then `dbt build` and `dbt-klaviyo validate`.
-# Each key is described in the README, "Annotation reference"; this behaviour in
-# "Profile upsert (Census: Update or Create)".
+# Each key is described in the docs, docs/annotations.md ("Annotation reference"); this
+# behaviour in docs/behaviours.md, "Profile upsert (Census: Update or Create)".
 #
 # models:
 #   - name: customers                  # your model: one row per person

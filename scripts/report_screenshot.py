@@ -1,4 +1,4 @@
-"""The README's picture of `dbt-klaviyo report` (docs/report.png), from a real run.
+"""The docs' picture of `dbt-klaviyo report` (docs/report.png), from a real run.
 
 A copy of the demo project syncs a few times against the bundled emulator: the first sync,
 a day's changes, a day when some emails and phone numbers are malformed (rejected, with

@@ -54,7 +54,7 @@ def test_init_wires_the_package_into_a_new_dbt_duckdb_project(new_project: Path)
     example = (new_project / "models" / "klaviyo" / "klaviyo_example.yml").read_text()
     assert "#           object: profile" in example
     assert "{meta: {klaviyo: {sync_key: external_id}}}" in example
-    assert "Profile upsert (Census: Update or Create)" in example  # the README's section
+    assert "Profile upsert (Census: Update or Create)" in example  # docs/behaviours.md's section
     parsed = run_dbt(new_project, "parse")
     assert parsed.returncode == 0, parsed.stdout + parsed.stderr
 

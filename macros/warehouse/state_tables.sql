@@ -1,7 +1,7 @@
 {#- klaviyo_sync.state_tables(schema): the statements that create the sync state in the
     user's warehouse, when it is not there yet: one table per kind (syncs, snapshot, runs,
     rejects, journal, jobs), each keyed by sync id, never a table per sync or per run. The
-    columns are those of the DuckDB state file (see README, "The state tables"). -#}
+    columns are those of the DuckDB state file (see docs/state.md, "The state tables"). -#}
 {% macro state_tables(schema) -%}
   {{ return(adapter.dispatch('state_tables', 'klaviyo_sync')(schema)) }}
 {%- endmacro %}

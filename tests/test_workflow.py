@@ -386,4 +386,4 @@ def test_the_console_script_has_every_command() -> None:
     listed = {
         line.split()[0] for line in shown.stdout.split("Commands:")[1].splitlines() if line.strip()
     }
-    assert listed == {"sync", "plan", "status", "rejects", "report", "validate", "emulator"}
+    assert listed == {"sync", "plan", "status", "rejects", "report", "validate", "emulator", "init"}

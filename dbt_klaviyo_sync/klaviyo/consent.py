@@ -102,10 +102,8 @@ class Unsubscriber:
         unsubscribed records become, `left_alone` what the others do."""
         try:
             members = self._members(records)
-        except KlaviyoRejected as exc:
-            return Outcome.refused(records, exc)
-        except TransientApiError as exc:
-            return Outcome(failed=[(r, f"list membership not read: {exc}") for r in records])
+        except (KlaviyoRejected, TransientApiError) as exc:
+            return Outcome.unanswered(records, exc, "list membership not read")
         items: list[Prepared] = []
         alone: list[Record] = []
         for record in records:

@@ -62,10 +62,8 @@ class ProfileDeleter:
         records = unit.records
         try:
             targets = self._targets(records)
-        except KlaviyoRejected as exc:
-            return Outcome.refused(records, exc)
-        except TransientApiError as exc:
-            return Outcome(failed=[(r, f"looking the profile up failed: {exc}") for r in records])
+        except (KlaviyoRejected, TransientApiError) as exc:
+            return Outcome.unanswered(records, exc, "looking the profile up failed")
         return send_each(unit.items, lambda item: self._delete(item.record, targets))
 
     def _delete(self, record: Record, targets: dict[str, tuple[str, str]]) -> Outcome:

@@ -62,10 +62,8 @@ class ListRemover:
         records = unit.records
         try:
             self._remove(list(self._holders(records)))
-        except KlaviyoRejected as exc:
-            return Outcome.refused(records, exc)
-        except TransientApiError as exc:
-            return Outcome(failed=[(r, f"not removed from the list: {exc}") for r in records])
+        except (KlaviyoRejected, TransientApiError) as exc:
+            return Outcome.unanswered(records, exc, "not removed from the list")
         return Outcome(removed=records)
 
     def _holders(self, records: list[Record]) -> set[str]:

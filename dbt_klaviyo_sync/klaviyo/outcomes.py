@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dbt_klaviyo_sync.changeset import Record, Reject
+from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
 
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
@@ -101,6 +102,16 @@ class Outcome:
         """A request Klaviyo refused as a whole: its records failed, for the next run."""
         reason = f"Klaviyo refused the whole request, not this record: {refusal}"
         return cls(failed=[(r, reason) for r in records], refusals=[str(refusal)])
+
+    @classmethod
+    def unanswered(
+        cls, records: Iterable[Record], exc: KlaviyoRejected | TransientApiError, what: str
+    ) -> Outcome:
+        """A request the records needed came to nothing: refused as a whole (`refused`), or
+        no answer; either way they are failed, for the next run, saying `what` failed."""
+        if isinstance(exc, KlaviyoRejected):
+            return cls.refused(records, exc)
+        return cls(failed=[(r, f"{what}: {exc}") for r in records])
 
 
 class Sender(Protocol):

@@ -472,12 +472,8 @@ class ProfileUpdater:
     def send(self, unit: Unit) -> Outcome:
         try:
             found = self._find(unit.items)
-        except KlaviyoRejected as exc:
-            return Outcome.refused(unit.records, exc)
-        except TransientApiError as exc:
-            return Outcome(
-                failed=[(r, f"looking the profile up failed: {exc}") for r in unit.records]
-            )
+        except (KlaviyoRejected, TransientApiError) as exc:
+            return Outcome.unanswered(unit.records, exc, "looking the profile up failed")
         outcome = Outcome()
         patch, job = [], []
         for item in unit.items:

@@ -6,6 +6,8 @@
                           # with a throwaway PostgreSQL server (scripts/postgres.py) and,
                           # installed as root when missing, Chromium (scripts/chromium.py)
     python3 dev.py test --dbt 1.12   # the same next to dbt-core 1.12 (.venv-dbt112/)
+    python3 dev.py docs   # rewrite the command outputs shown in the docs by running them
+                          # (scripts/docs_outputs.py), then build the site with --strict
     python3 dev.py dist   # build the sdist and the wheel into dist/, and `twine check` them
     python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
 
@@ -93,7 +95,7 @@ def run(*command: str, env: dict[str, str] | None = None) -> None:
         sys.exit(returncode)
 
 
-def docs() -> None:
+def site() -> None:
     """Build the docs/ site with --strict into a throwaway directory: the link check, failing
     on a link to a missing page or anchor (README.md's links are tests/test_docs.py's)."""
     with tempfile.TemporaryDirectory(prefix="dbt-klaviyo-site-") as site:
@@ -114,7 +116,7 @@ def test(pytest_args: list[str]) -> None:
     run(str(BIN / "ruff"), "check", ".")
     run(str(BIN / "ruff"), "format", "--check", ".")
     run(str(BIN / "mypy"), "dbt_klaviyo_sync")
-    docs()
+    site()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         browser = chromium.ensure()
@@ -159,7 +161,7 @@ def dist() -> None:
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     scripts = {"demo": ROOT / "scripts" / "demo.py", "bench": ROOT / "benchmarks" / "run.py"}
-    if command not in ("test", "dist") and command not in scripts:
+    if command not in ("test", "dist", "docs") and command not in scripts:
         sys.exit(__doc__)
     args = sys.argv[2:]
     if command == "test" and args[:1] == ["--dbt"]:
@@ -172,6 +174,9 @@ def main() -> None:
         test(args)
     elif command == "dist":
         dist()
+    elif command == "docs":
+        run(str(PYTHON), "-m", "scripts.docs_outputs", "--write")
+        site()
     else:
         script = scripts[command]
         done = subprocess.run([str(PYTHON), str(script), *args], cwd=script.parent)

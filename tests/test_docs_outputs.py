@@ -1,0 +1,36 @@
+"""Every command output shown in README.md and docs/*.md is what the command prints: the
+scenarios of scripts/docs_outputs.py run the real CLI, dbt and the emulator on a copy of the
+session's built demo project, and each block marked `<!-- output: NAME -->` must hold what
+its scenario printed. `python3 dev.py docs` rewrites the blocks after a change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scripts import docs_outputs
+
+FIX = "Run `python3 dev.py docs` to rewrite the blocks (then read the diff: is it meant?)."
+
+
+def test_every_text_block_is_made_by_a_scenario_or_says_why_not() -> None:
+    assert docs_outputs.unaccounted() == []
+
+
+@pytest.mark.parametrize("scenario", sorted(docs_outputs.SCENARIOS))
+def test_the_docs_show_what_the_commands_print(
+    scenario: str, built_project: Path, tmp_path: Path
+) -> None:
+    outputs = docs_outputs.generate(built_project, tmp_path, [scenario])
+    drifted = docs_outputs.differences(outputs)
+    assert not drifted, "\n\n".join([*drifted, FIX])
+
+
+def test_a_drifted_block_is_named_with_its_page_and_marker() -> None:
+    """The check can fail: a block one word off is reported, with where it is."""
+    [block] = [b for b in docs_outputs.all_blocks() if b.name == "status-typo"]
+    diff = docs_outputs.differences({"status-typo": block.text.replace("never", "not")})
+    assert len(diff) == 1
+    assert f"{block.where} (the page)" in diff[0] and "<!-- output: status-typo -->" in diff[0]
+    assert "-Error: model 'custmers' has never been synced" in diff[0]

@@ -28,9 +28,11 @@ import io
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +54,20 @@ from tests.conftest import (  # noqa: E402
     clean_env,
     copy_integration_project,
     environment,
+    kill_when,
     klaviyo_api,
     make_emulator,
     model_rows,
     run_dbt,
+    wait_for,
 )
 from tests.test_dbt_package import install_package_version  # noqa: E402
+from tests.test_sync_consent import (  # noqa: E402
+    CONSENT_COLUMNS,
+    EMAIL_CONSENT,
+    PEOPLE,
+    write_model,
+)
 
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 MARKER = re.compile(r"\s*<!-- (output: (?P<name>[\w.-]+)|not run: .+) -->")
@@ -475,6 +485,108 @@ def errors(lab: Lab) -> None:
     (lab.project / "packages.yml").write_text(yaml.safe_dump({"packages": [entry]}))
     mismatch = lab.run("dbt-klaviyo sync")
     lab.show("package-mismatch", mismatch.shown(lines_with(mismatch.stderr, "Error:")))
+
+
+@scenario("consent annotation-errors check-failed")
+def models(lab: Lab) -> None:
+    """Models of the demo project's copy beside its own: a consent mirror (Klaviyo's list
+    consent, kept apart from membership), one whose key has NULLs (the build-time check),
+    and annotations gone wrong in two demo models. One `dbt run` builds the new models."""
+    write_model(lab.project, "email_consent", PEOPLE, EMAIL_CONSENT, CONSENT_COLUMNS)
+    (lab.project / "models" / "new_customers.sql").write_text(
+        "select * from (values ('C1', 'a@example.com'), (NULL, 'b@example.com'),"
+        " (NULL, 'c@example.com')) as t(customer_id, email)\n"
+    )
+    (lab.project / "models" / "new_customers.yml").write_text(
+        "version: 2\nmodels:\n  - name: new_customers\n    config:\n"
+        '      post_hook: "{{ klaviyo_sync.check() }}"\n'
+        "      meta: {klaviyo: {object: profile, behavior: upsert}}\n"
+        "    columns:\n"
+        "      - {name: customer_id, config: {meta: {klaviyo: {sync_key: external_id}}}}\n"
+        "      - {name: email, config: {meta: {klaviyo: {field: email}}}}\n"
+    )
+    schema = lab.project / "models" / "schema.yml"
+    text = schema.read_text().replace("          list_id: VipLst\n", "", 1)
+    schema.write_text(text.replace("field: properties.sku", "field: sku", 1))
+    built = run_dbt(lab.project, "run", "--select", "email_consent", "new_customers")
+    assert built.returncode == 1, built.stdout + built.stderr
+    # dbt indents the hook's message under its own line naming the failure.
+    failure = lines_with(lab.normalise(built.stdout), "klaviyo_sync.check()", "  - ")
+    lab.show("check-failed", textwrap.dedent(failure))
+
+    broken = lab.run("dbt-klaviyo sync")
+    lab.show("annotation-errors", lines_with(broken.stderr, "Error:", "model '"))
+
+    lab.emulator.create_list("Newsletter", list_id="NwsLtr")
+    assert lab.run("dbt-klaviyo sync --select email_consent").code == 0
+    lab.sql(
+        """DELETE FROM main.email_consent WHERE email IN ('bob@example.com', 'cat@example.com');
+           UPDATE main.email_consent SET consent = false WHERE email = 'dan@example.com';
+           INSERT INTO main.email_consent VALUES ('fay@example.com', NULL, true, NULL)"""
+    )
+    plan = lab.run("dbt-klaviyo sync --select email_consent --dry-run")
+    done = lab.run("dbt-klaviyo sync --select email_consent")
+    planned = plan.stdout.split("\n")
+    below = next(i for i, line in enumerate(planned) if line.startswith("└")) + 1
+    sent = [
+        lines_with(done.stderr, "email_consent: 5 rows", "left alone"),
+        "...",
+        lines_with(done.stdout, "│ email_consent"),
+    ]
+    lab.show(
+        "consent",
+        plan.shown("\n".join(["...", *planned[below:]])) + "\n\n" + done.shown("\n".join(sent)),
+    )
+
+
+@scenario("followed-job interrupted")
+def crash(lab: Lab) -> None:
+    """A sync killed while its bulk job ran, then the run after it; a sync stopped by
+    Ctrl-C (SIGINT), in real processes."""
+    with make_emulator(job_seconds=3) as slow:
+        jobs_polled = "get_bulk_import_profiles_job"
+        kill_when(
+            lab.project, slow, lambda e: e.stats()["requests_by_operation"].get(jobs_polled, 0) >= 1
+        )
+        after = Lab(lab.project, slow).run("dbt-klaviyo sync -s customers")
+    # How often the job is polled before it finishes varies: the run's last line is left out.
+    wanted = ("followed bulk job", "customers: 1200 rows", "customers: sent in")
+    lab.show("followed-job", after.shown("...\n" + lines_with(after.stderr, *wanted)))
+
+    lab.sql(
+        """INSERT INTO main.order_events
+           SELECT 'X' || i, 'buyer' || i || '@example.com', NULL, TIMESTAMP '2024-06-01',
+                  1.0, 'USD', 'SKU-X', 1 FROM range(5500) t(i)"""
+    )
+    # Klaviyo answers each request after 2 s: the signal lands while the first requests
+    # are in flight, however fast the machine, and they are answered before the run stops.
+    lab.emulator.inject(kind="delay", seconds=2, operation="bulk_create_events", count=100)
+    command = "dbt-klaviyo sync -s order_events"
+    with subprocess.Popen(
+        [str(Path(sys.executable).parent / "dbt-klaviyo"), *command.split()[1:]],
+        cwd=lab.project,
+        env=clean_env(
+            KLAVIYO_PRIVATE_API_KEY=PRIVATE_KEY,
+            KLAVIYO_PUBLIC_API_KEY=PUBLIC_KEY,
+            KLAVIYO_BASE_URL=lab.emulator.url,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        sent = lambda: lab.emulator.stats()["requests_by_operation"].get("bulk_create_events", 0)  # noqa: E731
+        wait_for(lambda: sent() >= 2, process)
+        process.send_signal(signal.SIGINT)
+        printed, _ = process.communicate(timeout=120)
+    stopped = lab.normalise(unwrap(printed)).split("\n")
+    first = next(i for i, line in enumerate(stopped) if "stopping:" in line)
+    shown = ["...", *stopped[first:]]
+    lab.show(
+        "interrupted",
+        Run(f"{command}        # then Ctrl-C", process.returncode, "", "", "\n".join(shown)).shown(
+            status=True
+        ),
+    )
 
 
 @scenario("init")

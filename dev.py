@@ -7,7 +7,7 @@
                           # installed as root when missing, Chromium (scripts/chromium.py)
     python3 dev.py test --dbt 1.12   # the same next to dbt-core 1.12 (.venv-dbt112/)
     python3 dev.py docs   # rewrite the command outputs shown in the docs by running them
-                          # (scripts/docs_outputs.py), then build the site with --strict
+                          # (tests/test_docs_outputs.py), then build the site with --strict
     python3 dev.py dist   # build the sdist and the wheel into dist/, and `twine check` them
     python3 dev.py bench  # benchmarks at 100k, 1M and 10M rows (see benchmarks/run.py)
 
@@ -19,6 +19,7 @@ dbt-core it supports.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import venv
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from scripts import chromium, postgres
@@ -110,20 +112,11 @@ def site() -> None:
         )
 
 
-def test(pytest_args: list[str]) -> None:
-    """Lint, type checks, then the tests with a throwaway PostgreSQL server, which is
-    stopped whatever happens (a failure, Ctrl-C, or CI cancelling the job with SIGTERM)."""
-    run(str(BIN / "ruff"), "check", ".")
-    run(str(BIN / "ruff"), "format", "--check", ".")
-    run(str(BIN / "mypy"), "dbt_klaviyo_sync")
-    site()
+@contextlib.contextmanager
+def postgres_server() -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL server, stopped whatever happens (a failure, Ctrl-C, or CI
+    cancelling the job with SIGTERM); yields the environment that makes the tests use it."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        browser = chromium.ensure()
-    except chromium.BrowserError as exc:
-        sys.exit(f"cannot install Chromium for the tests: {exc}")
-    if not browser:
-        print("Chromium is not installed: the report's browser tests will be skipped.")
     print("Starting a throwaway PostgreSQL server for the tests ...", flush=True)
     try:
         server = postgres.start()
@@ -132,15 +125,40 @@ def test(pytest_args: list[str]) -> None:
     print(f"PostgreSQL listens on 127.0.0.1:{server.port} ({server.directory})", flush=True)
     try:
         # Required: with the server up, a PostgreSQL test that cannot reach it is an error.
-        env = {**server.env(), "DBT_KLAVIYO_REQUIRE_POSTGRES": "1"}
-        if browser:  # and with Chromium here, a browser test that cannot run is an error
-            env["DBT_KLAVIYO_REQUIRE_CHROMIUM"] = "1"
-        run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args, env=env)
+        yield {**server.env(), "DBT_KLAVIYO_REQUIRE_POSTGRES": "1"}
     finally:
         try:
             server.stop()
         except postgres.ServerError as exc:
             print(f"warning: stopping PostgreSQL: {exc}", file=sys.stderr)
+
+
+def test(pytest_args: list[str]) -> None:
+    """Lint, type checks, then the tests with a throwaway PostgreSQL server."""
+    run(str(BIN / "ruff"), "check", ".")
+    run(str(BIN / "ruff"), "format", "--check", ".")
+    run(str(BIN / "mypy"), "dbt_klaviyo_sync")
+    site()
+    try:
+        browser = chromium.ensure()
+    except chromium.BrowserError as exc:
+        sys.exit(f"cannot install Chromium for the tests: {exc}")
+    if not browser:
+        print("Chromium is not installed: the report's browser tests will be skipped.")
+    with postgres_server() as env:
+        if browser:  # and with Chromium here, a browser test that cannot run is an error
+            env["DBT_KLAVIYO_REQUIRE_CHROMIUM"] = "1"
+        run(str(BIN / "pytest"), "-q", "-n", "3", *pytest_args, env=env)
+
+
+def docs() -> None:
+    """Rewrite the command outputs shown in the docs from runs of the commands: the docs
+    outputs test (tests/test_docs_outputs.py) told to write the blocks instead of comparing
+    them, one scenario after another (they write the same pages); then build the site."""
+    with postgres_server() as env:
+        env["DBT_KLAVIYO_DOCS_WRITE"] = "1"
+        run(str(BIN / "pytest"), "-q", "tests/test_docs_outputs.py", env=env)
+    site()
 
 
 def dist() -> None:
@@ -175,8 +193,7 @@ def main() -> None:
     elif command == "dist":
         dist()
     elif command == "docs":
-        run(str(PYTHON), "-m", "scripts.docs_outputs", "--write")
-        site()
+        docs()
     else:
         script = scripts[command]
         done = subprocess.run([str(PYTHON), str(script), *args], cwd=script.parent)

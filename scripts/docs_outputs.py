@@ -1,78 +1,72 @@
 """The command outputs shown in README.md and docs/*.md, made by running the commands.
 
 Each ```text block that shows what a command prints follows a marker line,
-`<!-- output: NAME -->`. The scenarios below run the real `dbt-klaviyo` (in this process,
-as the tests do), real dbt and the bundled emulator on loopback, in a copy of the built demo
+`<!-- output: NAME -->`. The scenarios below run the real `dbt-klaviyo` (in the test's
+process, as the other tests do, or in a process of its own where a signal or a kill is the
+point), real dbt and the bundled emulator on loopback, in a private copy of the built demo
 project (integration_tests/), and make the text of every named block. A ```text block that
-is not a command's output (a diagram, a command's synopsis) follows
-`<!-- not run: WHY -->` instead, so that no block is left unaccounted for.
+is not a command's output (a diagram, a command's synopsis) follows `<!-- not run: WHY -->`
+instead, so that no block is left unaccounted for.
 
 What differs from run to run becomes a placeholder of the same width, so that a reader
 never takes it for a measured value and a table keeps its columns: durations `x.x s`,
-times `YYYY-MM-DD hh:mm:ss`, Klaviyo's ids `<id1>`, `<id2>`... by first appearance; the
-emulator's port becomes its default (8765), the temporary project `.../integration_tests`.
+times `YYYY-MM-DD hh:mm:ss`, Klaviyo's ids `<id1>`, `<id2>`... by first appearance, the
+temporary project `.../integration_tests`, a PostgreSQL database `<database>`. Long lines
+are shown whole, as a terminal wide enough shows them.
 
-    python3 dev.py docs                          # rewrite the blocks, then build the site
-    .venv/bin/python -m scripts.docs_outputs --check   # say which blocks differ
-
-tests/test_docs_outputs.py runs the same scenarios on the test session's built project and
-fails on any difference, naming the page and the marker.
+tests/test_docs_outputs.py runs each scenario on the session's built project and fails on
+any difference, naming the page, the line and the marker; `python3 dev.py docs` runs it so
+that it rewrites the blocks instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import io
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file, not with -m
-    sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from dbt_klaviyo_sync.cli import main as cli_main  # noqa: E402
-from dbt_klaviyo_sync.dbt import PACKAGE_GIT  # noqa: E402
-from dbt_klaviyo_sync.emulator import Emulator  # noqa: E402
-from tests.conftest import (  # noqa: E402
+from dbt_klaviyo_sync.cli import main as cli_main
+from dbt_klaviyo_sync.dbt import PACKAGE_GIT
+from dbt_klaviyo_sync.emulator import Emulator
+from tests.conftest import (
     PRIVATE_KEY,
     PUBLIC_KEY,
+    REPO,
     change_model,
     clean_env,
-    copy_integration_project,
     environment,
     kill_when,
     klaviyo_api,
     make_emulator,
     model_rows,
+    pg_database,
     run_dbt,
     wait_for,
 )
-from tests.test_dbt_package import install_package_version  # noqa: E402
-from tests.test_sync_consent import (  # noqa: E402
+from tests.test_dbt_package import install_package_version
+from tests.test_sync_consent import (
     CONSENT_COLUMNS,
     EMAIL_CONSENT,
     PEOPLE,
     write_model,
 )
 
-PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+DEFAULT_URL = "http://127.0.0.1:8765"  # the emulator's, in place of the random port
 MARKER = re.compile(r"\s*<!-- (output: (?P<name>[\w.-]+)|not run: .+) -->")
 FENCE = re.compile(r"(?P<indent>\s*)```text")
-DEFAULT_URL = "http://127.0.0.1:8765"
 
 
 # -- the blocks in the pages ---------------------------------------------------------------
@@ -91,7 +85,7 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        return f"{self.page.relative_to(REPO)}:{self.line}"
 
 
 def blocks(page: Path) -> list[Block]:
@@ -239,6 +233,9 @@ class Lab:
         return Run(command, code, clean(stdout), clean(err.getvalue()), clean(shown))
 
     def normalise(self, text: str) -> str:
+        database = pg_database(self.project)
+        if database is not None:  # each test worker's copy is a database of its own
+            text = text.replace(f'"{database.name}"', '"<database>"')
         return normalise(text, self.project, self.emulator.url)
 
     def show(self, name: str, text: str) -> None:
@@ -307,17 +304,20 @@ def lines_with(text: str, *wanted: str) -> str:
 class Scenario:
     run: Callable[[Lab], None]
     shows: frozenset[str]  # the names of the blocks it makes
+    postgres: bool  # runs on the demo project built on PostgreSQL
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(shows: str) -> Callable[[Callable[[Lab], None]], Callable[[Lab], None]]:
+def scenario(
+    shows: str, postgres: bool = False
+) -> Callable[[Callable[[Lab], None]], Callable[[Lab], None]]:
     """Register a scenario under its function's name, with the names of the blocks it makes
     (separated by spaces)."""
 
     def register(run: Callable[[Lab], None]) -> Callable[[Lab], None]:
-        SCENARIOS[run.__name__] = Scenario(run, frozenset(shows.split()))
+        SCENARIOS[run.__name__] = Scenario(run, frozenset(shows.split()), postgres)
         return run
 
     return register
@@ -492,7 +492,8 @@ def models(lab: Lab) -> None:
     """Models of the demo project's copy beside its own: a consent mirror (Klaviyo's list
     consent, kept apart from membership), one whose key has NULLs (the build-time check),
     and annotations gone wrong in two demo models. One `dbt run` builds the new models."""
-    write_model(lab.project, "email_consent", PEOPLE, EMAIL_CONSENT, CONSENT_COLUMNS)
+    people: list[tuple[str, ...]] = list(PEOPLE)
+    write_model(lab.project, "email_consent", people, EMAIL_CONSENT, CONSENT_COLUMNS)
     (lab.project / "models" / "new_customers.sql").write_text(
         "select * from (values ('C1', 'a@example.com'), (NULL, 'b@example.com'),"
         " (NULL, 'c@example.com')) as t(customer_id, email)\n"
@@ -574,8 +575,10 @@ def crash(lab: Lab) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     ) as process:
-        sent = lambda: lab.emulator.stats()["requests_by_operation"].get("bulk_create_events", 0)  # noqa: E731
-        wait_for(lambda: sent() >= 2, process)
+        calls = lab.emulator.stats
+        wait_for(
+            lambda: calls()["requests_by_operation"].get("bulk_create_events", 0) >= 2, process
+        )
         process.send_signal(signal.SIGINT)
         printed, _ = process.communicate(timeout=120)
     stopped = lab.normalise(unwrap(printed)).split("\n")
@@ -587,6 +590,14 @@ def crash(lab: Lab) -> None:
             status=True
         ),
     )
+
+
+@scenario("postgres", postgres=True)
+def postgres(lab: Lab) -> None:
+    """A sync of the demo project built on PostgreSQL, after one row changed."""
+    assert lab.run("dbt-klaviyo sync --target postgres -s customers").code == 0
+    lab.sql("UPDATE main.customers SET first_name = 'Ada' WHERE customer_id = 'C00001'")
+    lab.show("postgres", lab.run("dbt-klaviyo sync --target postgres -s customers").shown())
 
 
 @scenario("init")
@@ -601,27 +612,17 @@ def init(lab: Lab) -> None:
     lab.show("init", lab.run("dbt-klaviyo init --no-deps", cwd=shop).shown())
 
 
-# -- making them ---------------------------------------------------------------------------
+# -- running them --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def lab(built: Path, workdir: Path) -> Iterator[Lab]:
-    """A fresh copy of the built project, beside a fresh emulator with the tests' keys."""
-    project = Path(shutil.copytree(built, workdir / "integration_tests", symlinks=True))
+def run_scenario(name: str, project: Path) -> dict[str, str]:
+    """The blocks scenario `name` makes, run in `project` (a private copy of the built demo
+    project, on PostgreSQL for a scenario that says so) beside a fresh emulator."""
     with make_emulator(job_seconds=0.2) as emulator:
-        yield Lab(project, emulator)
-
-
-def generate(built: Path, workdir: Path, names: list[str] | None = None) -> dict[str, str]:
-    """Every block's text, from running the scenarios named (all when None)."""
-    outputs: dict[str, str] = {}
-    for name in names or list(SCENARIOS):
-        (workdir / name).mkdir()
-        with lab(built, workdir / name) as scene:
-            SCENARIOS[name].run(scene)
-        assert set(scene.outputs) == SCENARIOS[name].shows, f"{name} shows {set(scene.outputs)}"
-        outputs.update(scene.outputs)
-    return outputs
+        lab = Lab(project, emulator)
+        SCENARIOS[name].run(lab)
+    assert set(lab.outputs) == SCENARIOS[name].shows, f"{name} shows {set(lab.outputs)}"
+    return lab.outputs
 
 
 def unaccounted() -> list[str]:
@@ -635,38 +636,3 @@ def unaccounted() -> list[str]:
         for block in all_blocks()
         if not block.marked or (block.name is not None and block.name not in made)
     ]
-
-
-def build_demo_project(workdir: Path) -> Path:
-    """integration_tests/ copied and built, as the tests' session fixture makes it."""
-    project = copy_integration_project(workdir / "built" / "integration_tests")
-    for args in (("deps",), ("build",)):
-        done = run_dbt(project, *args)
-        if done.returncode:
-            sys.exit(done.stdout + done.stderr)
-    return project
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write", action="store_true", help="rewrite the blocks that differ")
-    action.add_argument("--check", action="store_true", help="exit 1 if a block differs")
-    args = parser.parse_args()
-    problems = unaccounted()
-    with tempfile.TemporaryDirectory(prefix="dbt-klaviyo-docs-") as tmp:
-        workdir = Path(tmp)
-        outputs = generate(build_demo_project(workdir), workdir)
-    if args.write:
-        for where in write(outputs):
-            print(f"rewrote the block at {where}")
-    else:
-        problems += differences(outputs)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

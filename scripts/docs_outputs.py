@@ -65,7 +65,9 @@ from tests.test_sync_consent import (
 
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 DEFAULT_URL = "http://127.0.0.1:8765"  # the emulator's, in place of the random port
-MARKER = re.compile(r"\s*<!-- (output: (?P<name>[\w.-]+)|not run: .+) -->")
+#: On the line before the fence, alone or, in a list item (where a line of its own would end
+#: the list), at the end of the paragraph's last line.
+MARKER = re.compile(r"(.*\S )?\s*<!-- (output: (?P<name>[\w.-]+)|not run: .+) -->")
 FENCE = re.compile(r"(?P<indent>\s*)```text")
 
 

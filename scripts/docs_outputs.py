@@ -82,6 +82,7 @@ class Block:
     name: str | None
     marked: bool
     line: int  # of the opening fence, from 1
+    end: int  # the closing fence's index in the page's lines
     indent: str
     text: str
 
@@ -102,7 +103,7 @@ def blocks(page: Path) -> list[Block]:
         text = "\n".join(item.removeprefix(indent) for item in lines[at + 1 : end])
         marker = MARKER.fullmatch(lines[at - 1]) if at else None
         name = marker["name"] if marker else None
-        found.append(Block(page, name, marker is not None, at + 1, indent, text))
+        found.append(Block(page, name, marker is not None, at + 1, end, indent, text))
     return found
 
 
@@ -129,19 +130,17 @@ def differences(outputs: dict[str, str]) -> list[str]:
 
 
 def write(outputs: dict[str, str]) -> list[str]:
-    """Put each output into its blocks; the names of the blocks rewritten."""
+    """Put each output into its blocks; where the blocks rewritten were."""
     changed = []
     for page in PAGES:
         lines = page.read_text().splitlines()
-        for block in reversed(blocks(page)):
-            if block.name in outputs and block.text != outputs[block.name]:
-                end = next(i for i in range(block.line, len(lines)) if lines[i].strip() == "```")
-                new = [
-                    block.indent + line if line else "" for line in outputs[block.name].split("\n")
-                ]
-                lines[block.line : end] = new
-                changed.append(block.where)
-        page.write_text("\n".join(lines) + "\n")
+        stale = [b for b in blocks(page) if b.name in outputs and b.text != outputs[b.name]]
+        for block in reversed(stale):  # from the end: the lines before stay where they are
+            text = outputs[str(block.name)].split("\n")
+            lines[block.line : block.end] = [block.indent + t if t else "" for t in text]
+        if stale:
+            page.write_text("\n".join(lines) + "\n")
+            changed += [block.where for block in stale]
     return changed
 
 

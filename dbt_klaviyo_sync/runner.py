@@ -229,12 +229,13 @@ def make_client(options: SyncOptions) -> KlaviyoClient:
 def _warn_fresh_state(specs: list[SyncSpec], path: str) -> None:
     """Without a sync state nothing looks sent: fine for a first sync, but if the state was
     lost, events and deletions are requested again. Say so, loudly, before sending."""
-    once = ", ".join(spec.model for spec in specs if spec.once)
+    once = [spec.model for spec in specs if spec.once]
     log.warning(
         "no sync state at %s: every row counts as new and is sent. If this is not your "
         "first sync, stop now and point --state (or DBT_KLAVIYO_STATE) at the state%s.",
         path,
-        f": {once} would otherwise send each of its events and deletions a second time "
+        f": {', '.join(once)} would otherwise send each of "
+        f"{'their' if len(once) > 1 else 'its'} events and deletions a second time "
         "(Klaviyo drops events it already has by unique_id)"
         if once
         else "",

@@ -35,7 +35,7 @@ _WORDS: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {
         ("updated", "to unsubscribe", "unsubscribed"),
         (
             "removed",
-            "left the model, to unsubscribe",
+            "to unsubscribe as they left the model",
             "left the model (unsubscribed if in the list)",
         ),
     ),
@@ -43,7 +43,7 @@ _WORDS: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {
     ("suppression", "mirror"): (
         ("added", "to suppress", "suppressed"),
         ("updated", "to unsuppress", "unsuppressed"),
-        ("removed", "left the model, to unsuppress", "left the model (unsuppressed)"),
+        ("removed", "to unsuppress as they left the model", "left the model (unsuppressed)"),
     ),
 }
 

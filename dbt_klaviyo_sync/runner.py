@@ -942,7 +942,7 @@ def _journal_table(items: list[Prepared]) -> pa.Table:
             "fingerprint": [r.fingerprint for r in records],
             "in_snapshot": [r.in_snapshot for r in records],
             "klaviyo_id": [r.klaviyo_id for r in records],
-            "accepted_values": [payloads.dumps(r.values).decode() for r in records],
+            "accepted_values": [payloads.json_text(r.values) for r in records],
             "body": [p.journal_body() for p in items],
         },
         schema=JOURNAL_SCHEMA,
@@ -962,32 +962,47 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
     """A batch's answers in the shape `Warehouse.commit` takes; with `values`, the JSON
-    of what each accepted record sent (without, the journal has it). Every text that came
-    from Klaviyo is scrubbed of keys again before it is stored."""
-    rows = [
+    of what each accepted record sent (without, the journal has it). Accepted and removed
+    records, most of any batch, are built a column at a time; each reject is a row of its
+    own. Every text that came from Klaviyo is scrubbed of keys again before it is stored."""
+    accepted = [*outcome.accepted, *((r, None) for r in outcome.already)]
+    records = [r for r, _ in accepted]
+    done = pa.table(
         {
-            "key": r.key,
-            "outcome": "accepted",
-            "fingerprint": r.fingerprint,
-            "accepted_values": payloads.dumps(r.values).decode() if values else None,
-            "klaviyo_id": klaviyo_id or r.klaviyo_id,
-            "in_snapshot": r.in_snapshot,
+            "key": [r.key for r in records],
+            "outcome": pa.repeat("accepted", len(records)),
+            "fingerprint": pa.array([r.fingerprint for r in records], pa.uint64()),
+            "accepted_values": pa.array([payloads.json_text(r.values) for r in records])
+            if values
+            else pa.nulls(len(records), pa.string()),
+            "klaviyo_id": pa.array([k or r.klaviyo_id for r, k in accepted], pa.string()),
+            "in_snapshot": pa.array([r.in_snapshot for r in records], pa.bool_()),
         }
-        for r, klaviyo_id in [*outcome.accepted, *((r, None) for r in outcome.already)]
-    ]
-    rows += [
+    )
+    removed = pa.table(
         {
-            "key": j.key,
-            "outcome": "invalid" if j.invalid_row else "rejected",
-            "fingerprint": j.fingerprint,
-            "in_snapshot": j.in_snapshot,
-            "column_name": j.column,
-            "field": j.field,
-            "code": redact(j.code),
-            "reason": redact(j.reason),
-            "retry": j.retry,
+            "key": pa.array([r.key for r in outcome.removed], pa.string()),
+            "outcome": pa.repeat("removed", len(outcome.removed)),
+            "in_snapshot": pa.repeat(True, len(outcome.removed)),
         }
-        for j in outcome.rejected
-    ]
-    rows += [{"key": r.key, "outcome": "removed", "in_snapshot": True} for r in outcome.removed]
-    return pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
+    )
+    rejected = pa.Table.from_pylist(
+        [
+            {
+                "key": j.key,
+                "outcome": "invalid" if j.invalid_row else "rejected",
+                "fingerprint": j.fingerprint,
+                "in_snapshot": j.in_snapshot,
+                "column_name": j.column,
+                "field": j.field,
+                "code": redact(j.code),
+                "reason": redact(j.reason),
+                "retry": j.retry,
+            }
+            for j in outcome.rejected
+        ],
+        schema=OUTCOME_SCHEMA,
+    )
+    return pa.concat_tables(
+        [_conform(done, OUTCOME_SCHEMA), rejected, _conform(removed, OUTCOME_SCHEMA)]
+    )

@@ -85,3 +85,18 @@ def test_the_benchmark_stops_when_the_diffs_disagree() -> None:
     naive = {"kinds": {**ours["kinds"], "changed": {**found, "digest": "9a2e"}}}
     with pytest.raises(SystemExit, match="the two diffs disagree"):
         run.same_changes(ours, naive)
+
+
+def test_the_pipeline_benchmark_syncs_and_records_every_row() -> None:
+    """benchmarks/pipeline.py, the sync without the network, at 5,000 rows: it stops
+    unless every row was accepted and recorded in the state."""
+    done = subprocess.run(
+        [sys.executable, "pipeline.py", "--rows", "5000"],
+        cwd=REPO / "benchmarks",
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5,000 profiles" in done.stdout and "profiles/s" in done.stdout

@@ -304,3 +304,18 @@ def test_a_journaled_item_keeps_only_what_sending_reads() -> None:
         isinstance(event, PreparedEvent)
         and event.journal_body() == PreparedEvent(record, b'{"e":1}', b'{"p":1}').journal_body()
     )
+
+
+def test_every_date_of_years_1_to_9999_is_written_as_strftime_writes_it() -> None:
+    """Dates are written with Arrow's cast, twenty times faster than strftime: an Arrow
+    upgrade that wrote any day differently would change what Klaviyo receives, and what
+    a plan compares with the values it last accepted. Every day, checked."""
+    import pyarrow.compute as pc
+
+    from dbt_klaviyo_sync.payloads import _date_texts
+
+    first, last = date(1, 1, 1).toordinal(), date(9999, 12, 31).toordinal()
+    epoch = date(1970, 1, 1).toordinal()
+    days = pa.array(range(first - epoch, last - epoch + 1), pa.int32()).cast(pa.date32())
+    assert _date_texts(days).equals(pc.strftime(days, "%Y-%m-%d"))
+    assert _date_texts(days[:1]).to_pylist() == ["0001-01-01"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dbt_klaviyo_sync.changeset import Record, Reject
@@ -42,13 +42,14 @@ class Prepared:
     def journaled(self) -> Prepared:
         """This item once its unit is in the journal, which holds its values for the
         commit: the record keeps only what sending reads (`SEND_TIME_FIELDS`, and its
-        NULLs). Units in flight are most of a sync's memory, and values over half of that."""
-        kept = {
-            name: value
-            for name, value in self.record.values.items()
-            if value is None or name in SEND_TIME_FIELDS
-        }
-        return replace(self, record=replace(self.record, values=kept))
+        NULLs). Units in flight are most of a sync's memory, and values over half of that.
+        The values are dropped in place, as copying the item and its record cost three
+        times as much, on every record of a sync: they are this item's own (`payloads`
+        makes a dict per record) and nothing reads them once they are journaled."""
+        values = self.record.values
+        for name in [n for n, v in values.items() if v is not None and n not in SEND_TIME_FIELDS]:
+            del values[name]
+        return self
 
 
 def _no_job(job_id: str) -> None:

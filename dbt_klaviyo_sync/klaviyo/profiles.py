@@ -128,12 +128,12 @@ _CONFLICT_ADVICE = (
 def name_conflicts(client: KlaviyoClient, records: list[Record], outcome: Outcome) -> None:
     """Spell out each identifier conflict: which profile holds which of the row's
     identifiers. One lookup per identifier field and hundred conflicts."""
+    rejected = enumerate(outcome.rejected)
+    duplicates = [(i, reject) for i, reject in rejected if reject.code == "duplicate_profile"]
+    if not duplicates:
+        return  # most jobs: nothing to look at per profile
     by_key = {r.key: r for r in records}
-    conflicts = {
-        i: by_key[reject.key]
-        for i, reject in enumerate(outcome.rejected)
-        if reject.code == "duplicate_profile" and reject.key in by_key
-    }
+    conflicts = {i: by_key[reject.key] for i, reject in duplicates if reject.key in by_key}
     if not conflicts:
         return
     try:

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.changeset import (
     FINGERPRINT,
+    JOURNAL_SCHEMA,
     JSON_TEXT,
     KEY,
     REJECT_COLUMNS,
@@ -61,11 +62,15 @@ _JSON_TYPES = frozenset({"json", "jsonb", "variant", "object", "super"})
 _TWO_64 = 2**64
 
 
-def _signed(fingerprint: int | None) -> int | None:
-    """A fingerprint as the warehouse's signed 64-bit integer."""
-    if fingerprint is None:
-        return None
-    return fingerprint - _TWO_64 if fingerprint >= 2**63 else fingerprint
+def _driver_rows(table: pa.Table) -> list[tuple[Any, ...]]:
+    """A table's rows as the driver takes them, converted a column at a time (a Python
+    step per value costs more than the insert): fingerprints as the warehouse's signed
+    64-bit integers, their bits unchanged."""
+    columns = [
+        pc.cast(column, pa.int64(), safe=False) if name == "fingerprint" else column
+        for name, column in zip(table.column_names, table.columns, strict=True)
+    ]
+    return list(zip(*(column.to_pylist() for column in columns), strict=True))
 
 
 def _unsigned(fingerprint: int | None) -> int | None:
@@ -311,21 +316,7 @@ class AdapterWarehouse:
         import datetime as dt
 
         now = dt.datetime.now(dt.UTC)
-        values = [
-            (
-                sid,
-                unit,
-                row["position"],
-                row["key"],
-                _signed(row["fingerprint"]),
-                row["in_snapshot"],
-                row["klaviyo_id"],
-                row["accepted_values"],
-                row["body"],
-                now,
-            )
-            for row in rows.to_pylist()
-        ]
+        values = [(sid, unit, *row, now) for row in _driver_rows(rows.select(JOURNAL_SCHEMA.names))]
         columns = [
             "sync_id, unit, position, key, fingerprint, in_snapshot, klaviyo_id",
             "accepted_values, body, journaled_at",
@@ -502,10 +493,7 @@ class AdapterWarehouse:
             "commit_outcomes", schema=self.schema, sid=sid, run_id=run_id, model=model
         )
         names = outcomes.column_names
-        rows = [
-            tuple(_signed(v) if n == "fingerprint" else v for n, v in zip(names, row, strict=True))
-            for row in zip(*(outcomes.column(n).to_pylist() for n in names), strict=True)
-        ]
+        rows = _driver_rows(outcomes)
         with self._lock:
             try:
                 with self._db.cursor() as cursor:

@@ -493,12 +493,9 @@ class State:
         An accepted row's `klaviyo_id` must be the known one when the answer gave none."""
         if outcomes.num_rows == 0:
             return
+        counted = outcomes.group_by(["outcome", "in_snapshot"]).aggregate([([], "count_all")])
         kinds = Counter(
-            zip(
-                outcomes.column("outcome").to_pylist(),
-                outcomes.column("in_snapshot").to_pylist(),
-                strict=True,
-            )
+            {(row["outcome"], row["in_snapshot"]): row["count_all"] for row in counted.to_pylist()}
         )
         recorded = {"accepted", "rejected"}
         replaced = kinds[("accepted", True)] > 0

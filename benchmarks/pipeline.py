@@ -7,7 +7,12 @@ left is the client's CPU: the diff, shaping the rows into bulk jobs, journaling 
 committing the answers. The process is held to one core, and profiles/s is given per
 CPU-second, with and without the diff (which DuckDB would run on every core it had).
 
-`--profile FILE` writes a cProfile of the sync (for `python -m pstats FILE`).
+Beside it, on the same rows and core, DuckDB's own serialisation: each row as the JSON of
+its profile resource, built by `json_object`. That is the rate shaping could reach if the
+engine wrote the bodies (issue 14), measured in the same run so the two compare.
+
+The last line printed is JSON, for benchmarks/run.py. `--profile FILE` writes a cProfile
+of the sync (for `python -m pstats FILE`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -82,6 +88,27 @@ def build_model(database: Path, rows: int) -> ModelNode:
     )
 
 
+def duckdb_json_rate(database: Path) -> float:
+    """Rows a second DuckDB turns into profile resources' JSON on one thread, CPU-timed."""
+    place: dict[str, dict[str, str]] = {"attributes": {}, "location": {}, "properties": {}}
+    for column, meta in project.COLUMNS.items():
+        kind, field = meta.split(": ")
+        if kind in ("field", "sync_key"):
+            part, _, name = field.rpartition(".")
+            place[part or "attributes"][name] = column
+    pairs = {p: ", ".join(f"'{k}', {v}" for k, v in kept.items()) for p, kept in place.items()}
+    body = (
+        f"json_object('type', 'profile', 'attributes', json_object({pairs['attributes']}, "
+        f"'location', json_object({pairs['location']}), "
+        f"'properties', json_object({pairs['properties']})))"
+    )
+    with duckdb.connect(str(database), read_only=True) as con:
+        con.execute("SET threads = 1")
+        began = time.process_time()
+        [(rows, _)] = con.execute(f"SELECT count(*), sum(length({body})) FROM customers").fetchall()
+        return float(rows) / (time.process_time() - began)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -122,13 +149,17 @@ def main() -> None:
         if counts.added != args.rows or counts.failed or counts.rejected or recorded != args.rows:
             sys.exit(f"not every row was accepted and recorded: {counts}; {recorded:,} in state")
         rest = cpu - diff_cpu
+        engine = duckdb_json_rate(folder / "warehouse.duckdb")
         print(
             f"{args.rows:,} profiles, first full sync without network, on one core: "
             f"{wall:.2f} s wall, {cpu:.2f} CPU-s ({diff_cpu:.2f} in the diff), "
             f"{client.requests_made:,} requests\n"
             f"pipeline (shaping + commit): {args.rows / rest:,.0f} profiles/s; "
-            f"with the diff: {args.rows / cpu:,.0f} profiles/s"
+            f"with the diff: {args.rows / cpu:,.0f} profiles/s\n"
+            f"DuckDB's json_object, the same rows as profile resources: {engine:,.0f} rows/s"
         )
+        figures = {"rows": args.rows, "pipeline": args.rows / rest, "with_diff": args.rows / cpu}
+        print(json.dumps({**figures, "duckdb_json": engine}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from tests.conftest import REPO, PgDatabase, clean_env
 
 
 def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Run the harness at 10,000 rows; its table's cells, by step."""
+    """Run the harness at 10,000 rows; its table's cells, by step (and, under "text", what
+    it wrote under the table)."""
     done = subprocess.run(
         [sys.executable, "run.py", "--sizes", "10000", "--out", str(out), *args],
         cwd=REPO / "benchmarks",
@@ -22,8 +23,10 @@ def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> dict[str,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
-    return {cells[1].strip(): [cell.strip() for cell in cells] for cells in rows}
+    lines = out.read_text().splitlines()
+    rows = [line.split("|")[1:-1] for line in lines[2:] if line.startswith("|")]
+    steps = {cells[1].strip(): [cell.strip() for cell in cells] for cells in rows}
+    return {**steps, "text": [line for line in lines if line and not line.startswith("|")]}
 
 
 def assert_common_steps(steps: dict[str, list[str]]) -> None:
@@ -38,22 +41,28 @@ def assert_common_steps(steps: dict[str, list[str]]) -> None:
         "(c) re-run after the change set",
     } <= set(steps), steps
     full = steps["(a) first full sync"]
-    assert float(full[4]) <= 0.5  # a job, a poll or two and its errors per 10,000 profiles
-    assert steps["(b) no-op re-run"][4] == "-"
-    assert steps["(c) diff only, naive baseline"][5].startswith(
+    assert float(full[5]) <= 0.5  # a job, a poll or two and its errors per 10,000 profiles
+    assert full[4].endswith(" s") and float(full[4].removesuffix(" s")) > 0  # CPU per 1M
+    assert full[6].endswith("its 1 import jobs fit in one burst of Klaviyo's limits")
+    assert steps["(b) no-op re-run"][4:6] == ["-", "-"]
+    assert steps["(c) diff only, naive baseline"][6].startswith(
         "added 49, changed 100, removed 50;"
     )
-    assert "the same keys;" in steps["(c) diff only, ours"][5]
-    assert "x faster" in steps["(c) diff only, ours"][5]
+    assert "the same keys;" in steps["(c) diff only, ours"][6]
+    assert "x faster" in steps["(c) diff only, ours"][6]
 
 
 def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     steps = bench(tmp_path / "results.md")
     assert_common_steps(steps)
-    assert len(steps) == 8, steps  # (d) at two scales
+    assert len(steps) == 9, steps  # (d) at two scales, and the text
     limited = [cells for name, cells in steps.items() if name.startswith("(d) change set")]
     assert len(limited) == 2
-    assert all("0 Retry-After violations" in cells[5] for cells in limited)
+    assert all("0 Retry-After violations" in cells[6] for cells in limited)
+    # The pipeline without the network (it stops the run unless every row was recorded).
+    [pipeline] = steps["text"]
+    assert pipeline.startswith("Without the network, on one core, a first full sync of 10,000")
+    assert "DuckDB's `json_object` writes the same rows' profile resources at" in pipeline
 
 
 def test_the_benchmark_runs_on_postgres(pg_server: PgDatabase, tmp_path: Path) -> None:
@@ -61,9 +70,10 @@ def test_the_benchmark_runs_on_postgres(pg_server: PgDatabase, tmp_path: Path) -
     that left the server counted; the database it built is dropped after."""
     steps = bench(tmp_path / "results.md", "--warehouse", "postgres", env=pg_server.env())
     assert_common_steps(steps)
-    assert len(steps) == 6, steps  # no (d) unless asked for
-    assert "MB from the server" in steps["(c) diff only, naive baseline"][5]
-    assert "% of the model's" in steps["(c) diff only, ours"][5]
+    assert len(steps) == 7, steps  # no (d) unless asked for, and no text (the pipeline)
+    assert steps["text"] == []
+    assert "MB from the server" in steps["(c) diff only, naive baseline"][6]
+    assert "% of the model's" in steps["(c) diff only, ours"][6]
     with pg_server.connect() as con, con.cursor() as cursor:
         cursor.execute(
             "select datname from pg_database where datname ~ '^klaviyo_bench_10000_[0-9]+$'"
@@ -85,18 +95,3 @@ def test_the_benchmark_stops_when_the_diffs_disagree() -> None:
     naive = {"kinds": {**ours["kinds"], "changed": {**found, "digest": "9a2e"}}}
     with pytest.raises(SystemExit, match="the two diffs disagree"):
         run.same_changes(ours, naive)
-
-
-def test_the_pipeline_benchmark_syncs_and_records_every_row() -> None:
-    """benchmarks/pipeline.py, the sync without the network, at 5,000 rows: it stops
-    unless every row was accepted and recorded in the state."""
-    done = subprocess.run(
-        [sys.executable, "pipeline.py", "--rows", "5000"],
-        cwd=REPO / "benchmarks",
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "5,000 profiles" in done.stdout and "profiles/s" in done.stdout

@@ -201,7 +201,8 @@ def test_the_plan_speaks_of_subscribing_and_unsubscribing(
 ) -> None:
     plan = only(project, emulator, "email_consent", "--dry-run")
     assert plan.returncode == 0, plan.output
-    assert "4 to subscribe, 2 to unsubscribe, 0 to unsubscribe as they left the model" in plan.stdout
+    said = "4 to subscribe, 2 to unsubscribe, 0 to unsubscribe as they left the model"
+    assert said in plan.stdout
     assert consent_calls(emulator) == dict.fromkeys(consent_calls(emulator), 0)
 
 

@@ -7,6 +7,7 @@ project parsed once, and each end-to-end test walks through several flags.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import dbt_klaviyo_sync
+from dbt_klaviyo_sync import runner
 from dbt_klaviyo_sync.dbt import DbtArgs, DbtProject, select_models
+from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.errors import ConfigurationError
 from tests.conftest import (
     BIN,
@@ -273,3 +276,23 @@ def test_the_python_api_leaves_the_root_logger_alone(project: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] 30"
     assert "dbt_klaviyo_sync" not in done.stderr
+
+
+def test_a_sync_gives_the_garbage_collector_back_as_it_found_it(
+    project: Path, emulator: Emulator
+) -> None:
+    """Sending tunes Python's cyclic collector for its churn; the process (an orchestrator
+    running the Python API, say) gets its own settings back, after a failure too."""
+    before = gc.get_threshold()
+    gc.set_threshold(900, 11, 12)
+    try:
+        done = dbt_klaviyo(project, emulator, "sync", "--select", "customers")
+        assert done.returncode == 0, done.output
+        assert (gc.get_threshold(), gc.get_freeze_count()) == ((900, 11, 12), 0)
+        with pytest.raises(RuntimeError), runner._few_collections():
+            assert gc.get_threshold()[0] == runner.FEW_COLLECTIONS
+            assert gc.get_freeze_count() > 0  # what existed is out of the collector's reach
+            raise RuntimeError
+        assert (gc.get_threshold(), gc.get_freeze_count()) == ((900, 11, 12), 0)
+    finally:
+        gc.set_threshold(*before)

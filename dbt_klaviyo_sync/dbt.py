@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -313,8 +314,8 @@ def _variables_read(config: Any, profiles: Path) -> set[str] | None:
     selectors.yml, packages.yml, and this target of profiles.yml. None when a rendered
     string does more than read environment variables and vars, when one reads a
     DBT_ENV_SECRET_* variable, or when the target has settings beyond where its files are."""
-    from dbt.config.renderer import DbtProjectYamlRenderer
     from dbt.clients.yaml_helper import load_yaml_text
+    from dbt.config.renderer import DbtProjectYamlRenderer
     from dbt_common.utils.dict import deep_map_render
 
     texts: list[str] = []
@@ -452,12 +453,17 @@ def _read_stamp(project: DbtProject) -> dict[str, Any]:
 
 def _write_stamp(project: DbtProject, manifest: dict[str, Any]) -> None:
     """Record that the manifest, as written by that dbt invocation, is for this run's target
-    and settings. Atomic, so that a stamp is never half written."""
+    and settings."""
     stamp = {
         "invocation_id": invocation_id(manifest),
         "target": project.target_name,
         "key": project.resolved.parse_key,
     }
+    _store_stamp(project, stamp)
+
+
+def _store_stamp(project: DbtProject, stamp: dict[str, Any]) -> None:
+    """Write the stamp beside manifest.json. Atomic, so that a stamp is never half written."""
     path = _stamp_path(project)
     partial = path.with_suffix(".partial")
     try:
@@ -550,7 +556,7 @@ def select_models(project: DbtProject) -> list[ModelNode]:
     default = project.resolved.default_selector
     if not project.args.selects and not default:
         return annotated
-    chosen = _dbt_selection(project, manifest, parsed)
+    chosen = _selection(project, manifest, parsed)
     models = [m for m in annotated if m.unique_id in chosen]
     how = project.args.described() or f"the default selector '{default}' of selectors.yml"
     if not models:
@@ -570,6 +576,53 @@ def select_models(project: DbtProject) -> list[ModelNode]:
         else "",
     )
     return models
+
+
+#: A selection criterion whose answer depends on the manifest alone: names, fqns, tags,
+#: configs, packages... with graph operators; not path:, file:, state:, result: or
+#: source_status:, which read files, nor a bare file name (dbt reads it as a path).
+_MANIFEST_CRITERION = re.compile(
+    r"(\d*\+|@)?((fqn|tag|package|resource_type|group|access|version|config\.[\w.-]+):)?"
+    r"(?![\w*.-]*\.(sql|py|csv)$)[\w*.-]+(\+\d*)?",
+    re.IGNORECASE,
+)
+
+
+def _selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:
+    """The models dbt selects (`_dbt_selection`), or those it selected for the same
+    --select and --exclude in this very manifest, kept in its stamp: when each criterion
+    depends on the manifest alone, and the environment (where dbt's flags are) is the same."""
+    key = _selection_key(project.args)
+    if key is None:
+        return _dbt_selection(project, manifest, parsed)
+    stamp = _read_stamp(project)
+    current = bool(stamp) and stamp.get("invocation_id") == invocation_id(manifest)
+    kept = (stamp.get("selections") or {}).get(key) if current else None
+    if isinstance(kept, list):
+        log.debug("%s: as dbt selected it before in this manifest", project.args.described())
+        return set(kept)
+    chosen = _dbt_selection(project, manifest, parsed)
+    if current:
+        selections = {**(stamp.get("selections") or {}), key: sorted(chosen)}
+        _store_stamp(project, {**stamp, "selections": selections})
+    return chosen
+
+
+def _selection_key(args: DbtArgs) -> str | None:
+    """What dbt's answer to --select and --exclude depends on besides the manifest, as a
+    digest (the environment may hold anything); None when it may depend on more."""
+    if args.selector or not args.selects:
+        return None
+    criteria = [part for value in (*args.select, *args.exclude) for part in value.split()]
+    if not all(_MANIFEST_CRITERION.fullmatch(c) for w in criteria for c in w.split(",")):
+        return None
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("DBT_") and not name.startswith((resolved.SECRET_PREFIX, "DBT_KLAVIYO_"))
+    }
+    described = {"select": args.select, "exclude": args.exclude, "cwd": os.getcwd(), "env": env}
+    return hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:

@@ -49,6 +49,11 @@ _PURE_EXPRESSION = re.compile(
 )
 _JINJA = re.compile(r"\{[{%#]|[}%#]\}")
 SECRET_PREFIX = "DBT_ENV_SECRET"
+#: The longest a file system's clock may take to tick: Linux stamps files with a clock that
+#: moves in jiffies (up to 10 ms); a coarse one, in seconds. (Tests set them to 0, as they
+#: edit files and run at once, in one process.)
+TICK_NS = 20_000_000
+COARSE_TICK_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,7 @@ def candidate_dir(project_dir: str | None) -> Path:
     or the nearest folder up from here with a dbt_project.yml. Only where the cache is
     looked for: that dbt agrees is part of what the cache checks."""
     given = (
-        project_dir
-        or os.environ.get("DBT_ENGINE_PROJECT_DIR")
-        or os.environ.get("DBT_PROJECT_DIR")
+        project_dir or os.environ.get("DBT_ENGINE_PROJECT_DIR") or os.environ.get("DBT_PROJECT_DIR")
     )
     if given:
         return Path(given).resolve()
@@ -149,7 +152,8 @@ def _digest(state: Mapping[str, Any]) -> str:
 
 def load(flags: list[str], project_dir: str | None) -> Resolved | None:
     """What the last full load resolved with these flags, if all it depended on holds."""
-    path = candidate_dir(project_dir) / CACHE
+    folder = candidate_dir(project_dir)
+    path = folder / CACHE
     try:
         cached = orjson.loads(path.read_bytes())
         inputs = Inputs(**{name: tuple(value) for name, value in cached["inputs"].items()})
@@ -157,6 +161,8 @@ def load(flags: list[str], project_dir: str | None) -> Resolved | None:
             log.debug("not reusing %s: what dbt resolved it from has changed", path)
             return None
         facts = cached["resolved"]
+        if facts["project_dir"] != str(folder):  # a copy of the project, say
+            return None
         resolved = Resolved(
             **{
                 **facts,
@@ -200,6 +206,5 @@ def _racy(changed_ns: int, started_ns: int) -> bool:
     """Whether a file changed at `changed_ns` (its ctime, which no one can set) may change
     again with the same times: within the file system's clock tick of the load. A time in
     whole milliseconds may come from a coarse clock (FAT's 2 s, HFS+'s 1 s)."""
-    tick = 2_000_000_000 if changed_ns % 1_000_000 == 0 else 20_000_000
+    tick = COARSE_TICK_NS if changed_ns % 1_000_000 == 0 else TICK_NS
     return changed_ns >= started_ns - tick
-

@@ -111,7 +111,8 @@ def klaviyo_env(emulator: Emulator) -> dict[str, str]:
 
 def sync(directory: Path, emulator: Emulator, name: str, target: Target) -> Step:
     before = sum(emulator.stats()["requests_by_operation"].values())
-    env = {**klaviyo_env(emulator), "DBT_KLAVIYO_LOG_LEVEL": "INFO", **target.sync_env}
+    # At debug level the sync says how long it took, and how long the dbt project took.
+    env = {**klaviyo_env(emulator), "DBT_KLAVIYO_LOG_LEVEL": "DEBUG", **target.sync_env}
     seconds, peak, output = measured(
         [str(BIN / "dbt-klaviyo"), "sync", "--project-dir", ".", "--profiles-dir", "."],
         directory,
@@ -127,6 +128,9 @@ def sync(directory: Path, emulator: Emulator, name: str, target: Target) -> Step
     step = Step(name, seconds, peak, requests, added + updated + removed)
     step.diff_seconds, step.send_seconds = diff_seconds, send_seconds
     step.note = f"diff {diff_seconds:.1f} s, sending {send_seconds:.1f} s"
+    [(how, ready)] = re.findall(r"the dbt project \((.+)\) and its models in ([\d.]+) s", output)
+    startup = seconds - float(re.findall(r"the sync took ([\d.]+) s", output)[0])
+    step.note = f"start-up {startup:.1f} s, dbt project {float(ready):.1f} s ({how}), {step.note}"
     return step
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from dbt_klaviyo_sync import resolved
 from dbt_klaviyo_sync.errors import ConfigurationError
@@ -946,6 +945,8 @@ def is_package_entry(project_dir: Path, entry: Mapping[str, Any]) -> bool:
     if entry.get("name") == PACKAGE:
         return True
     if entry.get("local"):
+        import yaml
+
         config = project_dir / str(entry["local"]) / "dbt_project.yml"
         try:
             return bool(yaml.safe_load(config.read_text()).get("name") == PACKAGE)

@@ -635,6 +635,7 @@ def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | 
     from dbt_common.exceptions import DbtBaseException
 
     args = project.args
+    config = project.config  # loaded (if it is not yet) before the flags of `ls` are set
     # dbt has no selector for a unique id; dbt's own selector for a node is its fqn.
     fqns = {
         uid: ".".join(node["fqn"])
@@ -659,7 +660,7 @@ def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | 
             dbt_manifest = parsed or _dbt_manifest(project.manifest_path)
             linker = Linker()
             linker.link_graph(dbt_manifest)
-            task = ListTask(flags, project.config, dbt_manifest)
+            task = ListTask(flags, config, dbt_manifest)
             task.graph = Graph(linker.graph)
             chosen = task.get_node_selector().get_selected(task.get_selection_spec())
     except DbtBaseException as exc:

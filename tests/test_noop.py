@@ -156,6 +156,14 @@ def test_a_manifest_rebuilt_by_dbt_is_parsed_again(
     assert SELECTED in plan().stderr
 
 
+def test_a_selection_that_reads_files_asks_dbt(plan: Callable[..., Sync]) -> None:
+    """path: globs the project's folder: dbt selects, loaded for it after the reuse."""
+    done = plan("-s", "path:models/order_events.sql")
+    assert REUSED in done.stderr
+    assert "loading the dbt project and profile, which this run now needs" in done.stderr
+    assert "selects 2 annotated model(s): customers, order_events" in done.stderr
+
+
 def test_secrets_and_jinja_beyond_variables_are_never_kept(
     project: Path, plan: Callable[..., Sync]
 ) -> None:

@@ -265,10 +265,7 @@ def _keep(project: DbtProject, started_ns: int) -> None:
         folders=(str(packages),),
         variables=tuple(sorted(_flag_variables() | read)),
     )
-    facts = dataclasses.replace(
-        project.resolved,
-        package=package,
-    )
+    facts = dataclasses.replace(project.resolved, package=package)
     resolved.save(project.args.project_flags(), inputs, facts, started_ns)
 
 

@@ -222,13 +222,17 @@ _ATTACH_SETTINGS = {"path", "alias", "read_only"}
 
 def _keep(project: DbtProject, started_ns: int) -> None:
     """Keep what this load resolved for the next run (`resolved.save`) when it may be
-    reused: a dbt-duckdb target of local files, found where the next run will look, with
-    YAML whose rendering reads nothing but environment variables and vars (no secret one)."""
+    reused: a dbt-duckdb target of local files, the project and its target folder where the
+    next run will look for them (where dbt looks by default), with YAML whose rendering
+    reads nothing but environment variables and vars (no secret one)."""
     from dbt_common.exceptions import DbtBaseException
 
     config = project.config
-    if project.adapter_type != "duckdb" or project.project_dir != resolved.candidate_dir(
-        project.args.project_dir
+    root = project.project_dir
+    if (
+        project.adapter_type != "duckdb"
+        or root != resolved.candidate_dir(project.args.project_dir)
+        or project.target_path.resolve() != (root / resolved.CACHE).parent
     ):
         return
     if not all(_is_local(path) for path, _ in project.resolved.databases.values()):
@@ -242,7 +246,6 @@ def _keep(project: DbtProject, started_ns: int) -> None:
     if read is None:
         log.debug("not keeping what dbt resolved: its YAML is not plain enough to reuse")
         return
-    root = project.project_dir
     here = Path.cwd()
     searched = []
     for folder in (here, *here.parents):  # where dbt looks for the project from here

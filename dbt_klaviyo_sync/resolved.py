@@ -4,7 +4,7 @@ from holds, so that a no-op sync of a dbt-duckdb project starts without importin
 dbt takes seconds to import and to load a project and its profile. What a sync needs of
 that is a handful of plain facts: the project folder, the target, its DuckDB files, the
 default selector, the installed klaviyo_sync package. After a full load (`dbt.py`) they are
-written to `.klaviyo_sync/dbt-project.json` with what they were resolved from: the flags,
+written to `target/dbt-klaviyo-project.json` with what they were resolved from: the flags,
 the working and home folders, the installed versions, the values of the environment
 variables dbt binds to its flags and of those the YAML files read with `env_var()`, and
 the identity of every file dbt read (or would read, were it there). A run reuses the facts
@@ -34,8 +34,9 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-#: Beside the sync state's default place, outside dbt's target folder.
-CACHE = Path(".klaviyo_sync") / "dbt-project.json"
+#: In dbt's target folder, beside the manifest's stamp, where only the default target path
+#: (`target`) can be found without dbt. (`dbt clean` removes it; the next run writes it.)
+CACHE = Path("target") / "dbt-klaviyo-project.json"
 #: The layout of the cache and the meaning of its facts; a change makes old caches unused.
 FORMAT = 1
 #: The distributions whose code resolves a project (dbt's own, and its DuckDB adapter).

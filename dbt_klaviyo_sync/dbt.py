@@ -269,7 +269,8 @@ def _keep(project: DbtProject, started_ns: int) -> None:
         variables=tuple(sorted(_flag_variables() | read)),
     )
     facts = dataclasses.replace(project.resolved, package=package)
-    resolved.save(project.args.project_flags(), inputs, facts, started_ns)
+    folders = (str(root), str(profiles.parent), str(here))
+    resolved.save(project.args.project_flags(), inputs, facts, started_ns, folders)
 
 
 #: The project's files that dbt reads as it loads the project and its packages' list.

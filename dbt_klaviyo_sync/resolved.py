@@ -180,11 +180,20 @@ def load(flags: list[str], project_dir: str | None) -> Resolved | None:
     return resolved
 
 
-def save(flags: list[str], inputs: Inputs, resolved: Resolved, started_ns: int) -> None:
+def save(
+    flags: list[str],
+    inputs: Inputs,
+    resolved: Resolved,
+    started_ns: int,
+    folders: Iterable[str] = (),
+) -> None:
     """Keep what a full load resolved, unless one of its files changed so recently (since
-    `started_ns`, when the load began, or just before) that its stat cannot vouch for it."""
+    `started_ns`, when the load began, or just before) that its stat cannot vouch for it,
+    or a file was added to or removed from one of `folders` then (a file that dbt read and
+    is gone now has no stat to compare)."""
     state = _state(flags, inputs)
-    for path, stat in state["files"].items():
+    stats = [*state["files"].items(), *((folder, _stat(folder)) for folder in folders)]
+    for path, stat in stats:
         if stat and _racy(stat[4], started_ns):
             log.debug("not keeping what dbt resolved: %s changed while it was read", path)
             return

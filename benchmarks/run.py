@@ -11,7 +11,7 @@ that database, as any non-DuckDB target does.
 
 For each size, one run measures, each step in a process of its own (wall time, peak RSS):
   (a) a first full sync, against the emulator with rate limits off;
-  (b) a no-op re-run;
+  (b) a no-op re-run, split into start-up, the dbt project and its models, and the diff;
   (c) a re-run after 1% of rows changed, 0.5% left and 0.5% arrived;
   (d) the same change set against the emulator with Klaviyo's documented limits times
       each of --scales, with how close the import jobs came to the fastest schedule those
@@ -125,9 +125,14 @@ def klaviyo_env(emulator: Emulator) -> dict[str, str]:
     return {"KLAVIYO_BASE_URL": emulator.url, "KLAVIYO_PRIVATE_API_KEY": KEY}
 
 
-def sync(directory: Path, emulator: Emulator, name: str, target: Target) -> Step:
+def sync(
+    directory: Path, emulator: Emulator, name: str, target: Target, split: bool = False
+) -> Step:
+    """A sync of the project; with `split`, its time split into start-up, the dbt project
+    and its models, and the diff (from the lines the sync logs at debug level)."""
     before = sum(emulator.stats()["requests_by_operation"].values())
-    env = {**klaviyo_env(emulator), "DBT_KLAVIYO_LOG_LEVEL": "INFO", **target.sync_env}
+    level = "DEBUG" if split else "INFO"
+    env = {**klaviyo_env(emulator), "DBT_KLAVIYO_LOG_LEVEL": level, **target.sync_env}
     done = measured(
         [str(BIN / "dbt-klaviyo"), "sync", "--project-dir", ".", "--profiles-dir", "."],
         directory,
@@ -145,6 +150,11 @@ def sync(directory: Path, emulator: Emulator, name: str, target: Target) -> Step
     step.diff_seconds, step.send_seconds = diff_seconds, send_seconds
     step.cpu_seconds = done.cpu_seconds
     step.note = f"diff {diff_seconds:.1f} s, sending {send_seconds:.1f} s"
+    if not split:
+        return step
+    [(how, ready)] = re.findall(r"the dbt project \((.+)\) and its models in ([\d.]+) s", output)
+    startup = done.seconds - float(re.findall(r"the sync took ([\d.]+) s", output)[0])
+    step.note = f"start-up {startup:.1f} s, dbt project {float(ready):.1f} s ({how}), {step.note}"
     return step
 
 
@@ -319,7 +329,7 @@ def bench(rows: int, scales: list[float], target: Target) -> list[Step]:
     port = int(free.url.rsplit(":", 1)[1])  # (d) reuses it: the URL is part of the sync id
     with free:
         steps.append(first_sync(directory, free, rows, target))
-        steps.append(sync(directory, free, "(b) no-op re-run", target))
+        steps.append(sync(directory, free, "(b) no-op re-run", target, split=True))
         # The naive approach keeps last run's mapped values locally, in a table of their own.
         measured([sys.executable, "naive_diff.py", "--save", str(directory), naive_snapshot], HERE)
         if scales:

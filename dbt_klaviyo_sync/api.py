@@ -106,6 +106,11 @@ def sync(
         with _logged_to(project):
             _check_package(project)
             models = select_models(project)
+            log.debug(
+                "the dbt project (%s) and its models in %.2f s",
+                "loaded by dbt" if project.loaded is not None else "as resolved before",
+                time.monotonic() - started,
+            )
             if build:
                 models = _build(project, models, summary)
             if models:
@@ -114,6 +119,7 @@ def sync(
         summary.error = redact(str(exc))
     finally:
         summary.seconds = time.monotonic() - started
+        log.debug("the sync took %.2f s", summary.seconds)
     return summary
 
 

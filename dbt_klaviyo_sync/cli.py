@@ -482,7 +482,7 @@ def _history(
         from dbt_klaviyo_sync.warehouse import open_warehouse
 
         project = DbtProject.locate(DbtArgs(project_dir, profiles_dir, target))
-        if project.config.credentials.type == "duckdb":
+        if project.adapter_type == "duckdb":
             state_path = default_path(project.project_dir)
         else:
             current_manifest(project)

@@ -10,11 +10,15 @@ inside the functions, so `--help` and the emulator stay fast.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
+from dbt_klaviyo_sync import resolved
 from dbt_klaviyo_sync.errors import ConfigurationError
 from dbt_klaviyo_sync.logs import root_logger_kept
 from dbt_klaviyo_sync.manifest import ModelNode, annotated_models, invocation_id, read_manifest
+from dbt_klaviyo_sync.resolved import Resolved
 
 log = logging.getLogger(__name__)
 
@@ -77,73 +82,278 @@ class DbtArgs:
 class DbtProject:
     """A dbt project, its profile and target, loaded as `dbt build` would load them.
 
-    `config` is dbt's RuntimeConfig: the project, the profile and the target's credentials,
-    from which dbt's adapter for the target can be had (`dbt.adapters.factory`)."""
+    `resolved` holds the plain facts a sync needs; `config`, dbt's RuntimeConfig (the
+    project, the profile and the target's credentials, from which dbt's adapter for the
+    target can be had), is loaded only when something needs dbt itself: a run whose facts
+    come from the last run's cache (`resolved.py`) never imports dbt."""
 
     args: DbtArgs
-    config: Any
+    resolved: Resolved
+    loaded: Any = None  # dbt's RuntimeConfig, when this run has loaded it
 
     @classmethod
     def locate(cls, args: DbtArgs) -> DbtProject:
         """Load the project and profile as a dbt command started with these flags, in this
-        environment and from this directory would: dbt's own flag parsing (its click command
-        and `Flags`), then its profile and project loaders inside its invocation context."""
-        import click
+        environment and from this directory would (see `_load`), or take what the last
+        run's load resolved, when nothing it was resolved from has changed."""
+        cached = resolved.load(args.project_flags(), args.project_dir)
+        if cached is not None:
+            return cls(args, cached)
+        started = time.time_ns()
+        config = _load(args)
+        project = cls(args, _resolve(config), config)
+        _keep(project, started)
+        return project
 
-        with root_logger_kept():  # the first import of dbt, which configures logging
-            from dbt.cli.flags import Flags, args_to_context
-            from dbt.config.runtime import RuntimeConfig, load_profile, load_project
-            from dbt.flags import set_flags
-            from dbt_common.exceptions import DbtBaseException
-
-        try:
-            with _dbt():
-                flags = Flags(args_to_context(["build", *args.project_flags()]))
-                set_flags(flags)  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
-                project_dir = Path(flags.PROJECT_DIR).resolve()
-                if not (project_dir / "dbt_project.yml").is_file():
-                    raise ConfigurationError(
-                        f"no dbt_project.yml in {project_dir}: run from your dbt project or "
-                        "pass --project-dir (or set DBT_PROJECT_DIR)."
-                    )
-                profile = load_profile(
-                    str(project_dir), flags.VARS, flags.PROFILE, flags.TARGET, flags.THREADS
-                )
-                project = load_project(
-                    str(project_dir), flags.VERSION_CHECK, profile, flags.VARS, validate=True
-                )
-                config = RuntimeConfig.from_parts(project, profile, flags)
-        except click.ClickException as exc:
-            raise ConfigurationError(
-                _scrub(
-                    f"{exc.format_message()} dbt looks for the project from the current "
-                    "directory up, and for profiles.yml in the current directory, then in "
-                    "~/.dbt: pass --project-dir and --profiles-dir (or set DBT_PROJECT_DIR and "
-                    "DBT_PROFILES_DIR)."
-                )
-            ) from exc
-        except DbtBaseException as exc:
-            raise ConfigurationError(
-                _scrub(f"dbt cannot load the project and its profile: {_said(exc)}")
-            ) from exc
-        return cls(args, config)
+    @functools.cached_property
+    def config(self) -> Any:
+        """dbt's RuntimeConfig, loaded now if this run has not loaded it yet."""
+        if self.loaded is not None:
+            return self.loaded
+        log.debug("loading the dbt project and profile, which this run now needs")
+        return _load(self.args)
 
     @property
     def project_dir(self) -> Path:
-        return Path(self.config.project_root)
+        return Path(self.resolved.project_dir)
 
     @property
     def target_name(self) -> str:
-        return str(self.config.target_name)
+        return self.resolved.target_name
 
     @property
     def target_path(self) -> Path:
         """dbt's target folder (`--target-path`, DBT_TARGET_PATH or `target-path:`)."""
-        return Path(self.config.project_target_path)
+        return Path(self.resolved.target_path)
 
     @property
     def manifest_path(self) -> Path:
         return self.target_path / "manifest.json"
+
+    @property
+    def adapter_type(self) -> str:
+        """The target's adapter: duckdb, postgres, ..."""
+        return self.resolved.adapter_type
+
+
+def _load(args: DbtArgs) -> Any:
+    """dbt's RuntimeConfig, as a dbt command started with these flags, in this environment
+    and from this directory would load it: dbt's own flag parsing (its click command and
+    `Flags`), then its profile and project loaders inside its invocation context."""
+    import click
+
+    with root_logger_kept():  # the first import of dbt, which configures logging
+        from dbt.cli.flags import Flags, args_to_context
+        from dbt.config.runtime import RuntimeConfig, load_profile, load_project
+        from dbt.flags import set_flags
+        from dbt_common.exceptions import DbtBaseException
+
+    try:
+        with _dbt():
+            flags = Flags(args_to_context(["build", *args.project_flags()]))
+            set_flags(flags)  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
+            project_dir = Path(flags.PROJECT_DIR).resolve()
+            if not (project_dir / "dbt_project.yml").is_file():
+                raise ConfigurationError(
+                    f"no dbt_project.yml in {project_dir}: run from your dbt project or "
+                    "pass --project-dir (or set DBT_PROJECT_DIR)."
+                )
+            profile = load_profile(
+                str(project_dir), flags.VARS, flags.PROFILE, flags.TARGET, flags.THREADS
+            )
+            project = load_project(
+                str(project_dir), flags.VERSION_CHECK, profile, flags.VARS, validate=True
+            )
+            return RuntimeConfig.from_parts(project, profile, flags)
+    except click.ClickException as exc:
+        raise ConfigurationError(
+            _scrub(
+                f"{exc.format_message()} dbt looks for the project from the current "
+                "directory up, and for profiles.yml in the current directory, then in "
+                "~/.dbt: pass --project-dir and --profiles-dir (or set DBT_PROJECT_DIR and "
+                "DBT_PROFILES_DIR)."
+            )
+        ) from exc
+    except DbtBaseException as exc:
+        raise ConfigurationError(
+            _scrub(f"dbt cannot load the project and its profile: {_said(exc)}")
+        ) from exc
+
+
+def _resolve(config: Any) -> Resolved:
+    """The facts a sync needs of dbt's RuntimeConfig."""
+    credentials = config.credentials
+    databases: dict[str, tuple[str, str]] = {}
+    if credentials.type == "duckdb":
+        databases[credentials.database] = (credentials.path, "path")
+        for attachment in credentials.attach or []:
+            alias = attachment.alias or credentials.path_derived_database_name(attachment.path)
+            databases[alias] = (attachment.path, f"attachment {alias!r}")
+    return Resolved(
+        project_dir=str(config.project_root),
+        target_name=str(config.target_name),
+        target_path=str(config.project_target_path),
+        adapter_type=str(credentials.type),
+        parse_key=_parse_key(config),
+        default_selector=config.get_default_selector_name(),
+        databases=databases,
+    )
+
+
+# -- What the next run may reuse of this load --------------------------------------------
+
+#: The settings of a dbt-duckdb target that say where its files are, and nothing secret.
+_DUCKDB_SETTINGS = {
+    "type",
+    "path",
+    "database",
+    "schema",
+    "threads",
+    "extensions",
+    "external_root",
+    "attach",
+    "keep_open",
+    "module_paths",
+    "disable_transactions",
+    "retries",
+}
+_ATTACH_SETTINGS = {"path", "alias", "read_only"}
+
+
+def _keep(project: DbtProject, started_ns: int) -> None:
+    """Keep what this load resolved for the next run (`resolved.save`) when it may be
+    reused: a dbt-duckdb target of local files, the project and its target folder where the
+    next run will look for them (where dbt looks by default), with YAML whose rendering
+    reads nothing but environment variables and vars (no secret one)."""
+    from dbt_common.exceptions import DbtBaseException
+
+    config = project.config
+    root = project.project_dir
+    if (
+        project.adapter_type != "duckdb"
+        or root != resolved.candidate_dir(project.args.project_dir)
+        or project.target_path.resolve() != (root / resolved.CACHE).parent
+    ):
+        return
+    if not all(_is_local(path) for path, _ in project.resolved.databases.values()):
+        return
+    try:
+        profiles = Path(config.args.PROFILES_DIR).resolve() / "profiles.yml"
+        read = _variables_read(config, profiles)
+        package = _installed(config)
+    except (DbtBaseException, OSError, KeyError, TypeError, AttributeError):
+        return  # the next run loads again, and says what is wrong where it matters
+    if read is None:
+        log.debug("not keeping what dbt resolved: its YAML is not plain enough to reuse")
+        return
+    here = Path.cwd()
+    searched = []
+    for folder in (here, *here.parents):  # where dbt looks for the project from here
+        searched.append(str(folder / "dbt_project.yml"))
+        if (folder / "dbt_project.yml").is_file():
+            break
+    packages = root / config.packages_install_path
+    installed = [path / "dbt_project.yml" for path in _package_dirs(packages)]
+    files = [
+        *searched,
+        *(str(root / name) for name in _PROJECT_FILES),
+        str(here / "profiles.yml"),
+        str(profiles),
+        str(Path.home() / ".dbt" / "profiles.yml"),
+        str(packages),
+        *map(str, installed),
+    ]
+    inputs = resolved.Inputs(
+        files=tuple(dict.fromkeys(files)),
+        folders=(str(packages),),
+        variables=tuple(sorted(_flag_variables() | read)),
+    )
+    facts = dataclasses.replace(project.resolved, package=package)
+    folders = (str(root), str(profiles.parent), str(here))
+    resolved.save(project.args.project_flags(), inputs, facts, started_ns, folders)
+
+
+#: The project's files that dbt reads as it loads the project and its packages' list.
+_PROJECT_FILES = (
+    "dbt_project.yml",
+    "profiles.yml",
+    "selectors.yml",
+    "packages.yml",
+    "dependencies.yml",
+    "package-lock.yml",
+)
+
+
+def _is_local(path: str) -> bool:
+    """A local DuckDB file's path (anything else may carry a token, and is refused later)."""
+    return path != ":memory:" and not any(mark in path for mark in ("://", "?", "md:"))
+
+
+def _package_dirs(folder: Path) -> list[Path]:
+    """The installed packages, as dbt lists them (`RuntimeConfig._get_project_directories`)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__"))
+
+
+def _flag_variables() -> set[str]:
+    """The environment variables dbt binds to the flags of `dbt build` (DBT_TARGET,
+    DBT_PROFILES_DIR, DBT_ENGINE_TARGET_PATH, ...), as its click command declares them."""
+    from dbt.cli.main import cli
+
+    names: set[str] = set()
+    for param in [*cli.params, *cli.commands["build"].params]:
+        envvar = param.envvar or ()
+        names.update([envvar] if isinstance(envvar, str) else envvar)
+    return names
+
+
+def _variables_read(config: Any, profiles: Path) -> set[str] | None:
+    """The environment variables the YAML dbt renders as it loads this project reads: the
+    project's and its packages' dbt_project.yml (the keys dbt renders at load),
+    selectors.yml, packages.yml, and this target of profiles.yml. None when a rendered
+    string does more than read environment variables and vars, when one reads a
+    DBT_ENV_SECRET_* variable, or when the target has settings beyond where its files are."""
+    from dbt.clients.yaml_helper import load_yaml_text
+    from dbt.config.renderer import DbtProjectYamlRenderer
+    from dbt_common.utils.dict import deep_map_render
+
+    texts: list[str] = []
+
+    def gather(data: Any, rendered: Callable[[tuple[Any, ...]], bool] = lambda _: True) -> None:
+        def take(value: Any, keypath: tuple[Any, ...]) -> Any:
+            if isinstance(value, str) and rendered(keypath):
+                texts.append(value)
+            return value
+
+        deep_map_render(take, data)
+
+    def yaml_file(path: Path) -> Any:
+        return load_yaml_text(path.read_text()) if path.is_file() else None
+
+    root = Path(config.project_root)
+    project_renderer = DbtProjectYamlRenderer(None, config.cli_vars)
+    packages = root / config.packages_install_path
+    for folder in [root, *_package_dirs(packages)]:
+        gather(yaml_file(folder / "dbt_project.yml"), project_renderer.should_render_keypath)
+    for name in ("selectors.yml", "packages.yml", "dependencies.yml"):
+        gather(yaml_file(root / name))
+    raw = yaml_file(profiles)
+    profile = raw[config.profile_name]
+    output = profile["outputs"][config.target_name]
+    attached = output.get("attach") or []
+    if set(output) - _DUCKDB_SETTINGS or any(
+        not isinstance(entry, dict) or set(entry) - _ATTACH_SETTINGS for entry in attached
+    ):
+        return None
+    gather([profile.get("target"), output, raw.get("config")])
+    names: set[str] = set()
+    for text in texts:
+        found = resolved.pure_jinja(text)
+        if found is None or resolved.SECRET_PREFIX in text:
+            return None
+        names |= found
+    return names
 
 
 @contextmanager
@@ -187,7 +397,10 @@ def _said(exc: BaseException) -> str:
 
 
 def _scrub(text: str) -> str:
-    """Without the values of DBT_ENV_SECRET_* variables, as dbt scrubs its own output."""
+    """Without the values of DBT_ENV_SECRET_* variables, as dbt scrubs its own output.
+    Without any such variable there is nothing to scrub, and dbt is not imported for it."""
+    if not any(name.startswith(resolved.SECRET_PREFIX) for name in os.environ):
+        return text
     from dbt_common.exceptions.base import env_secrets, scrub_secrets
 
     return str(scrub_secrets(text, env_secrets()))
@@ -240,12 +453,17 @@ def _read_stamp(project: DbtProject) -> dict[str, Any]:
 
 def _write_stamp(project: DbtProject, manifest: dict[str, Any]) -> None:
     """Record that the manifest, as written by that dbt invocation, is for this run's target
-    and settings. Atomic, so that a stamp is never half written."""
+    and settings."""
     stamp = {
         "invocation_id": invocation_id(manifest),
         "target": project.target_name,
-        "key": _parse_key(project.config),
+        "key": project.resolved.parse_key,
     }
+    _store_stamp(project, stamp)
+
+
+def _store_stamp(project: DbtProject, stamp: dict[str, Any]) -> None:
+    """Write the stamp beside manifest.json. Atomic, so that a stamp is never half written."""
     path = _stamp_path(project)
     partial = path.with_suffix(".partial")
     try:
@@ -269,7 +487,7 @@ def _why_parse(project: DbtProject, stamp: dict[str, Any]) -> str | None:
         return "the manifest was written by a dbt command that did not record its target"
     if stamp.get("target") != project.target_name:
         return f"the manifest was parsed for target '{stamp.get('target')}'"
-    if stamp.get("key") != _parse_key(project.config):
+    if stamp.get("key") != project.resolved.parse_key:
         return "the manifest was parsed with other vars or profile settings"
     return None
 
@@ -335,10 +553,10 @@ def select_models(project: DbtProject) -> list[ModelNode]:
     when the selection names no annotated model."""
     manifest, parsed = _current_manifest(project)
     annotated = annotated_models(manifest)
-    default = project.config.get_default_selector_name()
+    default = project.resolved.default_selector
     if not project.args.selects and not default:
         return annotated
-    chosen = _dbt_selection(project, manifest, parsed)
+    chosen = _selection(project, manifest, parsed)
     models = [m for m in annotated if m.unique_id in chosen]
     how = project.args.described() or f"the default selector '{default}' of selectors.yml"
     if not models:
@@ -360,6 +578,53 @@ def select_models(project: DbtProject) -> list[ModelNode]:
     return models
 
 
+#: A selection criterion whose answer depends on the manifest alone: names, fqns, tags,
+#: configs, packages... with graph operators; not path:, file:, state:, result: or
+#: source_status:, which read files, nor a bare file name (dbt reads it as a path).
+_MANIFEST_CRITERION = re.compile(
+    r"(\d*\+|@)?((fqn|tag|package|resource_type|group|access|version|config\.[\w.-]+):)?"
+    r"(?![\w*.-]*\.(sql|py|csv)$)[\w*.-]+(\+\d*)?",
+    re.IGNORECASE,
+)
+
+
+def _selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:
+    """The models dbt selects (`_dbt_selection`), or those it selected for the same
+    --select and --exclude in this very manifest, kept in its stamp: when each criterion
+    depends on the manifest alone, and the environment (where dbt's flags are) is the same."""
+    key = _selection_key(project.args)
+    if key is None:
+        return _dbt_selection(project, manifest, parsed)
+    stamp = _read_stamp(project)
+    current = bool(stamp) and stamp.get("invocation_id") == invocation_id(manifest)
+    kept = (stamp.get("selections") or {}).get(key) if current else None
+    if isinstance(kept, list):
+        log.debug("%s: as dbt selected it before in this manifest", project.args.described())
+        return set(kept)
+    chosen = _dbt_selection(project, manifest, parsed)
+    if current:
+        selections = {**(stamp.get("selections") or {}), key: sorted(chosen)}
+        _store_stamp(project, {**stamp, "selections": selections})
+    return chosen
+
+
+def _selection_key(args: DbtArgs) -> str | None:
+    """What dbt's answer to --select and --exclude depends on besides the manifest, as a
+    digest (the environment may hold anything); None when it may depend on more."""
+    if args.selector or not args.selects:
+        return None
+    criteria = [part for value in (*args.select, *args.exclude) for part in value.split()]
+    if not all(_MANIFEST_CRITERION.fullmatch(c) for w in criteria for c in w.split(",")):
+        return None
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("DBT_") and not name.startswith((resolved.SECRET_PREFIX, "DBT_KLAVIYO_"))
+    }
+    described = {"select": args.select, "exclude": args.exclude, "cwd": os.getcwd(), "env": env}
+    return hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:
     """The unique ids of the models dbt selects, through dbt's `ls` task, which reads the
     flags, the selectors and the default selector exactly as every dbt command does."""
@@ -371,6 +636,7 @@ def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | 
     from dbt_common.exceptions import DbtBaseException
 
     args = project.args
+    config = project.config  # loaded (if it is not yet) before the flags of `ls` are set
     # dbt has no selector for a unique id; dbt's own selector for a node is its fqn.
     fqns = {
         uid: ".".join(node["fqn"])
@@ -395,7 +661,7 @@ def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | 
             dbt_manifest = parsed or _dbt_manifest(project.manifest_path)
             linker = Linker()
             linker.link_graph(dbt_manifest)
-            task = ListTask(flags, project.config, dbt_manifest)
+            task = ListTask(flags, config, dbt_manifest)
             task.graph = Graph(linker.graph)
             chosen = task.get_node_selector().get_selected(task.get_selection_spec())
     except DbtBaseException as exc:
@@ -489,16 +755,12 @@ def load_warehouse(project: DbtProject, models: Iterable[ModelNode] = ()) -> War
     """The DuckDB files of the target dbt uses, where dbt-duckdb opens them: a relative
     `path:` from the current directory, as for `dbt build` run from here. Checks that the
     files holding `models` exist, and logs which file each model is read from."""
-    credentials: Any = project.config.credentials  # DuckDBCredentials, checked just below
-    if credentials.type != "duckdb":
+    if project.adapter_type != "duckdb":
         raise ConfigurationError(
-            f"the dbt target '{project.target_name}' uses the {credentials.type!r} adapter; "
+            f"the dbt target '{project.target_name}' uses the {project.adapter_type!r} adapter; "
             "dbt-klaviyo currently reads models from dbt-duckdb targets only."
         )
-    given = {credentials.database: (credentials.path, "path")}
-    for attachment in credentials.attach or []:
-        alias = attachment.alias or credentials.path_derived_database_name(attachment.path)
-        given[alias] = (attachment.path, f"attachment {alias!r}")
+    given = project.resolved.databases
     databases = {name: _local_file(path, what) for name, (path, what) in given.items()}
     checked: set[Path] = set()
     for model in models:
@@ -591,7 +853,7 @@ def adapter(project: DbtProject) -> Iterator[Any]:
                 yield found
         except DbtBaseException as exc:
             raise ConfigurationError(
-                _scrub(f"dbt's {project.config.credentials.type} adapter failed: {_said(exc)}")
+                _scrub(f"dbt's {project.adapter_type} adapter failed: {_said(exc)}")
             ) from exc
         finally:
             cleanup_connections()  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
@@ -615,27 +877,39 @@ def check_package(project: DbtProject, tool: str) -> str | None:
     `tool`: its macros write the state the tool reads, so another major or minor version
     raises ConfigurationError before anything is sent. Another patch version is returned as
     a warning to show. None when they match, or the package is not installed."""
-    from dbt_common.exceptions import DbtBaseException
+    if project.loaded is None:  # taken from the last run's load, still current
+        installed = project.resolved.package
+    else:
+        from dbt_common.exceptions import DbtBaseException
 
-    try:
-        installed = project.config.load_dependencies().get(PACKAGE)
-    except DbtBaseException as exc:
-        raise ConfigurationError(
-            _scrub(f"dbt cannot load the project's packages: {_said(exc)}")
-        ) from exc
-    if installed is None or Path(installed.project_root) == project.project_dir:
+        try:
+            installed = _installed(project.config)
+        except DbtBaseException as exc:
+            raise ConfigurationError(
+                _scrub(f"dbt cannot load the project's packages: {_said(exc)}")
+            ) from exc
+    if installed is None:
         return None
-    version = str(installed.version)
+    root, version = installed
     if version == tool:
         return None
     problem = (
-        f"the dbt package {PACKAGE} installed in {installed.project_root} is version "
+        f"the dbt package {PACKAGE} installed in {root} is version "
         f"{version}, but dbt-klaviyo is {tool}: {_package_fix(project, tool)} (Or install "
         f"the tool that matches the package: pip install 'dbt-klaviyo-sync=={version}'.)"
     )
     if version.split(".")[:2] != tool.split(".")[:2]:
         raise ConfigurationError(problem)
     return problem
+
+
+def _installed(config: Any) -> tuple[str, str] | None:
+    """The package klaviyo_sync as dbt loads it (its folder and version), unless it is the
+    project itself."""
+    installed = config.load_dependencies().get(PACKAGE)
+    if installed is None or Path(installed.project_root) == Path(config.project_root):
+        return None
+    return str(installed.project_root), str(installed.version)
 
 
 def _package_fix(project: DbtProject, tool: str) -> str:
@@ -673,6 +947,8 @@ def is_package_entry(project_dir: Path, entry: Mapping[str, Any]) -> bool:
     if entry.get("name") == PACKAGE:
         return True
     if entry.get("local"):
+        import yaml
+
         config = project_dir / str(entry["local"]) / "dbt_project.yml"
         try:
             return bool(yaml.safe_load(config.read_text()).get("name") == PACKAGE)

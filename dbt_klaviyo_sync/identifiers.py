@@ -12,10 +12,8 @@ from __future__ import annotations
 import re
 from functools import cache
 
-import phonenumbers
 import pyarrow as pa
 import pyarrow.compute as pc
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -23,12 +21,30 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # whole at most 254, and the top-level domain is not a special-use one (.test, .local, ...).
 _PLAIN = rf"^(?:{_ATOM}(?:\.{_ATOM})*)@(?:{_LABEL}\.)+[A-Za-z]{{2,63}}$"
 _SHORT_LOCAL = r"^[^@]{1,64}@"
-_SPECIAL_USE = r"(?i)\.(?:" + "|".join(SPECIAL_USE_DOMAIN_NAMES) + r")$"
 _E164_SHAPE = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_CHECKS = [
-    (re.compile(p), wanted)
-    for p, wanted in ((_PLAIN, True), (_SHORT_LOCAL, True), (_SPECIAL_USE, False))
-]
+
+
+# email-validator and phonenumbers are imported at first use: a run with nothing to send
+# (a no-op) checks no identifier, and their imports cost a tenth of a second.
+
+
+@cache
+def _checks() -> list[tuple[re.Pattern[str], bool]]:
+    """The expressions of a certainly valid address: each must match (True) or not."""
+    from email_validator import SPECIAL_USE_DOMAIN_NAMES
+
+    special_use = r"(?i)\.(?:" + "|".join(SPECIAL_USE_DOMAIN_NAMES) + r")$"
+    return [
+        (re.compile(p), wanted)
+        for p, wanted in ((_PLAIN, True), (_SHORT_LOCAL, True), (special_use, False))
+    ]
+
+
+@cache
+def _country_codes() -> frozenset[int]:
+    import phonenumbers
+
+    return frozenset(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 
 
 class InvalidValue(ValueError):
@@ -38,8 +54,10 @@ class InvalidValue(ValueError):
 def checked_email(text: str) -> str:
     """The address, trimmed, or InvalidValue with the reason."""
     text = text.strip()
-    if len(text) <= 254 and all(bool(p.search(text)) is wanted for p, wanted in _CHECKS):
+    if len(text) <= 254 and all(bool(p.search(text)) is wanted for p, wanted in _checks()):
         return text
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -51,7 +69,7 @@ def maybe_invalid_emails(emails: pa.Array) -> pa.Array:
     """For a whole column: False where the address is certainly valid, so only the rows
     left True need `checked_email` (Arrow's regular expressions run in C++)."""
     odd = pc.greater(pc.utf8_length(emails), 254)
-    for pattern, wanted in _CHECKS:
+    for pattern, wanted in _checks():
         matches = pc.match_substring_regex(emails, pattern.pattern)
         odd = pc.or_kleene(odd, matches if not wanted else pc.invert(matches))
     return pc.fill_null(odd, False)
@@ -63,7 +81,7 @@ def _split(text: str) -> tuple[int, str] | None:
     if _E164_SHAPE.match(text):
         for length in (1, 2, 3):
             country, national = int(text[1 : 1 + length]), text[1 + length :]
-            if country in phonenumbers.COUNTRY_CODE_TO_REGION_CODE and national[:1] != "0":
+            if country in _country_codes() and national[:1] != "0":
                 return country, national
     return None
 
@@ -72,6 +90,8 @@ def _split(text: str) -> tuple[int, str] | None:
 def _possible(country: int, digits: int) -> bool:
     """Whether a national number of this many digits is possible in the country: all that
     `is_possible_number` looks at, so one answer per (country, length) serves every number."""
+    import phonenumbers
+
     sample = phonenumbers.PhoneNumber(country_code=country, national_number=10 ** (digits - 1))
     return bool(phonenumbers.is_possible_number(sample))
 
@@ -89,6 +109,8 @@ def e164(text: str, *, strict: bool = True) -> str:
         if _possible(split[0], len(split[1])):
             return text
         raise _not_valid(text)
+    import phonenumbers
+
     try:
         number = (
             phonenumbers.PhoneNumber(country_code=split[0], national_number=int(split[1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,11 @@ def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     steps = bench(tmp_path / "results.md")
     assert_common_steps(steps)
     assert len(steps) == 9, steps  # (d) at two scales, and the text
+    # The no-op split: start-up, the dbt project (reused from (a), without dbt), the diff.
+    assert re.search(
+        r"start-up [\d.]+ s, dbt project [\d.]+ s \(as resolved before\), diff [\d.]+ s",
+        steps["(b) no-op re-run"][6],
+    ), steps["(b) no-op re-run"]
     limited = [cells for name, cells in steps.items() if name.startswith("(d) change set")]
     assert len(limited) == 2
     assert all("0 Retry-After violations" in cells[6] for cells in limited)

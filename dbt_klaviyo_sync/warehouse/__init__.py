@@ -217,7 +217,7 @@ def open_warehouse(
     """The warehouse of the project's target, for one run: with the target's name and where
     the sync state lives (for messages). A dry run's warehouse keeps nothing; without
     `state`, the sync state is not even read (to check the models alone)."""
-    kind = project.config.credentials.type
+    kind = project.adapter_type
     if kind == "duckdb":
         with _open_duckdb(project, models, state_path, dry_run=dry_run, state=state) as opened:
             yield opened

@@ -409,3 +409,22 @@ def test_refusals_recorded_before_the_upgrade_that_may_pass_are_tried_again(
             f"SELECT key, retry_rejected FROM {CATALOG}.snapshot ORDER BY key"
         ).fetchall()
     assert retried == [("C1", True), ("C2", None)]
+
+
+def test_the_diff_gets_what_the_process_leaves_of_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 10M rows the diff would take all DuckDB is given: it gets what is left of a 1 GB
+    process beside what Python holds (dbt, when loaded), so the peak stays under 1 GB."""
+    monkeypatch.delenv("DBT_KLAVIYO_MEMORY_LIMIT", raising=False)
+    monkeypatch.setattr(state_module, "PROCESS_MEMORY_MB", 100_000)  # far from the floor
+    before = int(state_module.diff_memory_limit().removesuffix("MB"))
+    ballast = bytearray(200 * 2**20)
+    ballast[:: 2**12] = b"\x01" * (len(ballast) // 2**12)  # every page resident
+    after = int(state_module.diff_memory_limit().removesuffix("MB"))
+    assert 180 <= before - after <= 230, (before, after)
+    del ballast
+    monkeypatch.setattr(state_module, "PROCESS_MEMORY_MB", 600)
+    assert state_module.diff_memory_limit() == "512MB"  # never under the floor
+    monkeypatch.setenv("DBT_KLAVIYO_MEMORY_LIMIT", "2GB")
+    assert state_module.diff_memory_limit() == "2GB"  # the user's word, as it is

@@ -32,7 +32,12 @@ CATALOG = "klaviyo_sync_state"
 # DuckDB would take up to 80% of the machine's memory. A sync keeps to a budget and spills
 # to disk beyond it: the diff's join gets the most; while changed rows stream out to be
 # sent, DuckDB needs little, and the requests in flight need the room.
-DIFF_MEMORY_LIMIT = os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT", "1GB")
+#: The whole process's peak aimed at during the diff, unless DBT_KLAVIYO_MEMORY_LIMIT sets
+#: DuckDB's share itself: DuckDB gets what Python does not hold already (dbt, when a run
+#: had to load it, is 150-200 MB), less a margin for the sending that starts as it ends.
+PROCESS_MEMORY_MB = 1000
+PYTHON_MARGIN_MB = 128
+LEAST_DIFF_MEMORY_MB = 512
 SEND_MEMORY_LIMIT = "384MB"
 SCHEMA_VERSION = 5
 #: How fingerprints are computed now (see `diff.fingerprint_sql`); stored per sync.
@@ -528,7 +533,7 @@ class State:
 
     def memory_for(self, phase: Literal["diff", "send"]) -> None:
         """Give DuckDB the memory budget of the phase the sync is in."""
-        limit = DIFF_MEMORY_LIMIT if phase == "diff" else SEND_MEMORY_LIMIT
+        limit = diff_memory_limit() if phase == "diff" else SEND_MEMORY_LIMIT
         self.con.execute(f"SET memory_limit = '{_sql_str(limit)}'")
 
     def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -542,6 +547,21 @@ class State:
             [sid, keys],
         ).fetchall()
         return {key: orjson.loads(values) for key, values in rows}
+
+
+def diff_memory_limit() -> str:
+    """DuckDB's budget for the diff: DBT_KLAVIYO_MEMORY_LIMIT when set, else what is left
+    of `PROCESS_MEMORY_MB` beside what this process holds now (never under 512 MB). Where
+    the process's size cannot be read (no /proc), as if dbt were loaded."""
+    if limit := os.environ.get("DBT_KLAVIYO_MEMORY_LIMIT"):
+        return limit
+    try:
+        with open("/proc/self/statm") as statm:
+            held = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except (OSError, ValueError, IndexError):
+        held = 300
+    left = PROCESS_MEMORY_MB - held - PYTHON_MARGIN_MB
+    return f"{max(LEAST_DIFF_MEMORY_MB, left)}MB"
 
 
 def default_path(project_dir: Path) -> Path:
@@ -566,7 +586,7 @@ def open_state(
     holds no state yet reads as an empty state.
     """
     con = duckdb.connect(
-        config={"memory_limit": DIFF_MEMORY_LIMIT, "preserve_insertion_order": False}
+        config={"memory_limit": diff_memory_limit(), "preserve_insertion_order": False}
     )
     try:
         for catalog, file in warehouse.items():

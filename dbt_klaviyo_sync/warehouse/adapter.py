@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.changeset import (
     FINGERPRINT,
+    JOURNAL_SCHEMA,
     JSON_TEXT,
     KEY,
     REJECT_COLUMNS,
@@ -54,8 +55,9 @@ from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreada
 SCHEMA_VERSION = 2
 #: The `state_sql` job that brings the state from version N-1 to N. Append; never edit.
 _MIGRATIONS = {2: "add_rate_limit_seconds"}
-#: How many change rows travel from the warehouse to Python at a time.
-READ_BATCH_ROWS = 10_000
+#: How many change rows travel from the warehouse to Python at a time: a batch is shaped
+#: while units of 10,000 profiles are in flight, so a small one keeps the peak down.
+READ_BATCH_ROWS = 2_000
 #: Types whose values are JSON documents, sent parsed where Klaviyo takes JSON or a number.
 _JSON_TYPES = frozenset({"json", "jsonb", "variant", "object", "super"})
 _TWO_64 = 2**64
@@ -311,21 +313,11 @@ class AdapterWarehouse:
         import datetime as dt
 
         now = dt.datetime.now(dt.UTC)
-        values = [
-            (
-                sid,
-                unit,
-                row["position"],
-                row["key"],
-                _signed(row["fingerprint"]),
-                row["in_snapshot"],
-                row["klaviyo_id"],
-                row["accepted_values"],
-                row["body"],
-                now,
-            )
-            for row in rows.to_pylist()
-        ]
+        # Column by column: a dict per row would double a unit's 10,000 rows in memory.
+        fields = [rows.column(name).to_pylist() for name in JOURNAL_SCHEMA.names]
+        at = JOURNAL_SCHEMA.get_field_index("fingerprint")
+        fields[at] = [_signed(fingerprint) for fingerprint in fields[at]]
+        values = [(sid, unit, *row, now) for row in zip(*fields, strict=True)]
         columns = [
             "sync_id, unit, position, key, fingerprint, in_snapshot, klaviyo_id",
             "accepted_values, body, journaled_at",
@@ -452,7 +444,9 @@ class AdapterWarehouse:
                     names = [d[0].lower() for d in cursor.description or []]
                 if not rows:
                     return
-                yield self._batch(names, rows)
+                batch = self._batch(names, rows)
+                del rows  # the driver's tuples, as big as the batch: not kept while it is used
+                yield batch
         finally:
             with self._lock:
                 cursor.close()

@@ -554,7 +554,7 @@ def _expand_multi_values(args: list[str]) -> list[str]:
 _M_MMAP_THRESHOLD = -3
 
 
-def release_large_buffers() -> None:
+def _release_large_buffers() -> None:
     """Have glibc's malloc give buffers of 128 KiB and more (a bulk job's body of up to
     5 MB, its answer, the driver's rows) back to the system as soon as they are freed. By
     default glibc raises that threshold to the largest buffer freed so far, and later ones
@@ -566,13 +566,13 @@ def release_large_buffers() -> None:
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no such setting)
+    except (OSError, AttributeError):  # not glibc
         return
     mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def main(argv: list[str] | None = None) -> None:
-    release_large_buffers()
+    _release_large_buffers()
     configure("INFO", "text")  # until the options (or DBT_KLAVIYO_LOG_*) say otherwise
     args = _expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -318,10 +318,7 @@ class AdapterWarehouse:
         at = JOURNAL_SCHEMA.get_field_index("fingerprint")
         fields[at] = [_signed(fingerprint) for fingerprint in fields[at]]
         values = [(sid, unit, *row, now) for row in zip(*fields, strict=True)]
-        columns = [
-            "sync_id, unit, position, key, fingerprint, in_snapshot, klaviyo_id",
-            "accepted_values, body, journaled_at",
-        ]
+        columns = ["sync_id", "unit", *JOURNAL_SCHEMA.names, "journaled_at"]
         with self._lock:
             try:
                 self._insert(f"{self.schema}.journal", columns, values)

@@ -550,7 +550,29 @@ def _expand_multi_values(args: list[str]) -> list[str]:
     return expanded
 
 
+#: glibc's mallopt parameter for the size from which a buffer gets pages of its own.
+_M_MMAP_THRESHOLD = -3
+
+
+def _release_large_buffers() -> None:
+    """Have glibc's malloc give buffers of 128 KiB and more (a bulk job's body of up to
+    5 MB, its answer, the driver's rows) back to the system as soon as they are freed. By
+    default glibc raises that threshold to the largest buffer freed so far, and later ones
+    come from the heap, where the small objects around them keep the pages resident: about
+    12 MB more peak memory in a sync of 200,000 profiles. Other C libraries: no change."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _release_large_buffers()
     configure("INFO", "text")  # until the options (or DBT_KLAVIYO_LOG_*) say otherwise
     args = _expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dbt_klaviyo_sync.emulator import Emulator
+from dbt_klaviyo_sync.warehouse.adapter import READ_BATCH_ROWS
 from tests.conftest import (
     Sync,
     change_model,
@@ -257,3 +258,20 @@ def test_two_syncs_of_one_model_never_run_at_once(pg_project: Path) -> None:
         assert "is being synced by another dbt-klaviyo run" in second.output
         assert first.returncode == 0, out + err
         assert only(pg_project, slow, "customers").row("customers")["unchanged"] == 1200
+
+
+def test_changes_larger_than_a_read_batch_all_go(pg_project: Path, emulator: Emulator) -> None:
+    """The change rows come from PostgreSQL a batch at a time (READ_BATCH_ROWS): every
+    batch is sent, the last short one too."""
+    extra = READ_BATCH_ROWS + READ_BATCH_ROWS // 2
+    change_model(
+        pg_project,
+        f"""INSERT INTO main.customers (customer_id, email, first_name, signup_date)
+            SELECT 'X' || lpad(i::text, 6, '0'), 'extra.' || i || '@example.com', 'Extra',
+                   DATE '2024-05-01'
+            FROM generate_series(1, {extra}) AS g(i)""",
+    )
+    first = only(pg_project, emulator, "customers")
+    assert first.returncode == 0, first.output
+    assert first.row("customers")["added"] == 1200 + extra
+    assert_holds_customers(pg_project, emulator)

@@ -198,16 +198,21 @@ class BulkImport:
 
     def _attempt(self, unit: Unit, job: list[Prepared], ids: dict[str, str] | None) -> Outcome:
         """Create the job (a refusal of it propagates), record its id, follow it."""
-        parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
-        body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
         records = [p.record for p in job]
         try:
-            created = self.client.call("bulk_import_profiles", body=body)
-            job_id = str(dig(created, "data", "id", operation="bulk_import_profiles"))
+            job_id = self._create(job, ids)
         except TransientApiError as exc:
             return Outcome(failed=[(r, str(exc)) for r in records])
         unit.job_created(job_id)
         return self.follow(job_id, records, ids or {})
+
+    def _create(self, job: list[Prepared], ids: dict[str, str] | None) -> str:
+        """Create the job; its id. The body (up to 5 MB) lives only here, not while the
+        job is followed."""
+        parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
+        body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
+        created = self.client.call("bulk_import_profiles", body=body)
+        return str(dig(created, "data", "id", operation="bulk_import_profiles"))
 
     def resume(self, job_id: str, records: list[Record], *, within: float) -> Outcome | None:
         """Follow a job an earlier run created, for what is left of its job timeout

@@ -55,8 +55,9 @@ from dbt_klaviyo_sync.warehouse.checks import mapped_columns, not_built, unreada
 SCHEMA_VERSION = 2
 #: The `state_sql` job that brings the state from version N-1 to N. Append; never edit.
 _MIGRATIONS = {2: "add_rate_limit_seconds"}
-#: How many change rows travel from the warehouse to Python at a time.
-READ_BATCH_ROWS = 10_000
+#: How many change rows travel from the warehouse to Python at a time: a batch is shaped
+#: while units of 10,000 profiles are in flight, so a small one keeps the peak down.
+READ_BATCH_ROWS = 2_000
 #: Types whose values are JSON documents, sent parsed where Klaviyo takes JSON or a number.
 _JSON_TYPES = frozenset({"json", "jsonb", "variant", "object", "super"})
 _TWO_64 = 2**64
@@ -317,10 +318,7 @@ class AdapterWarehouse:
 
         now = dt.datetime.now(dt.UTC)
         values = [(sid, unit, *row, now) for row in _driver_rows(rows.select(JOURNAL_SCHEMA.names))]
-        columns = [
-            "sync_id, unit, position, key, fingerprint, in_snapshot, klaviyo_id",
-            "accepted_values, body, journaled_at",
-        ]
+        columns = ["sync_id", "unit", *JOURNAL_SCHEMA.names, "journaled_at"]
         with self._lock:
             try:
                 self._insert(f"{self.schema}.journal", columns, values)
@@ -443,7 +441,9 @@ class AdapterWarehouse:
                     names = [d[0].lower() for d in cursor.description or []]
                 if not rows:
                     return
-                yield self._batch(names, rows)
+                batch = self._batch(names, rows)
+                del rows  # the driver's tuples, as big as the batch: not kept while it is used
+                yield batch
         finally:
             with self._lock:
                 cursor.close()

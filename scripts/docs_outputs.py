@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from dbt_klaviyo_sync import resolved
 from dbt_klaviyo_sync.cli import main as cli_main
 from dbt_klaviyo_sync.dbt import PACKAGE_GIT
 from dbt_klaviyo_sync.emulator import Emulator
@@ -442,12 +444,20 @@ def rejects(lab: Lab) -> None:
 
 
 @scenario(
-    "no-state bad-key unreachable key-space redirect select-nothing state-errors package-mismatch"
+    "no-state dbt-cache bad-key unreachable key-space redirect select-nothing state-errors "
+    "package-mismatch"
 )
 def errors(lab: Lab) -> None:
     """What stops a sync before it sends anything, and what warns."""
-    fresh = lab.run("dbt-klaviyo sync -s erasure_requests order_events")
+    with pytest.MonkeyPatch.context() as patch:
+        # The project's copy was just written: the clock tick that makes a file changed
+        # within it not trusted (resolved.py) would send the second run to dbt at times.
+        patch.setattr(resolved, "TICK_NS", 0)
+        patch.setattr(resolved, "COARSE_TICK_NS", 0)
+        fresh = lab.run("dbt-klaviyo sync -s erasure_requests order_events")
+        again = lab.run("dbt-klaviyo sync -s erasure_requests order_events --log-level debug")
     lab.show("no-state", lines_with(fresh.stderr, "no sync state at"))
+    lab.show("dbt-cache", lines_with(again.stderr, "as resolved before ("))
     wrong_key = lab.run("dbt-klaviyo sync", env={"KLAVIYO_PRIVATE_API_KEY": "pk_not_this_one"})
     lab.show("bad-key", lines_with(wrong_key.stderr, "Error:"))
     nowhere = lab.run("dbt-klaviyo sync", env={"KLAVIYO_BASE_URL": "http://127.0.0.1:9"})

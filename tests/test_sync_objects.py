@@ -259,7 +259,10 @@ def test_each_erasure_request_deletes_its_profile_once(project: Path, emulator: 
     throttled = emulator.stats()["throttled"]
     paced = only(project, emulator, "erasure_requests")
     assert paced.row("erasure_requests")["removed"] == 6
-    assert emulator.stats()["throttled"] == throttled
+    # Unpaced, 3 of the 6 would be refused. The pacer takes a request to arrive within
+    # 50 ms of its sending; on a loaded machine one may arrive later and meet a 429, after
+    # which the pacer counts from answers (klaviyo/pacing.py): one, at most.
+    assert emulator.stats()["throttled"] - throttled <= 1
 
 
 # -- Event: Send -------------------------------------------------------------------------

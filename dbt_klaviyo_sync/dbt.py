@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -435,8 +434,7 @@ def _parse_key(config: Any) -> str:
         "connection": dict(config.credentials.connection_info()),
         "vars": config.cli_vars,
     }
-    encoded = orjson.dumps(described, option=orjson.OPT_SORT_KEYS, default=str)
-    return hashlib.sha256(encoded).hexdigest()
+    return resolved.digest(described)
 
 
 def _stamp_path(project: DbtProject) -> Path:
@@ -622,7 +620,7 @@ def _selection_key(args: DbtArgs) -> str | None:
         if name.startswith("DBT_") and not name.startswith((resolved.SECRET_PREFIX, "DBT_KLAVIYO_"))
     }
     described = {"select": args.select, "exclude": args.exclude, "cwd": os.getcwd(), "env": env}
-    return hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return resolved.digest(described)
 
 
 def _dbt_selection(project: DbtProject, manifest: dict[str, Any], parsed: Any | None) -> set[str]:

@@ -147,8 +147,11 @@ def _state(flags: Iterable[str], inputs: Inputs) -> dict[str, Any]:
     }
 
 
-def _digest(state: Mapping[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(state, option=orjson.OPT_SORT_KEYS)).hexdigest()
+def digest(described: Mapping[str, Any]) -> str:
+    """A SHA-256 of what something depends on, whatever order its keys came in: kept in
+    place of values (settings, variables) that may be secret."""
+    encoded = orjson.dumps(described, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def load(flags: list[str], project_dir: str | None) -> Resolved | None:
@@ -158,7 +161,7 @@ def load(flags: list[str], project_dir: str | None) -> Resolved | None:
     try:
         cached = orjson.loads(path.read_bytes())
         inputs = Inputs(**{name: tuple(value) for name, value in cached["inputs"].items()})
-        if cached["digest"] != _digest(_state(flags, inputs)):
+        if cached["digest"] != digest(_state(flags, inputs)):
             log.debug("not reusing %s: what dbt resolved it from has changed", path)
             return None
         facts = cached["resolved"]
@@ -200,7 +203,7 @@ def save(
     target = Path(resolved.project_dir) / CACHE
     record = {
         "inputs": asdict(inputs),
-        "digest": _digest(state),
+        "digest": digest(state),
         "resolved": asdict(resolved),
     }
     partial = target.with_suffix(".partial")

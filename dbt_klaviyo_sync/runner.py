@@ -766,9 +766,8 @@ class ModelSync:
                     if recorder is not None:
                         unit.job_created = partial(recorder, unit.id)
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
-                        # In place: the generators that built the list hold it until asked
-                        # for the next unit, and would keep every value alive meanwhile.
-                        items[:] = [item.journaled() for item in items]
+                        for item in items:
+                            item.forget_values()
                     in_flight.add(pool.submit(sender.send, unit))
                     # One unit ready beyond those being sent: more would only wait, in memory.
                     while len(in_flight) > self.options.concurrency:

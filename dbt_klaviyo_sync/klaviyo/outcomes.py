@@ -39,17 +39,16 @@ class Prepared:
         shaped afresh from its row)."""
         return None
 
-    def journaled(self) -> Prepared:
-        """This item once its unit is in the journal, which holds its values for the
-        commit: the record keeps only what sending reads (`SEND_TIME_FIELDS`, and its
-        NULLs). Units in flight are most of a sync's memory, and values over half of that.
-        The values are dropped in place, as copying the item and its record cost three
-        times as much, on every record of a sync: they are this item's own (`payloads`
-        makes a dict per record) and nothing reads them once they are journaled."""
+    def forget_values(self) -> None:
+        """Once its unit is in the journal, which holds its values for the commit, the
+        record keeps only what sending reads (`SEND_TIME_FIELDS`, and its NULLs). Units in
+        flight are most of a sync's memory, and values over half of that. The values are
+        dropped in place, as copying the item and its record cost three times as much, and
+        the generators that built the unit still hold its items: they are this item's own
+        (`payloads` makes a dict per record) and nothing reads them once journaled."""
         values = self.record.values
         for name in [n for n, v in values.items() if v is not None and n not in SEND_TIME_FIELDS]:
             del values[name]
-        return self
 
 
 def _no_job(job_id: str) -> None:

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from dbt_klaviyo_sync.spec import SyncSpec
@@ -129,6 +130,19 @@ class Record:
     in_snapshot: bool
     klaviyo_id: str | None
     values: dict[str, Any]  # Klaviyo field -> value; None where the model has NULL
+    #: The JSON of every value, as the state keeps what Klaviyo accepted, when the row was
+    #: shaped a column at a time (`payloads.shaped_profiles`); `values` then holds only
+    #: the fields sending reads (`SEND_TIME_FIELDS`).
+    values_json: str | None = None
+
+    def json(self) -> str:
+        """The JSON of the record's values, as the state keeps what Klaviyo accepted."""
+        return self.values_json or orjson.dumps(self.values).decode()
+
+
+#: The values a sender reads from a record while sending: identifiers, to look a profile up
+#: by (and which values are NULL, for `nulls: clear`). The others only shape the body.
+SEND_TIME_FIELDS = frozenset({"email", "phone_number", "external_id", "klaviyo_id"})
 
 
 #: Klaviyo's refusals that are tried again on every run (see `Reject.retry`).

@@ -86,6 +86,28 @@ def _split(text: str) -> tuple[int, str] | None:
     return None
 
 
+def possible_e164(phones: pa.Array) -> pa.Array:
+    """For a whole column: True where `e164(text, strict=False)` gives the text back as it
+    is (E.164 already, of a possible length for its country). A number's answer depends
+    only on its first five characters (the country code is up to three digits, and the
+    digit after it) and its length, so the column is grouped by those, and each group is
+    answered once in Python."""
+    shaped = pc.fill_null(pc.match_substring_regex(phones, _E164_SHAPE.pattern), False)
+    length = pc.cast(pc.utf8_length(phones), pa.string())
+    head = pc.binary_join_element_wise(pc.utf8_slice_codeunits(phones, 0, 5), length, ":")
+    heads = pc.unique(pc.filter(head, shaped)).to_pylist()
+    possible = [h for h in heads if _head_possible(h)]
+    return pc.and_(shaped, pc.is_in(head, value_set=pa.array(possible, pa.string())))
+
+
+def _head_possible(head: str) -> bool:
+    """Whether the E.164 numbers of this `first five characters:length` are possible: the
+    answer for a number of those five characters and zeros after them."""
+    start, length = head.split(":")
+    split = _split(start + "0" * (int(length) - len(start)))
+    return split is not None and _possible(split[0], len(split[1]))
+
+
 @cache
 def _possible(country: int, digits: int) -> bool:
     """Whether a national number of this many digits is possible in the country: all that

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from functools import cache
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -33,11 +34,18 @@ from dbt_klaviyo_sync.changeset import (
     KEY,
     KLAVIYO_ID,
     NUMBER_FIELDS,
+    SEND_TIME_FIELDS,
     Record,
     Reject,
     field_column,
 )
-from dbt_klaviyo_sync.identifiers import InvalidValue, checked_email, e164, maybe_invalid_emails
+from dbt_klaviyo_sync.identifiers import (
+    InvalidValue,
+    checked_email,
+    e164,
+    maybe_invalid_emails,
+    possible_e164,
+)
 from dbt_klaviyo_sync.spec import EVENT_FIELDS, SyncSpec
 
 #: Klaviyo's limits on what one profile may carry (API.md §2.1, §2.2).
@@ -576,6 +584,170 @@ def profile_resource(spec: SyncSpec, record: Record) -> dict[str, Any]:
     return _profile_shape(record.values, clear=spec.nulls == "clear")
 
 
+# -- profiles shaped a column at a time ----------------------------------------------------
+
+#: What JSON escapes among the characters `_CONTROL` lets through, as orjson writes it.
+_JSON_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"))
+#: The characters JSON escapes or `_CONTROL` refuses.
+_UNUSUAL = r'[\x00-\x1f\x7f"\\]'
+_SHAPED_CHANGES = pa.array(["add", "update"])
+
+
+def shaped_profiles(
+    spec: SyncSpec, batch: pa.RecordBatch
+) -> tuple[list[Record], list[bytes], pa.RecordBatch]:
+    """The batch's profiles shaped a column at a time in Arrow, for the rows whose every
+    value the vectorised checks of `_column` clear and its conversion leaves as it is:
+    their records and bodies, byte for byte what `records`, `profile_resource` and `dumps`
+    make of them (a Python call per value costs far more than the rest of a row's trip).
+    The other rows come back as a batch, for `records` to convert or reject with the
+    reason: a suspect value, a type converted value by value (floats, timestamps, nested),
+    a NULL under `nulls: clear`, a body over Klaviyo's limit, an invalid key."""
+    rows = batch.num_rows
+    clean = pc.is_in(batch.column(CHANGE), value_set=_SHAPED_CHANGES)
+    parts: dict[str, list[pa.Array]] = {
+        p: [] for p in ("id", "attributes", "location", "properties")
+    }
+    pairs, sent = [], {}
+    for i, mapping in enumerate(spec.fields):
+        array = batch.column(field_column(i))
+        if pa.types.is_dictionary(array.type):  # ENUM
+            array = array.dictionary_decode()
+        shaped = _column_json(mapping.field, array)
+        json, fine = shaped if shaped else (pa.nulls(rows, pa.string()), pc.is_null(array))
+        clean = pc.and_(clean, fine)
+        if spec.nulls == "clear":
+            clean = pc.and_(clean, pc.is_valid(array))
+        pair = _pair(mapping.field, json)
+        pairs.append(pc.fill_null(pair, orjson.dumps(mapping.field).decode() + ":null"))
+        part, name = _placement(mapping.field)
+        parts[part].append(pair if name == mapping.field else _pair(name, json))
+        if mapping.field in SEND_TIME_FIELDS:
+            sent[mapping.field] = array
+    attributes = parts["attributes"] + [
+        _object_member(part, parts[part]) for part in ("location", "properties") if parts[part]
+    ]
+    members = _joined(attributes, rows)
+    body = pc.binary_join_element_wise(
+        '{"type":"profile"',
+        *parts["id"],
+        pc.binary_join_element_wise('"attributes":{', members, "}}", ""),
+        ",",
+        null_handling="skip",
+    )
+    clean = pc.and_(clean, pc.less_equal(pc.binary_length(body), MAX_PROFILE_BYTES))
+    keep = pc.fill_null(clean, False)
+    if not pc.any(keep).as_py():
+        return [], [], batch
+    every = pc.binary_join_element_wise(*pairs, ",")
+    texts = pc.filter(pc.binary_join_element_wise("{", every, "}", ""), keep).to_pylist()
+    bodies = pc.filter(body, keep).cast(pa.binary()).to_pylist()
+    shaped_rows = batch.filter(keep)
+    meta = [
+        shaped_rows.column(name).to_pylist()
+        for name in (KEY, FINGERPRINT, CHANGE, IN_SNAPSHOT, KLAVIYO_ID)
+    ]
+    names = list(sent)
+    columns = [pc.filter(pc.cast(a, pa.string()), keep).to_pylist() for a in sent.values()]
+    identifiers = zip(*columns, strict=True) if columns else repeat((), len(texts))
+    records = [
+        Record(
+            key,
+            fingerprint,
+            change,
+            bool(in_snapshot),
+            kid,
+            dict(zip(names, ids, strict=True)),
+            text,
+        )
+        for key, fingerprint, change, in_snapshot, kid, ids, text in zip(
+            *meta, identifiers, texts, strict=True
+        )
+    ]
+    return records, bodies, batch.filter(pc.invert(keep))
+
+
+def _pair(name: str, json: pa.Array) -> pa.Array:
+    """`"name":value` for each row; NULL where the value is."""
+    return pc.binary_join_element_wise(orjson.dumps(name).decode() + ":", json, "")
+
+
+def _object_member(name: str, pairs: list[pa.Array]) -> pa.Array:
+    """`"name":{...}` of the pairs that are not NULL; NULL where all are (no object)."""
+    inside = _joined(pairs, len(pairs[0]))
+    member = pc.binary_join_element_wise(f'"{name}":{{', inside, "}", "")
+    return pc.if_else(pc.equal(inside, ""), pa.scalar(None, pa.string()), member)
+
+
+def _joined(pieces: list[pa.Array], rows: int) -> pa.Array:
+    """The pieces that are not NULL, comma-separated: '' where all are. Arrow's join
+    (pyarrow 26) leaves out a row whose pieces are all NULL, shortening the array, so every
+    row starts with an empty piece, whose comma is cut off after."""
+    if not pieces:
+        return pa.array([""] * rows)
+    joined = pc.binary_join_element_wise("", *pieces, ",", null_handling="skip")
+    return pc.utf8_slice_codeunits(joined, 1)
+
+
+def _column_json(field: str, array: pa.Array) -> tuple[pa.Array, pa.Array] | None:
+    """One column's values as JSON text (NULL for NULL), and the rows whose text is what
+    `_column` and `dumps` make of them. None for a type converted value by value."""
+    convert = _converter(field)
+    kind = array.type
+    odd: pa.Array | None = None
+    if pa.types.is_string(kind):
+        if convert not in (_text, _json_value, _email, _phone):
+            return None
+        # Most columns hold no character to escape or refuse: one pass tells.
+        unusual = pc.any(pc.match_substring_regex(array, _UNUSUAL)).as_py()
+        odd = pc.greater(pc.binary_length(array), MAX_STRING_BYTES)
+        if unusual:
+            odd = pc.or_kleene(odd, pc.match_substring_regex(array, _CONTROL.pattern))
+        if convert is _email:
+            odd = pc.or_kleene(odd, maybe_invalid_emails(array))
+        elif convert is _phone:
+            odd = pc.or_kleene(odd, pc.invert(possible_e164(array)))
+        json = _quoted(array, escape=unusual)
+    elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        raw = (_json_value, _boolean) if pa.types.is_boolean(kind) else (_json_value, _number)
+        json = _json_or_quoted(pc.cast(array, pa.string()), convert, raw)
+    elif pa.types.is_decimal(kind):
+        texts = pc.cast(array, pa.string())
+        odd = pc.match_substring(texts, "E")  # Arrow's exponent for values under 1e-6
+        json = _json_or_quoted(texts, convert, (_json_value, _number))
+    elif pa.types.is_date32(kind):
+        dates, outside = _within_years(array)
+        if outside:
+            odd = pa.array([i in outside for i in range(len(array))])
+        json = _json_or_quoted(_date_texts(dates), convert, ())
+    else:
+        return None
+    if json is None:
+        return None
+    if odd is None:
+        return json, pa.repeat(True, len(array))
+    return json, pc.or_(pc.is_null(array), pc.fill_null(pc.invert(odd), False))
+
+
+def _json_or_quoted(
+    texts: pa.Array, convert: Callable[[Any], Any], raw: tuple[Callable[[Any], Any], ...]
+) -> pa.Array | None:
+    """Texts as JSON: as they are for the converters in `raw` (numbers, booleans), quoted
+    for a text field; None for any other converter (it takes the values one by one)."""
+    if convert in raw:
+        return texts
+    return _quoted(texts, escape=False) if convert in (_text, _json_value) else None
+
+
+def _quoted(texts: pa.Array, *, escape: bool) -> pa.Array:
+    """Text as JSON strings, as orjson writes them; `escape` when the text may hold a
+    character JSON escapes (`_CONTROL` keeps out those it would write as \\u escapes)."""
+    if escape:
+        for raw, escaped in _JSON_ESCAPES:
+            texts = pc.replace_substring(texts, raw, escaped)
+    return pc.binary_join_element_wise('"', texts, '"', "")
+
+
 def event_resources(spec: SyncSpec, record: Record) -> tuple[dict[str, Any], dict[str, Any]]:
     """The profile and the event of one row, for a bulk create request.
 
@@ -653,12 +825,6 @@ def dumps(payload: Any) -> bytes:
     working buffer, some 4 KB for a 400-byte profile (3.13), and a sync holds tens of
     thousands of bodies in flight: copied, they take a tenth of the memory."""
     return bytes(memoryview(orjson.dumps(payload)))
-
-
-def json_text(values: dict[str, Any]) -> str:
-    """A record's values as the state keeps what Klaviyo accepted: the text of `dumps`,
-    without its copy, as it goes straight into an Arrow column (on every record sent)."""
-    return orjson.dumps(values).decode()
 
 
 #: The yes-or-no column of each object that has one: true subscribes or suppresses, false

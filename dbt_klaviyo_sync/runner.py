@@ -819,6 +819,9 @@ class ModelSync:
                     )
                     yield EventSender.restore(record, row[SENT])
                 batch = batch.filter(pc.invert(again))
+            if isinstance(sender, ProfileUpserter | ProfileUpdater):
+                shaped, bodies, batch = payloads.shaped_profiles(self.spec, batch)
+                yield from map(Prepared, shaped, bodies)
             records, rejects = payloads.records(self.spec, batch)
             ready, refused = sender.prepare(records)
             self._commit(Outcome(rejected=rejects + refused))
@@ -917,7 +920,7 @@ class ModelSync:
 
     @staticmethod
     def _as_sent(record: Record) -> dict[str, Any]:
-        return {} if record.change == "remove" else orjson.loads(payloads.dumps(record.values))
+        return {} if record.change == "remove" else orjson.loads(record.json())
 
 
 @contextmanager
@@ -967,7 +970,7 @@ def _journal_table(items: list[Prepared]) -> pa.Table:
             "fingerprint": [r.fingerprint for r in records],
             "in_snapshot": [r.in_snapshot for r in records],
             "klaviyo_id": [r.klaviyo_id for r in records],
-            "accepted_values": [payloads.json_text(r.values) for r in records],
+            "accepted_values": [r.json() for r in records],
             "body": [p.journal_body() for p in items],
         },
         schema=JOURNAL_SCHEMA,
@@ -997,7 +1000,7 @@ def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
             "key": [r.key for r in records],
             "outcome": pa.repeat("accepted", len(records)),
             "fingerprint": pa.array([r.fingerprint for r in records], pa.uint64()),
-            "accepted_values": pa.array([payloads.json_text(r.values) for r in records])
+            "accepted_values": pa.array([r.json() for r in records])
             if values
             else pa.nulls(len(records), pa.string()),
             "klaviyo_id": pa.array([k or r.klaviyo_id for r, k in accepted], pa.string()),

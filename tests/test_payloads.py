@@ -36,16 +36,17 @@ FIELDS = (
 )
 
 
-def spec(nulls: str = "skip") -> SyncSpec:
+def spec(nulls: str = "skip", fields: tuple[FieldMap, ...] = FIELDS) -> SyncSpec:
+    """A profile upsert of these fields, keyed by the first (an external id)."""
     return SyncSpec(
         model="customers",
         unique_id="model.x.customers",
         relation='"wh"."main"."customers"',
         object="profile",
         behavior="upsert",
-        key_column="id",
+        key_column=fields[0].column,
         key_field="external_id",
-        fields=FIELDS,
+        fields=fields,
         nulls=nulls,
     )
 

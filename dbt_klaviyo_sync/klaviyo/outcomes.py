@@ -14,17 +14,13 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dbt_klaviyo_sync.changeset import Record, Reject
+from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS, Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
 
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
 #: something about the requests themselves is wrong, and sending the rest would not help.
 MAX_REFUSALS_IN_A_ROW = 3
-
-#: The values a sender reads from a record while sending: identifiers, to look a profile up
-#: by (and which values are NULL, for `nulls: clear`). The others only shape the body.
-SEND_TIME_FIELDS = frozenset({"email", "phone_number", "external_id", "klaviyo_id"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +42,8 @@ class Prepared:
         dropped in place, as copying the item and its record cost three times as much, and
         the generators that built the unit still hold its items: they are this item's own
         (`payloads` makes a dict per record) and nothing reads them once journaled."""
+        if self.record.values_json:
+            return  # shaped in Arrow: it holds only those fields already
         values = self.record.values
         for name in [n for n, v in values.items() if v is not None and n not in SEND_TIME_FIELDS]:
             del values[name]

@@ -990,7 +990,8 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
     """A batch's answers in the shape `Warehouse.commit` takes; with `values`, the JSON
-    of what each accepted record sent (without, the journal has it). Accepted and removed
+    of what each accepted record sent (without, the journal has it, and only records shaped
+    in Arrow bring theirs, which costs nothing). Accepted and removed
     records, most of any batch, are built a column at a time; each reject is a row of its
     own. Every text that came from Klaviyo is scrubbed of keys again before it is stored."""
     accepted = [*outcome.accepted, *((r, None) for r in outcome.already)]
@@ -1000,9 +1001,9 @@ def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
             "key": [r.key for r in records],
             "outcome": pa.repeat("accepted", len(records)),
             "fingerprint": pa.array([r.fingerprint for r in records], pa.uint64()),
-            "accepted_values": pa.array([r.json() for r in records])
-            if values
-            else pa.nulls(len(records), pa.string()),
+            "accepted_values": pa.array(
+                [r.json() if values else r.values_json for r in records], pa.string()
+            ),
             "klaviyo_id": pa.array([k or r.klaviyo_id for r, k in accepted], pa.string()),
             "in_snapshot": pa.array([r.in_snapshot for r in records], pa.bool_()),
         }

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import duckdb
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.changeset import JournaledUnit, RunCounts, SyncIdentity
 from dbt_klaviyo_sync.errors import StateError
@@ -126,13 +127,19 @@ _SNAPSHOT_COLUMNS = (
 # How `commit` records a batch's outcomes (the registered table `batch_outcomes`).
 # Every INSERT names its columns: migrations only ever add columns.
 # A batch's outcomes, with the values of a journaled record taken from the journal, where
-# they were written (serialized once) before it was sent.
+# they were written (serialized once) before it was sent. Only when the batch lacks some:
+# the journal keeps its deleted rows until a checkpoint, and scanning them for every batch
+# made a first full sync's commits slower with every job.
 _OUTCOMES = f"""(SELECT b.* REPLACE (coalesce(b.accepted_values, j.accepted_values)
                                      AS accepted_values)
     FROM batch_outcomes AS b LEFT JOIN (
         SELECT key, arg_max(accepted_values, journaled_at) AS accepted_values
         FROM {CATALOG}.journal WHERE sync_id = $1 GROUP BY key) AS j USING (key))"""
-_INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
+
+
+def _insert_new(outcomes: str) -> str:
+    """Insert rows seen for the first time, from these outcomes."""
+    return f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key,
         CASE WHEN outcome = 'accepted' THEN fingerprint END,
         CASE WHEN outcome = 'accepted' THEN accepted_values END,
@@ -140,17 +147,25 @@ _INSERT_NEW = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
         CASE WHEN outcome = 'rejected' THEN fingerprint END,
         CASE WHEN outcome = 'rejected' THEN retry END,
         current_timestamp
-    FROM {_OUTCOMES}
+    FROM {outcomes}
     WHERE NOT in_snapshot AND outcome IN ('accepted', 'rejected')"""
+
+
 # Rows already in the snapshot that Klaviyo accepted again are replaced: deleted, with the
 # rows that left a list, in one scan of the snapshot (DuckDB's UPDATE ... FROM scans more
 # slowly), then inserted whole from the batch, which carries the known Klaviyo id.
 _DELETE_REPLACED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
     (SELECT key FROM batch_outcomes
      WHERE (in_snapshot AND outcome = 'accepted') OR outcome IN ('removed', 'forgotten'))"""
-_INSERT_REPLACED = f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
+
+
+def _insert_replaced(outcomes: str) -> str:
+    """Insert again the rows `_DELETE_REPLACED` took out, from these outcomes."""
+    return f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, NULL, current_timestamp
-    FROM {_OUTCOMES} WHERE in_snapshot AND outcome = 'accepted'"""
+    FROM {outcomes} WHERE in_snapshot AND outcome = 'accepted'"""
+
+
 # A known row Klaviyo now refuses keeps what it last accepted, and remembers the refusal;
 # a row back at the accepted version forgets an earlier refusal.
 _MARK_REJECTED = f"""UPDATE {CATALOG}.snapshot AS s
@@ -512,14 +527,17 @@ class State:
         recorded = {"accepted", "rejected"}
         replaced = kinds[("accepted", True)] > 0
         answered = any(o in ("accepted", "rejected", "removed", "forgotten") for o, _ in kinds)
+        accepted = pc.equal(outcomes["outcome"], "accepted")
+        lacking = pc.any(pc.and_(accepted, pc.is_null(outcomes["accepted_values"]))).as_py()
+        source = _OUTCOMES if lacking else "batch_outcomes"
         statements = [
-            (any(o in recorded and not known for o, known in kinds), _INSERT_NEW, [sid]),
+            (any(o in recorded and not known for o, known in kinds), _insert_new(source), [sid]),
             (
                 replaced or kinds[("removed", True)] > 0 or kinds[("forgotten", True)] > 0,
                 _DELETE_REPLACED,
                 [sid],
             ),
-            (replaced, _INSERT_REPLACED, [sid]),
+            (replaced, _insert_replaced(source), [sid]),
             (kinds[("rejected", True)] + kinds[("settled", True)] > 0, _MARK_REJECTED, [sid]),
             (
                 any(o in ("rejected", "invalid") for o, _ in kinds),

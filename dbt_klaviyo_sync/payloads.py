@@ -6,7 +6,8 @@ Every value arrives exactly (text where Klaviyo takes text, a number where it ta
 JSON in a custom property) or its row is rejected here, with the reason, before anything is
 sent; the rest of the batch goes on. `value_sql` chooses how DuckDB hands each column over,
 for the types Arrow would not carry exactly. A converter is chosen once per column and
-batch, not once per value.
+batch, not once per value. Profiles whose every value the vectorised checks clear skip
+Python's values altogether: `shaped_profiles` writes their JSON a column at a time.
 """
 
 from __future__ import annotations
@@ -591,6 +592,8 @@ _JSON_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\
 #: The characters JSON escapes or `_CONTROL` refuses.
 _UNUSUAL = r'[\x00-\x1f\x7f"\\]'
 _SHAPED_CHANGES = pa.array(["add", "update"])
+#: The zones of timestamps Python writes with +00:00.
+_UTC = (None, "UTC", "Etc/UTC", "+00:00")
 
 
 def shaped_profiles(
@@ -639,7 +642,7 @@ def shaped_profiles(
     keep = pc.fill_null(clean, False)
     if not pc.any(keep).as_py():
         return [], [], batch
-    every = pc.binary_join_element_wise(*pairs, ",")
+    every = _joined(pairs, rows)  # no NULL among them
     texts = pc.filter(pc.binary_join_element_wise("{", every, "}", ""), keep).to_pylist()
     bodies = pc.filter(body, keep).cast(pa.binary()).to_pylist()
     shaped_rows = batch.filter(keep)
@@ -715,10 +718,13 @@ def _column_json(field: str, array: pa.Array) -> tuple[pa.Array, pa.Array] | Non
         texts = pc.cast(array, pa.string())
         odd = pc.match_substring(texts, "E")  # Arrow's exponent for values under 1e-6
         json = _json_or_quoted(texts, convert, (_json_value, _number))
+    elif pa.types.is_timestamp(kind) and kind.unit != "ns" and kind.tz in _UTC:
+        if convert not in (_text, _json_value):
+            return None
+        json, odd = _instants(array)
     elif pa.types.is_date32(kind):
         dates, outside = _within_years(array)
-        if outside:
-            odd = pa.array([i in outside for i in range(len(array))])
+        odd = _rows(outside, len(array))
         json = _json_or_quoted(_date_texts(dates), convert, ())
     else:
         return None
@@ -727,6 +733,29 @@ def _column_json(field: str, array: pa.Array) -> tuple[pa.Array, pa.Array] | Non
     if odd is None:
         return json, pa.repeat(True, len(array))
     return json, pc.or_(pc.is_null(array), pc.fill_null(pc.invert(odd), False))
+
+
+def _instants(array: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """UTC timestamps (or without a zone) as JSON, as `_json_value` writes their datetime:
+    ISO 8601 with microseconds when there are any, and +00:00; and the rows Python writes
+    otherwise or not at all (before 1970, where Arrow's division rounds the other way, and
+    outside years 1-9999)."""
+    stamps, outside = _within_years(array)
+    per = _UNITS[array.type.unit][0]
+    numbers = pc.cast(stamps, pa.int64())
+    seconds = pc.divide(numbers, per)
+    micros = pc.multiply(pc.subtract(numbers, pc.multiply(seconds, per)), 10**6 // per)
+    whole = pc.strftime(pc.cast(seconds, pa.timestamp("s")), "%Y-%m-%dT%H:%M:%S")
+    digits = pc.utf8_lpad(pc.cast(micros, pa.string()), 6, "0")
+    fraction = pc.if_else(pc.equal(micros, 0), "", pc.binary_join_element_wise(".", digits, ""))
+    text = pc.binary_join_element_wise(whole, fraction, "+00:00", "")
+    odd = pc.or_(pc.fill_null(pc.less(numbers, 0), False), _rows(outside, len(array)))
+    return _quoted(text, escape=False), odd
+
+
+def _rows(indices: dict[int, str], length: int) -> pa.Array:
+    """A mask of these rows (those `_within_years` found: seldom any)."""
+    return pa.array([i in indices for i in range(length)]) if indices else pa.repeat(False, length)
 
 
 def _json_or_quoted(

@@ -34,7 +34,10 @@ COLUMNS: list[tuple[str, pa.DataType]] = [
     ("properties.small", pa.int8()),
     ("properties.since", pa.date32()),
     ("properties.note", pa.string()),
-    ("properties.seen", pa.timestamp("us")),  # timestamps go value by value
+    ("properties.seen", pa.timestamp("us")),
+    ("properties.at", pa.timestamp("ms", tz="UTC")),
+    ("properties.local", pa.timestamp("us", tz="Europe/Berlin")),  # goes value by value
+    ("properties.exact", pa.timestamp("ns")),  # goes value by value
     ("klaviyo_id", pa.string()),
 ]
 
@@ -90,10 +93,8 @@ CLEAN = {
 def _value(field: str, kind: pa.DataType, rng: random.Random, clean: bool = False) -> Any:
     if rng.random() < 0.15:
         return None
-    if clean and (
-        pa.types.is_floating(kind) or pa.types.is_timestamp(kind) or pa.types.is_large_string(kind)
-    ):
-        return None  # those go value by value
+    if clean and _by_value(kind):
+        return None
     if pa.types.is_dictionary(kind):
         return rng.choice(["Acme", 'Quote "Co"', "Tab\tCo"])
     if field in ("email", "phone_number"):
@@ -125,17 +126,22 @@ def _value(field: str, kind: pa.DataType, rng: random.Random, clean: bool = Fals
         return rng.choice([1.0, 0.1, 1e16, -0.0, 2.5e-5, rng.random() * 10 ** rng.randrange(20)])
     if pa.types.is_date32(kind):  # years 1 to 9999 (see _batch for one beyond)
         return date.fromordinal(rng.choice([1, 3652059, rng.randrange(1, 3652059)]))
-    if pa.types.is_timestamp(kind):
-        return rng.randrange(-(10**15), 10**16)
+    if pa.types.is_timestamp(kind):  # from 1938 to beyond 9999, or 2001 to 2033 when clean
+        micros = rng.randrange(10**15 if clean else -(10**15), 2 * 10**15 if clean else 3 * 10**17)
+        if kind.unit == "ns":
+            return min(micros, 9 * 10**15) * 1000  # within 64 bits
+        return micros // {"s": 10**6, "ms": 1000, "us": 1}[kind.unit]
     raise AssertionError(kind)
 
 
+def _by_value(kind: pa.DataType) -> bool:
+    """Whether values of this type always go value by value."""
+    zoned = pa.types.is_timestamp(kind) and (kind.unit == "ns" or kind.tz not in (None, "UTC"))
+    return pa.types.is_floating(kind) or pa.types.is_large_string(kind) or zoned
+
+
 #: The columns of types shaped in Arrow.
-SHAPED = [
-    (f, k)
-    for f, k in COLUMNS
-    if not (pa.types.is_floating(k) or pa.types.is_timestamp(k) or pa.types.is_large_string(k))
-]
+SHAPED = [(f, k) for f, k in COLUMNS if not _by_value(k)]
 
 
 def _batch(rows: int, seed: int, fields: list[tuple[str, pa.DataType]] = COLUMNS) -> pa.RecordBatch:

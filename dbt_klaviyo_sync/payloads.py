@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from functools import cache
-from itertools import repeat
 from typing import Any
 
 import orjson
@@ -647,26 +646,19 @@ def shaped_profiles(
     bodies = pc.filter(body, keep).cast(pa.binary()).to_pylist()
     shaped_rows = batch.filter(keep)
     meta = [
-        shaped_rows.column(name).to_pylist()
+        pc.fill_null(shaped_rows.column(name), False).to_pylist()
+        if name == IN_SNAPSHOT
+        else shaped_rows.column(name).to_pylist()
         for name in (KEY, FINGERPRINT, CHANGE, IN_SNAPSHOT, KLAVIYO_ID)
     ]
     names = list(sent)
     columns = [pc.filter(pc.cast(a, pa.string()), keep).to_pylist() for a in sent.values()]
-    identifiers = zip(*columns, strict=True) if columns else repeat((), len(texts))
-    records = [
-        Record(
-            key,
-            fingerprint,
-            change,
-            bool(in_snapshot),
-            kid,
-            dict(zip(names, ids, strict=True)),
-            text,
-        )
-        for key, fingerprint, change, in_snapshot, kid, ids, text in zip(
-            *meta, identifiers, texts, strict=True
-        )
-    ]
+    sending = (
+        [dict(zip(names, ids, strict=True)) for ids in zip(*columns, strict=True)]
+        if columns
+        else [{} for _ in texts]
+    )
+    records = list(map(Record, *meta, sending, texts))
     return records, bodies, batch.filter(pc.invert(keep))
 
 

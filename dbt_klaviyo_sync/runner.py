@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dbt_klaviyo_sync import payloads
+from dbt_klaviyo_sync.ahead import read_ahead
 from dbt_klaviyo_sync.changeset import (
     CHANGE,
     FINGERPRINT,
@@ -44,6 +45,7 @@ from dbt_klaviyo_sync.changeset import (
     SENT,
     ChangeCounts,
     Record,
+    Reject,
     SyncIdentity,
 )
 from dbt_klaviyo_sync.dbt import DbtProject
@@ -94,6 +96,9 @@ BULK_THRESHOLD = 100
 COMMIT_SECONDS = 2.0
 #: How often the sending loop looks whether the run was asked to stop.
 STOP_POLL_SECONDS = 0.2
+#: Batches of changed rows shaped ahead of the sending, on a thread of their own (see
+#: `ahead`); each holds one batch's records and bodies in memory.
+SHAPED_AHEAD = 1
 #: Allocations between two of Python's youngest collections while sending (700 by default).
 FEW_COLLECTIONS = 50_000
 #: The safety brake ignores fewer removals or deletions than this, whatever their share.
@@ -740,17 +745,27 @@ class ModelSync:
     def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:
         """Stream the rows of these kinds through the sender, a few units in flight, and
         commit each unit's answer as it arrives. A dry run stops after preparing."""
-        units = sender.units(self._prepared(sender, kinds))
+        with read_ahead(self._shaped(sender, kinds), SHAPED_AHEAD) as shaped:
+            units = sender.units(self._prepared(shaped))
+            if self.dry_run:
+                self._plan(units, kinds)
+            else:
+                self._send_units(sender, units)
         if self.dry_run:
-            for items in units:
-                records = [p.record for p in items]
-                self._planned.update(r.key for r in records)
-                if kinds == ("remove",):
-                    self._tally(Outcome(removed=records))
-                else:
-                    self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
             self._sample_old_values()
-            return
+
+    def _plan(self, units: Iterator[list[Prepared]], kinds: tuple[str, ...]) -> None:
+        """Count what a real run would send, without sending it."""
+        for items in units:
+            records = [p.record for p in items]
+            self._planned.update(r.key for r in records)
+            if kinds == ("remove",):
+                self._tally(Outcome(removed=records))
+            else:
+                self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
+
+    def _send_units(self, sender: Sender, units: Iterator[list[Prepared]]) -> None:
+        """Send the units, a few in flight, and commit each one's answer as it arrives."""
         self._journaling = sender.journaled
         recorder = self.warehouse.job_recorder(self.sid) if sender.journaled else None
         with (
@@ -801,11 +816,15 @@ class ModelSync:
         self._answered(done)
         return left
 
-    def _prepared(self, sender: Sender, kinds: tuple[str, ...]) -> Iterator[Prepared]:
-        """Changed rows, converted and shaped; rejects found on the way are committed
-        (or, in a dry run, counted) straight away. An event an earlier run may have
-        delivered goes exactly as it went then, whatever its row says now."""
+    def _shaped(
+        self, sender: Sender, kinds: tuple[str, ...]
+    ) -> Generator[tuple[list[Prepared], list[Reject]], None, None]:
+        """Each batch of changed rows, converted and shaped: what is ready to send, and
+        the rows refused on the way. An event an earlier run may have delivered goes
+        exactly as it went then, whatever its row says now. Runs on a thread of its own
+        (`read_ahead`): it reads the warehouse and shapes, and touches nothing else."""
         for batch in self.warehouse.changes(kinds):
+            ready: list[Prepared] = []
             again = pc.is_valid(batch.column(SENT))
             if isinstance(sender, EventSender) and pc.any(again).as_py():
                 for row in batch.filter(again).to_pylist():
@@ -817,14 +836,22 @@ class ModelSync:
                         row[KLAVIYO_ID],
                         {},
                     )
-                    yield EventSender.restore(record, row[SENT])
+                    ready.append(EventSender.restore(record, row[SENT]))
                 batch = batch.filter(pc.invert(again))
             if isinstance(sender, ProfileUpserter | ProfileUpdater):
                 shaped, bodies, batch = payloads.shaped_profiles(self.spec, batch)
-                yield from map(Prepared, shaped, bodies)
+                ready += map(Prepared, shaped, bodies)
             records, rejects = payloads.records(self.spec, batch)
-            ready, refused = sender.prepare(records)
-            self._commit(Outcome(rejected=rejects + refused))
+            prepared, refused = sender.prepare(records)
+            yield ready + prepared, rejects + refused
+
+    def _prepared(
+        self, shaped: Iterator[tuple[list[Prepared], list[Reject]]]
+    ) -> Iterator[Prepared]:
+        """The shaped records, one by one; the rows refused on the way are committed (or,
+        in a dry run, counted) as their batch comes."""
+        for ready, refused in shaped:
+            self._commit(Outcome(rejected=refused))
             yield from ready
 
     def _answered(self, done: set[Future[Outcome]]) -> None:

@@ -39,7 +39,10 @@ CATALOG = "klaviyo_sync_state"
 PROCESS_MEMORY_MB = 1000
 PYTHON_MARGIN_MB = 128
 LEAST_DIFF_MEMORY_MB = 512
-SEND_MEMORY_LIMIT = "384MB"
+#: DuckDB's budget while sending: it buffers the journal's and the snapshot's new rows until
+#: they reach the file (see `WAL_CHECKPOINT`). 256 MB syncs 1M profiles as fast as 384 MB
+#: did, with 120 MB less at the peak.
+SEND_MEMORY_LIMIT = "256MB"
 #: How much write-ahead log DuckDB keeps before it checkpoints it into the state file (its
 #: default is 16 MB). A sync's journal rows are written and deleted again within seconds,
 #: a few MB per bulk job: checkpointing every few jobs wrote them into the file only to

@@ -25,7 +25,11 @@ def read_ahead(source: Generator[T, None, None], depth: int) -> Iterator[Iterato
     """`source`'s items, produced on another thread up to `depth` ahead of their use. When
     the block ends, early or not, the thread stops and `source` is closed on it before
     the block is left, so nothing it reads is in use after; an error it raised is raised
-    here, when its turn comes."""
+    here, when its turn comes. With `depth` 0, `source` itself, on the caller's thread."""
+    if depth == 0:
+        with closing(source):
+            yield source
+        return
     items: queue.Queue[tuple[bool, T | BaseException | None]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

@@ -132,7 +132,8 @@ class Record:
     values: dict[str, Any]  # Klaviyo field -> value; None where the model has NULL
     #: The JSON of every value, as the state keeps what Klaviyo accepted, when the row was
     #: shaped a column at a time (`payloads.shaped_profiles`); `values` then holds only
-    #: the fields sending reads (`SEND_TIME_FIELDS`).
+    #: the fields sending reads (`SEND_TIME_FIELDS`). Dropped once the journal has it
+    #: (`Prepared.forget_values`).
     values_json: str | None = None
 
     def json(self) -> str:

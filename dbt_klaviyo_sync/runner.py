@@ -96,9 +96,6 @@ BULK_THRESHOLD = 100
 COMMIT_SECONDS = 2.0
 #: How often the sending loop looks whether the run was asked to stop.
 STOP_POLL_SECONDS = 0.2
-#: Batches of changed rows shaped ahead of the sending, on a thread of their own (see
-#: `ahead`); each holds one batch's records and bodies in memory.
-SHAPED_AHEAD = 1
 #: Allocations between two of Python's youngest collections while sending (700 by default).
 FEW_COLLECTIONS = 50_000
 #: The safety brake ignores fewer removals or deletions than this, whatever their share.
@@ -745,7 +742,7 @@ class ModelSync:
     def _send(self, sender: Sender, kinds: tuple[str, ...]) -> None:
         """Stream the rows of these kinds through the sender, a few units in flight, and
         commit each unit's answer as it arrives. A dry run stops after preparing."""
-        with read_ahead(self._shaped(sender, kinds), SHAPED_AHEAD) as shaped:
+        with read_ahead(self._shaped(sender, kinds), self.warehouse.shaped_ahead) as shaped:
             units = sender.units(self._prepared(shaped))
             if self.dry_run:
                 self._plan(units, kinds)
@@ -782,7 +779,7 @@ class ModelSync:
                         unit.job_created = partial(recorder, unit.id)
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
                         for item in items:
-                            item.forget_values()
+                            item.forget_values(keep_json=self.warehouse.values_until_commit)
                     in_flight.add(pool.submit(sender.send, unit))
                     # One unit ready beyond those being sent: more would only wait, in memory.
                     while len(in_flight) > self.options.concurrency:

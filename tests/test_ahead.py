@@ -60,3 +60,19 @@ def test_an_error_in_the_block_stops_the_thread_too() -> None:
         next(items)
         raise KeyError("the consumer failed")
     assert closed.is_set()
+
+
+def test_depth_zero_runs_the_source_here_and_closes_it() -> None:
+    ran_on: list[str] = []
+
+    def source() -> Generator[int, None, None]:
+        try:
+            ran_on.append(threading.current_thread().name)
+            yield 1
+            yield 2
+        finally:
+            ran_on.append(threading.current_thread().name)
+
+    with read_ahead(source(), depth=0) as items:
+        assert next(items) == 1
+    assert ran_on == [threading.current_thread().name] * 2

@@ -11,6 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS
+from dbt_klaviyo_sync.klaviyo.outcomes import Prepared
 from dbt_klaviyo_sync.klaviyo.profiles import prepare
 from dbt_klaviyo_sync.payloads import records, shaped_profiles
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
@@ -255,3 +257,16 @@ def test_a_profile_over_klaviyos_limit_goes_value_by_value() -> None:
     assert rest.column("__key").to_pylist() == ["K0"]
     good, _ = records(_spec("skip", fields), rest)
     assert [r.code for r in prepare(_spec("skip", fields), good)[1]] == ["too_large"]
+
+
+@pytest.mark.parametrize("keep_json", [True, False])
+def test_a_journaled_record_drops_its_values_json_unless_kept(keep_json: bool) -> None:
+    """Once journaled, a record keeps its values' JSON only where the warehouse's commit
+    wants it (DuckDB); elsewhere it would only hold memory while in flight."""
+    spec, batch = _spec("skip", SHAPED), _batch(100, 0, SHAPED)
+    shaped, bodies, _ = shaped_profiles(spec, batch)
+    item = Prepared(shaped[0], bodies[0])
+    text = item.record.values_json
+    item.forget_values(keep_json=keep_json)
+    assert item.record.values_json == (text if keep_json else None)
+    assert set(item.record.values) <= SEND_TIME_FIELDS

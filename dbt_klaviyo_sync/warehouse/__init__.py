@@ -99,6 +99,14 @@ class Warehouse(Protocol):
     #: passed): as many as a commit's fixed cost is worth, and no more, as the records
     #: wait in the client's memory until then.
     commit_records: int
+    #: Whether records sent in journaled bulk jobs keep their values' JSON (those shaped in
+    #: Arrow have it) until their answers are committed, so that the commit need not read
+    #: the values back from the journal: worth its memory where that read is dear.
+    values_until_commit: bool
+    #: How many batches of changed rows are shaped ahead of the sending, on a thread of
+    #: their own (`ahead.read_ahead`; 0: none, on the sending thread). Worth their memory
+    #: where the client's CPU bounds a first sync, not where it waits on a server.
+    shaped_ahead: int
 
     # -- the models -------------------------------------------------------------------
 

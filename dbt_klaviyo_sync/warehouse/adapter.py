@@ -83,6 +83,8 @@ class AdapterWarehouse:
     """The `Warehouse` of a target reached through dbt's adapter."""
 
     commit_records = 10_000  # a commit is a keyed merge: its cost follows its rows
+    values_until_commit = False  # the client's memory comes first (300 MB at 10M rows)
+    shaped_ahead = 0  # the server, not the client's CPU, bounds a first sync
 
     def __init__(self, adapter: Any, *, dry_run: bool) -> None:
         self._adapter = adapter

@@ -31,6 +31,10 @@ class DuckDBWarehouse(State):
 
     fingerprints = FINGERPRINT_VERSION
     commit_records = 50_000  # each commit scans the snapshot
+    # The journal keeps its deleted rows until a checkpoint, and reading values back from
+    # it scanned them all on every commit (2.8 s against 1.3 s at 1M rows).
+    values_until_commit = True
+    shaped_ahead = 1  # a 1M first sync: 18.1 s -> 16.2 s on 2 cores
 
     def describe(self, spec: SyncSpec) -> None:
         diff.check_columns(self.con, spec)

@@ -571,8 +571,17 @@ def _release_large_buffers() -> None:
     mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def _arrow_on_the_system_allocator() -> None:
+    """Have Arrow allocate with the C library (unless ARROW_DEFAULT_MEMORY_POOL says
+    otherwise), before it is imported. Its default, mimalloc, keeps what shaping frees for
+    reuse: 30 MB more at the peak of a PostgreSQL sync of 200,000 profiles (263 against
+    234 MB), for shaping about a tenth faster."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+
 def main(argv: list[str] | None = None) -> None:
     _release_large_buffers()
+    _arrow_on_the_system_allocator()
     configure("INFO", "text")  # until the options (or DBT_KLAVIYO_LOG_*) say otherwise
     args = _expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:

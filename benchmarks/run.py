@@ -394,9 +394,9 @@ def bench(rows: int, scales: list[float], target: Target) -> list[Step]:
 def pipeline(rows: int) -> str:
     """The sync's own CPU without the network, on one core, against DuckDB's serialisation
     of the same rows (benchmarks/pipeline.py), as a line under the table."""
-    # Arrow's allocator as the CLI sets it (cli._arrow_on_the_system_allocator).
-    system = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
-    _, found = python_step("pipeline", "pipeline.py", "--rows", str(rows), env=system)
+    # Arrow's allocator as the CLI sets it (cli._arrow_returns_freed_memory).
+    purge = {"MIMALLOC_PURGE_DELAY": "0"}
+    _, found = python_step("pipeline", "pipeline.py", "--rows", str(rows), env=purge)
     return (
         f"Without the network, on one core, a first full sync of {rows:,} profiles: shaping "
         f"and commit {found['pipeline']:,.0f} profiles/s ({found['with_diff']:,.0f} with the "

@@ -818,7 +818,7 @@ class ModelSync:
     ) -> Generator[tuple[list[Prepared], list[Reject]], None, None]:
         """Each batch of changed rows, converted and shaped: what is ready to send, and
         the rows refused on the way. An event an earlier run may have delivered goes
-        exactly as it went then, whatever its row says now. Runs on a thread of its own
+        exactly as it went then, whatever its row says now. May run on a thread of its own
         (`read_ahead`): it reads the warehouse and shapes, and touches nothing else."""
         for batch in self.warehouse.changes(kinds):
             ready: list[Prepared] = []
@@ -1015,9 +1015,10 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
     """A batch's answers in the shape `Warehouse.commit` takes; with `values`, the JSON
     of what each accepted record sent (without, the journal has it, and only records shaped
-    in Arrow bring theirs, which costs nothing). Accepted and removed
-    records, most of any batch, are built a column at a time; each reject is a row of its
-    own. Every text that came from Klaviyo is scrubbed of keys again before it is stored."""
+    in Arrow that kept theirs bring it: `Warehouse.values_until_commit`). Accepted and
+    removed records, most of any batch, are built a column at a time; each reject is a row
+    of its own. Every text that came from Klaviyo is scrubbed of keys again before it is
+    stored."""
     accepted = [*outcome.accepted, *((r, None) for r in outcome.already)]
     records = [r for r, _ in accepted]
     done = pa.table(

@@ -603,8 +603,9 @@ def shaped_profiles(
     their records and bodies, byte for byte what `records`, `profile_resource` and `dumps`
     make of them (a Python call per value costs far more than the rest of a row's trip).
     The other rows come back as a batch, for `records` to convert or reject with the
-    reason: a suspect value, a type converted value by value (floats, timestamps, nested),
-    a NULL under `nulls: clear`, a body over Klaviyo's limit, an invalid key."""
+    reason: a suspect value, a type converted value by value (floats, nested values, JSON,
+    timestamps before 1970 or in another zone than UTC), a NULL under `nulls: clear`, a
+    body over Klaviyo's limit, an invalid key."""
     rows = batch.num_rows
     clean = pc.is_in(batch.column(CHANGE), value_set=_SHAPED_CHANGES)
     parts: dict[str, list[pa.Array]] = {

@@ -331,13 +331,7 @@ def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
         _email,
     ):
         values = array.to_pylist()
-        odd = pc.or_kleene(
-            pc.greater(pc.binary_length(array), MAX_STRING_BYTES),
-            pc.match_substring_regex(array, _CONTROL.pattern),
-        )
-        if field == "email":
-            odd = pc.or_kleene(odd, maybe_invalid_emails(array))
-        suspects = _true_rows(odd)
+        suspects = _true_rows(_odd_texts(array, convert))
     elif pa.types.is_date(kind):
         values = _date_texts(array).to_pylist()
         if convert in (_text, _json_value):
@@ -368,6 +362,20 @@ def _column(field: str, array: pa.Array) -> tuple[list[Any], dict[int, str]]:
         except InvalidValue as exc:
             errors[i] = str(exc)
     return values, errors
+
+
+def _odd_texts(
+    array: pa.Array, convert: Callable[[Any], Any], *, controls: bool = True
+) -> pa.Array:
+    """For a text column, the rows its vectorised checks cannot clear: over Klaviyo's size
+    for a string, holding a control character (unless `controls` is False: none can be
+    there), or, for emails, not of a certainly valid shape."""
+    odd = pc.greater(pc.binary_length(array), MAX_STRING_BYTES)
+    if controls:
+        odd = pc.or_kleene(odd, pc.match_substring_regex(array, _CONTROL.pattern))
+    if convert is _email:
+        odd = pc.or_kleene(odd, maybe_invalid_emails(array))
+    return odd
 
 
 def _true_rows(mask: pa.Array) -> list[int]:
@@ -696,12 +704,8 @@ def _column_json(field: str, array: pa.Array) -> tuple[pa.Array, pa.Array] | Non
             return None
         # Most columns hold no character to escape or refuse: one pass tells.
         unusual = pc.any(pc.match_substring_regex(array, _UNUSUAL)).as_py()
-        odd = pc.greater(pc.binary_length(array), MAX_STRING_BYTES)
-        if unusual:
-            odd = pc.or_kleene(odd, pc.match_substring_regex(array, _CONTROL.pattern))
-        if convert is _email:
-            odd = pc.or_kleene(odd, maybe_invalid_emails(array))
-        elif convert is _phone:
+        odd = _odd_texts(array, convert, controls=unusual)
+        if convert is _phone:
             odd = pc.or_kleene(odd, pc.invert(possible_e164(array)))
         json = _quoted(array, escape=unusual)
     elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):

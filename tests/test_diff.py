@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -210,3 +211,53 @@ def test_klaviyo_keys_are_normalised_as_the_diff_writes_model_keys(
     exactly as the diff's SQL does, or every member would look like a stray."""
     [(in_sql,)] = duckdb.sql(f"SELECT {diff.key_sql('$1', key_field)}", params=[written]).fetchall()
     assert sync_key(key_field, written) == in_sql
+
+
+def test_a_first_sync_streams_the_rows_a_materialised_diff_would_hold(
+    state_path: Path, warehouse: Path
+) -> None:
+    """A sync with nothing recorded reads its changes from a view over the model; they are
+    the rows, values, fingerprints and counts the materialised diff gives (forced here by a
+    held unit that holds nothing), NULL and duplicated keys (after normalising) included."""
+    spec = replace(
+        SPEC,
+        key_column="email",
+        key_field="email",
+        fields=(
+            FieldMap("email", "email"),
+            FieldMap("id", "external_id"),
+            FieldMap("city", "location.city"),
+            FieldMap("spent", "properties.spent"),
+            FieldMap("joined", "properties.joined"),
+            FieldMap("seen", "properties.seen"),
+            FieldMap("tags", "properties.tags"),
+        ),
+    )
+    model(
+        warehouse,
+        """CREATE OR REPLACE TABLE customers AS SELECT 'C' || i AS id,
+           CASE WHEN i % 17 = 0 THEN NULL WHEN i % 11 = 0 THEN ' U' || (i % 5) || '@X.com'
+                ELSE 'u' || (i % 50) || '@x.com' END AS email,
+           CASE WHEN i % 3 = 0 THEN NULL ELSE 'City' || (i % 3) END AS city,
+           CAST(i / 7 AS DECIMAL(9, 2)) AS spent, DATE '2024-01-01' + CAST(i AS INTEGER) AS joined,
+           TIMESTAMPTZ '2024-01-01 00:00:00+00' + INTERVAL (i) MINUTE AS seen,
+           ['a', 'b' || i] AS tags, i AS unmapped FROM range(80) t(i)""",
+    )
+
+    def held(state: State) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        described = state.con.execute(f"DESCRIBE {diff.CHANGES}").fetchall()
+        rows = state.con.execute(f"SELECT * FROM {diff.CHANGES} ORDER BY ALL").fetchall()
+        return [row[:2] for row in described], rows
+
+    with open_state(state_path, {"wh": warehouse}) as state:
+        streamed = diff.compute(state.con, spec, SID)
+        view = held(state)
+        assert diff.standing_rejects(state.con, SID) == 0
+        assert list(diff.batches(state.con, ("settle", "forget", "remove"))) == []
+        materialised = diff.compute(state.con, spec, SID, held=["no-such-unit"])
+        table = held(state)
+    assert streamed == materialised
+    assert (streamed.add, streamed.invalid, streamed.model_rows) == (24, 56, 80)
+    assert view == table
+    kinds = {row[0] for row in view[1]}
+    assert kinds == {"add", "null_key", "duplicate_key"}

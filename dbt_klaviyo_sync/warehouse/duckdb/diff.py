@@ -29,6 +29,11 @@ from dbt_klaviyo_sync.warehouse.duckdb.columns import value_sql
 from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG
 
 CHANGES = "klaviyo_changes"
+#: A first sync's duplicated (and NULL) keys, with how many rows hold each.
+DUPLICATES = "klaviyo_duplicates"
+#: The only changes a first sync has: nothing was accepted, so nothing to update, remove,
+#: settle or forget.
+FIRST_SYNC_KINDS = ("add", "null_key", "duplicate_key")
 
 #: How many rows travel from DuckDB to Python at a time.
 READ_BATCH_ROWS = 10_000
@@ -71,19 +76,20 @@ def _is_nested(duckdb_type: str) -> bool:
     return "[" in duckdb_type or duckdb_type.startswith(("STRUCT", "MAP", "UNION"))
 
 
-def fingerprint_sql(columns: list[tuple[str, str]]) -> str:
+def fingerprint_sql(columns: list[tuple[str, str]], signature: str = "$signature") -> str:
     """A row's fingerprint (FINGERPRINT_VERSION md5-v1): the first 8 bytes of the MD5 of a
     canonical text, read as a big-endian unsigned 64-bit integer. The text is the spec's
     signature and each value in order, joined by U+001F, a NULL written as U+001E: so NULL
     differs from '' and the column order counts. Scalars are written as DuckDB casts them
     to VARCHAR, nested values as JSON. MD5 and those casts are documented and stable, where
     DuckDB's `hash()` may change in any release (and would re-send every row when it did).
-    `columns` are the (name, type) of the selected values."""
+    `columns` are the (name, type) of the selected values; `signature` is the SQL of the
+    spec's signature (a parameter, or a literal where a view can hold none)."""
     texts = [
         f"coalesce({'to_json' if _is_nested(kind) else ''}({name})::VARCHAR, chr(30))"
         for name, kind in columns
     ]
-    return f"('0x' || left(md5(concat_ws(chr(31), $signature, {', '.join(texts)})), 16))::UBIGINT"
+    return f"('0x' || left(md5(concat_ws(chr(31), {signature}, {', '.join(texts)})), 16))::UBIGINT"
 
 
 def _selected(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
@@ -113,13 +119,17 @@ def key_problems(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> KeyProblems:
 
 
 def _model_sql(
-    con: duckdb.DuckDBPyConnection, spec: SyncSpec, selected: list[str], legacy: bool = False
+    con: duckdb.DuckDBPyConnection,
+    spec: SyncSpec,
+    selected: list[str],
+    legacy: bool = False,
+    signature: str = "$signature",
 ) -> str:
     """The model's rows: the key `__key` (also sent as `f0`), the fingerprint, the values;
     with `legacy`, also `__legacy`, the fingerprint versions before md5-v1 computed."""
     projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
     typed = con.execute(f"DESCRIBE SELECT {projection} FROM {spec.relation} LIMIT 0").fetchall()
-    fingerprint = fingerprint_sql([(str(name), str(kind)) for name, kind, *_ in typed])
+    fingerprint = fingerprint_sql([(str(name), str(kind)) for name, kind, *_ in typed], signature)
     values = ", ".join(field_column(i) for i in range(len(selected)))
     if legacy:
         raw = ", ".join(_ident(name) for name, _ in check_columns(con, spec))
@@ -146,8 +156,14 @@ def compute(
     The rows of `held` journal units (bulk jobs an earlier run created, still running in
     Klaviyo) are taken out: sending them again could land before the job and be overwritten
     by its older values. They are counted in `ChangeCounts.held`.
+
+    A sync with nothing recorded yet (its first, or one whose state was lost) gets a view
+    instead (`_first_sync`): every row is new, so nothing needs materialising.
     """
     selected = _selected(con, spec)
+    _drop_changes(con)
+    if not held and not _recorded(con, sid):
+        return _first_sync(con, spec, selected)
     sent = (
         f"""SELECT key, arg_max(body, journaled_at) AS body FROM {CATALOG}.journal
             WHERE sync_id = $sid AND body IS NOT NULL GROUP BY key"""
@@ -207,6 +223,71 @@ def compute(
     )
 
 
+def _recorded(con: duckdb.DuckDBPyConnection, sid: str) -> bool:
+    """Whether the sync has anything recorded: a snapshot row, or a journaled record."""
+    [(found,)] = con.execute(
+        f"""SELECT EXISTS (SELECT 1 FROM {CATALOG}.snapshot WHERE sync_id = $1)
+                OR EXISTS (SELECT 1 FROM {CATALOG}.journal WHERE sync_id = $1)""",
+        [sid],
+    ).fetchall()
+    return bool(found)
+
+
+def _first_sync(
+    con: duckdb.DuckDBPyConnection, spec: SyncSpec, selected: list[str]
+) -> ChangeCounts:
+    """The changes of a sync with nothing recorded: every row of the model is an `add`, or
+    a `null_key` or `duplicate_key`. Only the duplicated keys are materialised (one pass
+    over the keys); the changes are a view over the model, fingerprinted as they are read,
+    so a first sync of 10M rows starts sending at once and never holds them all."""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {DUPLICATES} AS
+            SELECT __key, count(*) AS copies
+            FROM (SELECT {selected[0]} AS __key FROM {spec.relation})
+            GROUP BY ALL HAVING count(*) > 1 OR __key IS NULL"""
+    )
+    signature = "'" + spec.signature.replace("'", "''") + "'"
+    con.execute(
+        f"""CREATE TEMP VIEW {CHANGES} AS
+        SELECT CASE WHEN m.__key IS NULL THEN 'null_key'
+                    WHEN d.__key IS NOT NULL THEN 'duplicate_key' ELSE 'add' END AS __change,
+               false AS __in_snapshot, NULL::VARCHAR AS __klaviyo_id, m.__key, m.__fingerprint,
+               NULL::VARCHAR AS __sent, m.* EXCLUDE (__key, __fingerprint)
+        FROM ({_model_sql(con, spec, selected, signature=signature)}) AS m
+        LEFT JOIN {DUPLICATES} AS d ON d.__key = m.__key"""
+    )
+    [(model_rows, invalid)] = con.execute(
+        f"""SELECT (SELECT count(*) FROM {spec.relation}),
+                   (SELECT coalesce(sum(copies), 0) FROM {DUPLICATES})"""
+    ).fetchall()
+    return ChangeCounts(
+        add=model_rows - invalid, update=0, remove=0, invalid=invalid, model_rows=model_rows
+    )
+
+
+def _changes_kind(con: duckdb.DuckDBPyConnection) -> str | None:
+    """What the last diff's changes are: 'VIEW' (a first sync's), 'LOCAL TEMPORARY' (a
+    table), or None before any diff."""
+    found = con.execute(
+        "SELECT table_type FROM information_schema.tables WHERE table_name = $1 "
+        "AND table_catalog = 'temp'",
+        [CHANGES],
+    ).fetchall()
+    return str(found[0][0]) if found else None
+
+
+def _drop_changes(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop the last diff's changes, a table or a view (DuckDB's DROP names which)."""
+    if kind := _changes_kind(con):
+        con.execute(f"DROP {'VIEW' if kind == 'VIEW' else 'TABLE'} {CHANGES}")
+
+
+def _streamed(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the last diff was a first sync's (`_first_sync`): its changes hold only
+    `FIRST_SYNC_KINDS`, and no earlier refusal stands."""
+    return _changes_kind(con) == "VIEW"
+
+
 def model_keys(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> set[str]:
     """The model's sync keys as `__key` writes them, NULL ones left out."""
     key = _selected(con, spec)[0]
@@ -249,6 +330,8 @@ def rebase(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> int:
 def forget_removed(con: duckdb.DuckDBPyConnection, sid: str) -> None:
     """Drop the rows that left the model from the snapshot, so they are sent again if they
     come back. Runs on the connection that owns the temporary changes table."""
+    if _streamed(con):
+        return
     con.execute(
         f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
             (SELECT __key FROM {CHANGES} WHERE __change = 'remove')""",
@@ -260,6 +343,8 @@ def standing_rejects(con: duckdb.DuckDBPyConnection, sid: str) -> int:
     """How many rows stand refused from earlier runs and are not tried again in this one
     (their rows did not change): they are out of step with Klaviyo all the same, so every
     run counts them until they are fixed."""
+    if _streamed(con):
+        return 0
     [(count,)] = con.execute(
         f"""SELECT count(*) FROM {CATALOG}.snapshot
             WHERE sync_id = $1 AND rejected_fingerprint IS NOT NULL
@@ -295,6 +380,8 @@ def batches(
     con: duckdb.DuckDBPyConnection, changes: tuple[str, ...], rows: int = READ_BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
     """Stream the changed rows of the given kinds, a batch at a time."""
+    if _streamed(con) and not set(changes) & set(FIRST_SYNC_KINDS):
+        return
     kinds = ", ".join(f"'{kind}'" for kind in changes)
     reader = con.sql(f"SELECT * FROM {CHANGES} WHERE __change IN ({kinds})").to_arrow_reader(rows)
     yield from reader

@@ -685,10 +685,13 @@ def _object_member(name: str, pairs: list[pa.Array]) -> pa.Array:
 
 def _joined(pieces: list[pa.Array], rows: int) -> pa.Array:
     """The pieces that are not NULL, comma-separated: '' where all are. Arrow's join
-    (pyarrow 26) leaves out a row whose pieces are all NULL, shortening the array, so every
-    row starts with an empty piece, whose comma is cut off after."""
+    (pyarrow 26) leaves out a row whose pieces are all NULL, shortening the array: unless
+    a piece has no NULL (then no row can be left out), every row starts with an empty
+    piece, whose comma is cut off after."""
     if not pieces:
         return pa.array([""] * rows)
+    if any(piece.null_count == 0 for piece in pieces):
+        return pc.binary_join_element_wise(*pieces, ",", null_handling="skip")
     joined = pc.binary_join_element_wise("", *pieces, ",", null_handling="skip")
     return pc.utf8_slice_codeunits(joined, 1)
 

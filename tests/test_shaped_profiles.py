@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync import payloads
 from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS
 from dbt_klaviyo_sync.klaviyo.outcomes import Prepared
 from dbt_klaviyo_sync.klaviyo.profiles import prepare
@@ -270,3 +271,19 @@ def test_a_journaled_record_drops_its_values_json_unless_kept(keep_json: bool) -
     item.forget_values(keep_json=keep_json)
     assert item.record.values_json == (text if keep_json else None)
     assert set(item.record.values) <= SEND_TIME_FIELDS
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [["a", None, None], [None, "b", None]],  # a row of NULLs only
+        [["a", None, "c"]],  # one piece, with a NULL
+        [["a", "b", "c"], [None, "y", None]],  # a piece without NULLs
+        [["a", "b", "c"]],
+    ],
+)
+def test_joined_keeps_every_row_whatever_its_nulls(pieces: list[list[str | None]]) -> None:
+    """Arrow's join drops a row whose pieces are all NULL; `_joined` never does."""
+    arrays = [pa.array(piece, pa.string()) for piece in pieces]
+    expected = [",".join(p for p in row if p is not None) for row in zip(*pieces, strict=True)]
+    assert payloads._joined(arrays, len(pieces[0])).to_pylist() == expected

@@ -47,7 +47,7 @@ class Prepared:
         peak of a PostgreSQL sync of 200,000 profiles."""
         if self.record.values_json:
             if not keep_json:
-                object.__setattr__(self.record, "values_json", None)  # in place, as above
+                self.record.values_json = None
             return
         values = self.record.values
         for name in [n for n, v in values.items() if v is not None and n not in SEND_TIME_FIELDS]:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,8 +14,8 @@ from tests.conftest import REPO, PgDatabase, clean_env
 
 
 def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Run the harness at 10,000 rows; its table's cells, by step (and, under "text", what
-    it wrote under the table)."""
+    """Run the harness at 10,000 rows; its table's cells, by step (under "text", what it
+    wrote under the table; under "aim: X", the row of target X)."""
     done = subprocess.run(
         [sys.executable, "run.py", "--sizes", "10000", "--out", str(out), *args],
         cwd=REPO / "benchmarks",
@@ -24,15 +25,27 @@ def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> dict[str,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = out.read_text().splitlines()
-    rows = [line.split("|")[1:-1] for line in lines[2:] if line.startswith("|")]
-    steps = {cells[1].strip(): [cell.strip() for cell in cells] for cells in rows}
-    return {**steps, "text": [line for line in lines if line and not line.startswith("|")]}
+    written, _, held = out.read_text().partition("The targets, from this run:")
+    lines = written.splitlines()
+    steps = {cells[1]: cells for cells in _rows(lines)[2:]}  # under the header
+    aims = {cells[0]: cells for cells in _rows(held.splitlines())[2:]}
+    text = [line for line in lines if line and not line.startswith("|")]
+    return {**steps, "text": text, **{f"aim: {name}": cells for name, cells in aims.items()}}
+
+
+def _rows(lines: list[str]) -> list[list[str]]:
+    """The cells of a Markdown table's rows."""
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
 
 
 def assert_common_steps(steps: dict[str, list[str]]) -> None:
     """What either warehouse reports: the model's build, (a), (b) and (c), the two diffs
     having found the same keys."""
+    assert steps["aim: the naive baseline finds the keys ours does"][2:] == [
+        "the same keys at 10,000 rows",
+        "-",
+        "yes",
+    ]
     assert {
         "the model built (dbt run)",
         "(a) first full sync",
@@ -56,7 +69,8 @@ def assert_common_steps(steps: dict[str, list[str]]) -> None:
 def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     steps = bench(tmp_path / "results.md")
     assert_common_steps(steps)
-    assert len(steps) == 9, steps  # (d) at two scales, and the text
+    # (d) at two scales, the text, and two targets: the baseline's and the pipeline's
+    assert len(steps) == 11, steps
     # The no-op split: start-up, the dbt project (reused from (a), without dbt), the diff.
     assert re.search(
         r"start-up [\d.]+ s, dbt project [\d.]+ s \(as resolved before\), diff [\d.]+ s",
@@ -69,6 +83,12 @@ def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     [pipeline] = steps["text"]
     assert pipeline.startswith("Without the network, on one core, a first full sync of 10,000")
     assert "DuckDB's `json_object` writes the same rows' profile resources at" in pipeline
+    rate = re.search(r"shaping and commit ([\d,]+) profiles/s", pipeline)
+    assert rate, pipeline
+    aim = steps["aim: pipeline on one core, no network"]
+    assert aim[1:3] == [">= 150,000 profiles/s", f"{rate.group(1)} profiles/s"], aim
+    measured = int(rate.group(1).replace(",", ""))
+    assert aim[4] == ("yes" if measured >= 150_000 else "no"), aim
 
 
 def test_the_benchmark_runs_on_postgres(pg_server: PgDatabase, tmp_path: Path) -> None:
@@ -76,7 +96,8 @@ def test_the_benchmark_runs_on_postgres(pg_server: PgDatabase, tmp_path: Path) -
     that left the server counted; the database it built is dropped after."""
     steps = bench(tmp_path / "results.md", "--warehouse", "postgres", env=pg_server.env())
     assert_common_steps(steps)
-    assert len(steps) == 7, steps  # no (d) unless asked for, and no text (the pipeline)
+    # no (d) unless asked for, no text (the pipeline), and the baseline's target
+    assert len(steps) == 8, steps
     assert steps["text"] == []
     assert "MB from the server" in steps["(c) diff only, naive baseline"][6]
     assert "% of the model's" in steps["(c) diff only, ours"][6]
@@ -88,16 +109,59 @@ def test_the_benchmark_runs_on_postgres(pg_server: PgDatabase, tmp_path: Path) -
     assert not left, f"the benchmark left its database behind: {left}"
 
 
-def test_the_benchmark_stops_when_the_diffs_disagree() -> None:
-    """No ratio is printed between two diffs that found other keys, even as many."""
+def _run_module() -> Any:
+    """benchmarks/run.py, imported."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import run
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    return run
+
+
+def test_the_benchmark_stops_when_the_diffs_disagree() -> None:
+    """No ratio is printed between two diffs that found other keys, even as many."""
+    run = _run_module()
     found = {"count": 100, "digest": "1f0c", "first": ["C000000007"]}
     ours = {"kinds": {"added": found, "changed": found, "removed": found}}
     run.same_changes(ours, {"kinds": dict(ours["kinds"])})
     naive = {"kinds": {**ours["kinds"], "changed": {**found, "digest": "9a2e"}}}
     with pytest.raises(SystemExit, match="the two diffs disagree"):
         run.same_changes(ours, naive)
+
+
+def test_each_target_is_judged_against_its_aim() -> None:
+    """The targets table at 1M and 10M rows: each figure against its aim, 1x being the aim
+    met exactly, and only (d)'s steps counted for Retry-After violations."""
+    run = _run_module()
+
+    def step(name: str, seconds: float, peak: float, **more: Any) -> Any:
+        return run.Step(name, seconds, peak, **more)
+
+    million = [
+        step("(a) first full sync", 13.0, 700, requests=30, records=10**6, schedule_seconds=9.0),
+        step("(b) no-op re-run", 1.6, 250),
+    ]
+    ten = [
+        step("the model built (dbt run)", 20.0, 1500),  # dbt's peak, not the sync's
+        step(
+            "(a) first full sync", 380.0, 990, requests=3000, records=10**7, schedule_seconds=369.0
+        ),
+        step("(b) no-op re-run", 2.5, 850),
+        step("(c) diff only, naive baseline", 117.0, 8400),
+        step("(d) change set, limits x0.1", 25.0, 1001, violations=1),
+    ]
+    found = {a.what: a for a in run.aims({1_000_000: million, 10_000_000: ten}, 160_000.0)}
+    assert found["pipeline on one core, no network"].ratio == "1.07x"
+    assert found["pipeline on one core, no network"].met
+    first = found["1,000,000 rows: first sync against the fastest schedule"]
+    assert (first.ratio, first.met) == ("1.04x", True)  # 13 s within 1.5 x 9 s
+    assert not found["1,000,000 rows: no-op re-run"].met  # 1.6 s > 1.5 s
+    share = found["10,000,000 rows: first sync, share of the steady ceiling"]
+    assert share.measured.startswith("97.1%") and share.met
+    assert found["10,000,000 rows: first sync, requests per 1,000 profiles"].measured == "0.30"
+    assert found["10,000,000 rows: no-op re-run"].met
+    violations = found["10,000,000 rows: Retry-After violations under Klaviyo's limits (d)"]
+    assert (violations.measured, violations.met) == ("1", False)
+    peak = found["10,000,000 rows: peak RSS of any sync step"]
+    assert (peak.measured, peak.met) == ("1,001 MB", False)  # (d)'s; not dbt's, not naive's

@@ -35,6 +35,11 @@ FINGERPRINT = "__fingerprint"  # of the mapped values, as the warehouse computes
 IN_SNAPSHOT = "__in_snapshot"  # Klaviyo accepted or refused a version of the row before
 KLAVIYO_ID = "__klaviyo_id"  # the profile id, when an answer named it
 SENT = "__sent"  # the exact body of an event a run sent without seeing the answer
+#: Optional: a cheaper hash of the same values that the warehouse keeps beside the accepted
+#: fingerprint, to skip computing the fingerprint of rows that did not change (DuckDB's
+#: `hash()`, see `warehouse.duckdb.diff`). Carried back to the warehouse with the
+#: fingerprint it was computed with; NULL, or absent, where the warehouse keeps none.
+MEMO = "__memo"
 
 #: The struct field that marks a value as JSON text to parse (see the module's docstring).
 JSON_TEXT = "klaviyo_sync:json"
@@ -139,6 +144,7 @@ class Record:
     #: the fields sending reads (`SEND_TIME_FIELDS`). Dropped once the journal has it
     #: (`Prepared.forget_values`).
     values_json: str | None = None
+    memo: int | None = None  # `MEMO`, computed with the fingerprint
 
     def json(self) -> str:
         """The JSON of the record's values, as the state keeps what Klaviyo accepted."""
@@ -194,6 +200,7 @@ OUTCOME_SCHEMA = pa.schema(
         # found missing from its list, to be sent again)
         ("outcome", pa.string()),
         ("fingerprint", pa.uint64()),
+        ("memo", pa.uint64()),  # `MEMO`, with the fingerprint of an accepted record
         # JSON text of the values sent, when accepted; NULL for a journaled record, whose
         # values the journal holds
         ("accepted_values", pa.string()),
@@ -213,6 +220,7 @@ JOURNAL_SCHEMA = pa.schema(
         ("position", pa.int32()),
         ("key", pa.string()),
         ("fingerprint", pa.uint64()),
+        ("memo", pa.uint64()),
         ("in_snapshot", pa.bool_()),
         ("klaviyo_id", pa.string()),
         ("accepted_values", pa.string()),

@@ -33,6 +33,7 @@ from dbt_klaviyo_sync.changeset import (
     JSON_TEXT,
     KEY,
     KLAVIYO_ID,
+    MEMO,
     NUMBER_FIELDS,
     SEND_TIME_FIELDS,
     Record,
@@ -499,6 +500,7 @@ def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[R
         name: batch.column(name).to_pylist()
         for name in (KEY, FINGERPRINT, IN_SNAPSHOT, CHANGE, KLAVIYO_ID)
     }
+    memos = _memos(batch)
     converted = [_column(f.field, batch.column(field_column(i))) for i, f in enumerate(spec.fields)]
     names = [f.field for f in spec.fields]
     first_failure: dict[int, int] = {}  # row -> the first field that failed in it
@@ -529,8 +531,19 @@ def records(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[list[Record], list[R
             )
             continue
         values = {name: column[i] for name, (column, _) in zip(names, converted, strict=True)}
-        good.append(Record(key, fingerprint, change, in_snapshot, meta[KLAVIYO_ID][i], values))
+        klaviyo_id = meta[KLAVIYO_ID][i]
+        good.append(
+            Record(key, fingerprint, change, in_snapshot, klaviyo_id, values, memo=memos[i])
+        )
     return good, bad
+
+
+def _memos(batch: pa.RecordBatch) -> list[int | None]:
+    """Each row's `MEMO`; None for every row where the warehouse keeps none."""
+    if MEMO in batch.schema.names:
+        memos: list[int | None] = batch.column(MEMO).to_pylist()
+        return memos
+    return [None] * batch.num_rows
 
 
 def _shape_reject(spec: SyncSpec, key: str | None, change: str) -> Reject:
@@ -667,7 +680,8 @@ def shaped_profiles(
         if columns
         else [{} for _ in texts]
     )
-    records = list(map(Record, *meta, sending, texts))
+    memos = _memos(shaped_rows)
+    records = list(map(Record, *meta, sending, texts, memos))
     return records, bodies, batch.filter(pc.invert(keep))
 
 

@@ -41,6 +41,7 @@ from dbt_klaviyo_sync.changeset import (
     JOURNAL_SCHEMA,
     KEY,
     KLAVIYO_ID,
+    MEMO,
     OUTCOME_SCHEMA,
     SENT,
     ChangeCounts,
@@ -832,6 +833,7 @@ class ModelSync:
                         row[IN_SNAPSHOT],
                         row[KLAVIYO_ID],
                         {},
+                        memo=row.get(MEMO),
                     )
                     ready.append(EventSender.restore(record, row[SENT]))
                 batch = batch.filter(pc.invert(again))
@@ -981,6 +983,7 @@ def _journaled_record(row: dict[str, Any]) -> Record:
         in_snapshot=row["in_snapshot"],
         klaviyo_id=row["klaviyo_id"],
         values=orjson.loads(values) if values else {},
+        memo=row.get("memo"),
     )
 
 
@@ -992,6 +995,7 @@ def _journal_table(items: list[Prepared]) -> pa.Table:
             "position": list(range(len(items))),
             "key": [r.key for r in records],
             "fingerprint": [r.fingerprint for r in records],
+            "memo": [r.memo for r in records],
             "in_snapshot": [r.in_snapshot for r in records],
             "klaviyo_id": [r.klaviyo_id for r in records],
             "accepted_values": [r.json() for r in records],
@@ -1026,6 +1030,7 @@ def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
             "key": [r.key for r in records],
             "outcome": pa.repeat("accepted", len(records)),
             "fingerprint": pa.array([r.fingerprint for r in records], pa.uint64()),
+            "memo": pa.array([r.memo for r in records], pa.uint64()),
             "accepted_values": pa.array(
                 [r.json() if values else r.values_json for r in records], pa.string()
             ),

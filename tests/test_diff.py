@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from dbt_klaviyo_sync.changeset import OUTCOME_SCHEMA, sync_key
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
-from dbt_klaviyo_sync.warehouse.duckdb import diff
+from dbt_klaviyo_sync.warehouse.duckdb import diff, open_duckdb
 from dbt_klaviyo_sync.warehouse.duckdb.state import State, open_state
 
 SPEC = SyncSpec(
@@ -56,26 +57,34 @@ def state_path(tmp_path: Path) -> Path:
 
 def changes(state: State) -> dict[str, str]:
     diff.compute(state.con, SPEC, SID)
-    rows = state.con.execute(f"SELECT __key, __change FROM {diff.CHANGES}").fetchall()
+    rows = state.con.execute(
+        f"SELECT __key, __change FROM {diff.CHANGES} WHERE __change <> 'memo'"
+    ).fetchall()
     return {key: change for key, change in rows}
+
+
+def answered(row: dict[str, object], outcome: str, code: str = "x") -> dict[str, object]:
+    """A runner's outcome row for a change row: its fingerprint and memo go back."""
+    return {
+        "key": row["__key"],
+        "outcome": outcome,
+        "fingerprint": row["__fingerprint"],
+        "memo": row["__memo"],
+        "accepted_values": "{}",
+        "in_snapshot": row["__in_snapshot"],
+        "code": code,
+        "reason": "because",
+        "retry": code == "not_found",
+    }
 
 
 def accept_all(state: State, outcome: str = "accepted") -> None:
     """Commit every pending add/update as Klaviyo's answer would."""
-    rows = []
-    for batch in diff.batches(state.con, ("add", "update")):
-        for row in batch.to_pylist():
-            rows.append(
-                {
-                    "key": row["__key"],
-                    "outcome": outcome,
-                    "fingerprint": row["__fingerprint"],
-                    "accepted_values": "{}",
-                    "in_snapshot": row["__in_snapshot"],
-                    "code": "x",
-                    "reason": "because",
-                }
-            )
+    rows = [
+        answered(row, outcome)
+        for batch in diff.batches(state.con, ("add", "update"))
+        for row in batch.to_pylist()
+    ]
     state.commit(SID, "run-1", SPEC.model, pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA))
 
 
@@ -261,3 +270,122 @@ def test_a_first_sync_streams_the_rows_a_materialised_diff_would_hold(
     assert view == table
     kinds = {row[0] for row in view[1]}
     assert kinds == {"add", "null_key", "duplicate_key"}
+
+
+# -- the memo: DuckDB's hash() beside the MD5 fingerprint ---------------------------------
+
+SNAPSHOT = f"{diff.CATALOG}.snapshot"
+
+
+def _kept_changes(state: State) -> list[tuple[object, ...]]:
+    """The changes a sync acts on, every column but the memo itself."""
+    return state.con.execute(
+        f"SELECT * EXCLUDE (__memo) FROM {diff.CHANGES} WHERE __change <> 'memo' ORDER BY ALL"
+    ).fetchall()
+
+
+def _without_memos(state: State, spec: SyncSpec) -> tuple[object, list[tuple[object, ...]]]:
+    """The diff as MD5 alone computes it: every stored memo put aside (so every key is
+    compared in full), then put back."""
+    state.con.execute(f"CREATE OR REPLACE TEMP TABLE kept AS SELECT key, memo FROM {SNAPSHOT}")
+    state.con.execute(f"UPDATE {SNAPSHOT} SET memo = NULL")
+    found = diff.compute(state.con, spec, SID), _kept_changes(state)
+    state.con.execute(
+        f"UPDATE {SNAPSHOT} AS s SET memo = k.memo FROM kept AS k WHERE s.key = k.key"
+    )
+    return found
+
+
+def _answer(state: State, round_: int) -> None:
+    """Klaviyo's answers to the pending rows, as a runner commits them (memo and all):
+    most accepted, some refused (a few of them for good), some failed (no answer); rows
+    back at the accepted version settled; rows that left the model forgotten."""
+    rows = []
+    for batch in diff.batches(state.con, ("add", "update", "settle")):
+        for row in batch.to_pylist():
+            luck = zlib.crc32(f"{row['__key']} {round_}".encode()) % 10
+            outcome = "settled" if row["__change"] == "settle" else "accepted"
+            if outcome == "accepted" and luck >= 7:
+                outcome = "rejected" if luck < 9 else "failed"
+            if outcome != "failed":
+                rows.append(answered(row, outcome, "not_found" if luck == 7 else "invalid"))
+    state.commit(SID, "run", SPEC.model, pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA))
+    diff.forget_removed(state.con, SID)
+
+
+#: Each round's change to the model (or to the spec, `None`: a field mapped elsewhere,
+#: which changes the signature and no value).
+_ROUNDS = [
+    "UPDATE customers SET city = 'Paris' WHERE i % 7 = 1",
+    "UPDATE customers SET city = 'City' || (i % 3) WHERE i % 7 = 1",  # back, as accepted
+    "DELETE FROM customers WHERE i % 11 = 2",
+    """INSERT INTO customers SELECT 'C' || i, 'u' || i || '@x.com', 'New', i, i, i
+       FROM range(60, 70) t(i)""",
+    "UPDATE customers SET email = NULL WHERE i % 13 = 3",
+    "INSERT INTO customers SELECT * REPLACE ('Copy' AS city) FROM customers WHERE i % 17 = 4",
+    "UPDATE customers SET unmapped = unmapped + 1",  # nothing mapped changes
+    None,
+    "UPDATE customers SET spent = spent + 1 WHERE i % 5 = 0",
+    "DELETE FROM customers WHERE city = 'Copy'",
+]
+
+
+def test_the_memo_never_changes_what_the_diff_finds(state_path: Path, warehouse: Path) -> None:
+    """Round after round of changes, refusals, failures, duplicates, NULL keys, rows that
+    leave and come back and a remapped field, the diff that trusts the stored memos
+    finds exactly the rows, values, fingerprints and counts that comparing every row's MD5
+    finds; and it compares in full only the keys that need it."""
+    model(
+        warehouse,
+        """CREATE OR REPLACE TABLE customers AS SELECT 'C' || i AS id,
+           'u' || i || '@x.com' AS email, 'City' || (i % 3) AS city,
+           CAST(i / 7 AS DECIMAL(9, 2)) AS spent, i AS unmapped, i FROM range(60) t(i)""",
+    )
+    spec = replace(SPEC, fields=(*SPEC.fields, FieldMap("spent", "properties.spent")))
+    remapped = replace(
+        spec, fields=(*spec.fields[:2], FieldMap("city", "properties.city"), spec.fields[3])
+    )
+    compared: list[int] = []
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, spec, SID)
+        _answer(state, 0)
+    for round_, change in enumerate(_ROUNDS, start=1):
+        if change is None:
+            spec = remapped
+        else:
+            model(warehouse, change)
+        with open_state(state_path, {"wh": warehouse}) as state:
+            trusted = diff.compute(state.con, spec, SID), _kept_changes(state)
+            [(suspects,)] = state.con.execute(f"SELECT count(*) FROM {diff.SUSPECTS}").fetchall()
+            compared.append(suspects)
+            assert trusted == _without_memos(state, spec), change
+            diff.compute(state.con, spec, SID)
+            diff.refresh_memos(state.con, SID)
+            _answer(state, round_)
+    # Every key was compared in full once the field moved (the signature is in the memo's
+    # salt); otherwise only new, changed and refused ones.
+    remapped_round = compared.pop(_ROUNDS.index(None))
+    assert remapped_round >= 60 and max(compared) < 40
+
+
+def test_rows_without_a_memo_get_theirs_from_the_next_diff_that_writes(
+    state_path: Path, warehouse: Path
+) -> None:
+    """Rows accepted before memos existed (or under another DuckDB) are compared in full
+    once: a diff that may write stores their memos, and the next compares none of them. A
+    dry run's diff (the state read-only) stores nothing."""
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        accept_all(state)
+        state.con.execute(f"UPDATE {SNAPSHOT} SET memo = NULL")
+
+    def diffed(read_only: bool) -> tuple[int, int, int]:
+        with open_duckdb(state_path, {"wh": warehouse}, read_only=read_only) as wh:
+            counts = wh.diff(SPEC, SID, [])
+            [(suspects,)] = wh.con.execute(f"SELECT count(*) FROM {diff.SUSPECTS}").fetchall()
+            [(memos,)] = wh.con.execute(f"SELECT count(memo) FROM {SNAPSHOT}").fetchall()
+        return counts.to_send, suspects, memos
+
+    assert diffed(read_only=True) == (0, 10, 0)
+    assert diffed(read_only=False) == (0, 10, 10)
+    assert diffed(read_only=False) == (0, 0, 10)

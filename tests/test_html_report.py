@@ -114,6 +114,8 @@ def test_runs_recorded_before_the_wait_was_read_as_not_recorded(
     state = project / ".klaviyo_sync" / "state.duckdb"
     with duckdb.connect(str(state)) as con:
         con.execute("ALTER TABLE runs DROP COLUMN rate_limit_seconds")
+        for table in ("snapshot", "journal"):  # version 6's
+            con.execute(f"ALTER TABLE {table} DROP COLUMN memo")
         con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     before = state.read_bytes()
 

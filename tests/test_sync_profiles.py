@@ -91,6 +91,12 @@ def test_first_sync_sends_everything_and_a_rerun_sends_nothing(
     assert stats["requests_by_operation"]["bulk_import_profiles"] == 1
     assert "create_or_update_profile" not in stats["requests_by_operation"]
     assert stats["spec_violations"] == 0
+    # Each accepted row's memo came back with its answer, through the journal: the re-run
+    # computes no row's MD5.
+    with duckdb.connect(str(project / ".klaviyo_sync" / "state.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(memo), count(*) FROM snapshot").fetchall() == [
+            (1200, 1200)
+        ]
 
     writes_before = stats["writes"]
     second = sync_customers(project, emulator)

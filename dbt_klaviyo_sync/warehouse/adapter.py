@@ -63,6 +63,13 @@ _JSON_TYPES = frozenset({"json", "jsonb", "variant", "object", "super"})
 _TWO_64 = 2**64
 
 
+def _kept(table: pa.Table) -> pa.Table:
+    """A journal or outcome table without its `memo`: the diff in the warehouse computes
+    every fingerprint itself (its SQL has no hash that stays the same across engines and
+    releases), so it keeps no memo of them."""
+    return table.drop_columns(["memo"]) if "memo" in table.column_names else table
+
+
 def _driver_rows(table: pa.Table) -> list[tuple[Any, ...]]:
     """A table's rows as the driver takes them, converted a column at a time (a Python
     step per value costs more than the insert): fingerprints as the warehouse's signed
@@ -319,8 +326,9 @@ class AdapterWarehouse:
         import datetime as dt
 
         now = dt.datetime.now(dt.UTC)
-        values = [(sid, unit, *row, now) for row in _driver_rows(rows.select(JOURNAL_SCHEMA.names))]
-        columns = ["sync_id", "unit", *JOURNAL_SCHEMA.names, "journaled_at"]
+        kept = _kept(rows.select(JOURNAL_SCHEMA.names))
+        values = [(sid, unit, *row, now) for row in _driver_rows(kept)]
+        columns = ["sync_id", "unit", *kept.column_names, "journaled_at"]
         with self._lock:
             try:
                 self._insert(f"{self.schema}.journal", columns, values)
@@ -494,6 +502,7 @@ class AdapterWarehouse:
         statements = self._macro(
             "commit_outcomes", schema=self.schema, sid=sid, run_id=run_id, model=model
         )
+        outcomes = _kept(outcomes)
         names = outcomes.column_names
         rows = _driver_rows(outcomes)
         with self._lock:

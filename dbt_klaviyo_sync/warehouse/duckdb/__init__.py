@@ -58,7 +58,11 @@ class DuckDBWarehouse(State):
     def diff(self, spec: SyncSpec, sid: str, held: list[str]) -> ChangeCounts:
         self.memory_for("diff")
         try:
-            return diff.compute(self.con, spec, sid, held)
+            counts = diff.compute(self.con, spec, sid, held)
+            if not self.read_only:
+                with self.writing():
+                    diff.refresh_memos(self.con, sid)
+            return counts
         finally:
             self.memory_for("send")
 

@@ -9,7 +9,9 @@ Each changed row gets a `__change`:
 - `add`: never accepted by Klaviyo (new, or failed or rejected before and now changed);
 - `update`: accepted before, and a mapped value has changed since;
 - `remove`: in the snapshot but no longer in the model;
-- `null_key` / `duplicate_key`: cannot be synced until the model is fixed.
+- `null_key` / `duplicate_key`: cannot be synced until the model is fixed;
+- `settle` / `memo`: back at the accepted version, with a refusal to forget / a memo to
+  store (`refresh_memos`); nothing is sent.
 A row whose current version Klaviyo already rejected is not sent again until it changes.
 For deletions and events (`spec.once`) a key Klaviyo accepted is done for good: it is
 never an `update` or a `remove`.
@@ -17,6 +19,7 @@ never an `update` or a `remove`.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
 import duckdb
@@ -29,6 +32,8 @@ from dbt_klaviyo_sync.warehouse.duckdb.columns import value_sql
 from dbt_klaviyo_sync.warehouse.duckdb.state import CATALOG
 
 CHANGES = "klaviyo_changes"
+#: The keys whose rows the diff compares in full: those whose memo does not vouch for them.
+SUSPECTS = "klaviyo_suspects"
 #: A first sync's duplicated (and NULL) keys, with how many rows hold each.
 DUPLICATES = "klaviyo_duplicates"
 #: The only changes a first sync has: nothing was accepted, so nothing to update, remove,
@@ -92,6 +97,24 @@ def fingerprint_sql(columns: list[tuple[str, str]], signature: str = "$signature
     return f"('0x' || left(md5(concat_ws(chr(31), {signature}, {', '.join(texts)})), 16))::UBIGINT"
 
 
+def memo_sql(con: duckdb.DuckDBPyConnection, spec: SyncSpec, columns: list[tuple[str, str]]) -> str:
+    """A row's memo: DuckDB's `hash()` of the same values as its fingerprint, salted with
+    everything else the fingerprint depends on (the spec's signature, the values' types,
+    the session's time zone) and with this DuckDB's version and machine, as `hash()` may
+    change between releases. Seven times cheaper than the MD5, it is stored beside the
+    fingerprint it was computed with: where a row's memo equals the stored one, its
+    fingerprint is the stored one, and only the other rows' MD5 is computed. Any change to
+    the salt makes every memo differ, so the rows fall back to their MD5 (and their memo is
+    computed again, `refresh_memos`). Like the fingerprint's 64 bits, a change that keeps
+    the hash has a 2^-64 chance; values DuckDB holds equal hash equal (0.0 and -0.0), where
+    their text, and so the MD5, would differ."""
+    [(zone,)] = con.execute("SELECT current_setting('TimeZone')").fetchall()
+    types = ",".join(kind for _, kind in columns)
+    salt = f"memo-v1|{duckdb.__version__}|{platform.machine()}|{zone}|{spec.signature}|{types}"
+    literal = "'" + salt.replace("'", "''") + "'"
+    return f"hash({literal}, {', '.join(name for name, _ in columns)})"
+
+
 def _selected(con: duckdb.DuckDBPyConnection, spec: SyncSpec) -> list[str]:
     """The SQL of each mapped value as the changes table carries it: `f0` the normalised
     sync key (as text), `f1`... each selected by its type."""
@@ -125,18 +148,50 @@ def _model_sql(
     legacy: bool = False,
     signature: str = "$signature",
 ) -> str:
-    """The model's rows: the key `__key` (also sent as `f0`), the fingerprint, the values;
-    with `legacy`, also `__legacy`, the fingerprint versions before md5-v1 computed."""
+    """The model's rows: the key `__key` (also sent as `f0`), the fingerprint, its memo
+    `__memo`, the values; with `legacy`, also `__legacy`, the fingerprint versions before
+    md5-v1 computed."""
     projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
-    typed = con.execute(f"DESCRIBE SELECT {projection} FROM {spec.relation} LIMIT 0").fetchall()
-    fingerprint = fingerprint_sql([(str(name), str(kind)) for name, kind, *_ in typed], signature)
+    typed = _typed(con, spec, projection)
+    fingerprint = fingerprint_sql(typed, signature)
     values = ", ".join(field_column(i) for i in range(len(selected)))
     if legacy:
         raw = ", ".join(_ident(name) for name, _ in check_columns(con, spec))
         projection += f", hash($signature, {raw}) AS __legacy"
         values += ", __legacy"
-    return f"""SELECT {field_column(0)} AS __key, {fingerprint} AS __fingerprint, {values}
+    return f"""SELECT {field_column(0)} AS __key, {fingerprint} AS __fingerprint,
+            {memo_sql(con, spec, typed)} AS __memo, {values}
         FROM (SELECT {projection} FROM {spec.relation})"""
+
+
+def _typed(
+    con: duckdb.DuckDBPyConnection, spec: SyncSpec, projection: str
+) -> list[tuple[str, str]]:
+    """The (name, DuckDB type) of each selected value."""
+    typed = con.execute(f"DESCRIBE SELECT {projection} FROM {spec.relation} LIMIT 0").fetchall()
+    return [(str(name), str(kind)) for name, kind, *_ in typed]
+
+
+def _suspects(
+    con: duckdb.DuckDBPyConnection, spec: SyncSpec, selected: list[str], sid: str
+) -> None:
+    """The keys to compare in full, into `klaviyo_suspects`: new, gone, refused before, or
+    whose memo differs from the stored one (changed, or never memoised). A key outside it
+    has every row at the fingerprint Klaviyo accepted and no refusal standing: the full
+    comparison would find nothing to do for it. Only keys and memos are joined here."""
+    projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
+    memo = memo_sql(con, spec, _typed(con, spec, projection))
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {SUSPECTS} AS
+        SELECT DISTINCT coalesce(m.__key, s.key) AS __key
+        FROM (SELECT {field_column(0)} AS __key, {memo} AS __memo
+              FROM (SELECT {projection} FROM {spec.relation})) AS m
+        FULL OUTER JOIN (SELECT key, memo, rejected_fingerprint FROM {CATALOG}.snapshot
+                         WHERE sync_id = $1) AS s ON s.key = m.__key
+        WHERE m.__key IS NULL OR m.__memo IS DISTINCT FROM s.memo
+           OR s.rejected_fingerprint IS NOT NULL""",
+        [sid],
+    )
 
 
 def compute(
@@ -144,10 +199,13 @@ def compute(
 ) -> ChangeCounts:
     """Materialise the rows to act on into the temporary `klaviyo_changes` table.
 
-    One pass: the model's rows, fingerprinted (`fingerprint_sql`), full-outer-joined with
-    the snapshot's keys and fingerprints, so that added, changed and removed rows come out
-    together and only they carry their values onward. An event that an earlier run sent
-    without seeing the answer carries that exact body (`__sent`), to be sent again as it was.
+    First the keys whose memo (`memo_sql`) does not vouch for them (`_suspects`): on a
+    nightly run, the few that changed. Then one pass over those keys' rows: fingerprinted
+    (`fingerprint_sql`), full-outer-joined with the snapshot's keys and fingerprints, so
+    that added, changed and removed rows come out together and only they carry their
+    values onward. Rows at their accepted fingerprint whose memo is missing or stale come
+    out as `memo`, for `refresh_memos`. An event that an earlier run sent without seeing
+    the answer carries that exact body (`__sent`), to be sent again as it was.
 
     Duplicated keys are looked for among the keys about to be sent only: finding them in
     the whole model costs a third of the diff, and a key whose copies all match what
@@ -164,6 +222,8 @@ def compute(
     _drop_changes(con)
     if not held and not _recorded(con, sid):
         return _first_sync(con, spec, selected)
+    _suspects(con, spec, selected, sid)
+    suspect = f"IN (SELECT __key FROM {SUSPECTS})"
     sent = (
         f"""SELECT key, arg_max(body, journaled_at) AS body FROM {CATALOG}.journal
             WHERE sync_id = $sid AND body IS NOT NULL GROUP BY key"""
@@ -172,17 +232,21 @@ def compute(
     )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {CHANGES} AS
-        WITH model AS ({_model_sql(con, spec, selected)}),
+        WITH model AS (
+            SELECT * FROM ({_model_sql(con, spec, selected)})
+            WHERE __key IS NULL OR __key {suspect}
+        ),
         snap AS (
-            SELECT key, fingerprint, rejected_fingerprint, retry_rejected, klaviyo_id
-            FROM {CATALOG}.snapshot WHERE sync_id = $sid
+            SELECT key, fingerprint, memo, rejected_fingerprint, retry_rejected, klaviyo_id
+            FROM {CATALOG}.snapshot WHERE sync_id = $sid AND key {suspect}
         ),
         sent AS ({sent})
         SELECT CASE WHEN m.__fingerprint IS NULL THEN CASE WHEN $once THEN 'forget'
                                                           ELSE 'remove' END
                     WHEN m.__key IS NULL THEN 'null_key'
                     WHEN s.fingerprint IS NULL THEN 'add'
-                    WHEN m.__fingerprint = s.fingerprint THEN 'settle'
+                    WHEN m.__fingerprint = s.fingerprint THEN
+                        CASE WHEN s.rejected_fingerprint IS NULL THEN 'memo' ELSE 'settle' END
                     ELSE 'update' END AS __change,
                s.key IS NOT NULL AS __in_snapshot,
                s.klaviyo_id AS __klaviyo_id,
@@ -195,7 +259,8 @@ def compute(
         LEFT JOIN sent AS j ON j.key = coalesce(m.__key, s.key)
         WHERE CASE WHEN m.__fingerprint IS NULL THEN NOT $once OR s.fingerprint IS NULL
                    WHEN m.__key IS NULL THEN TRUE
-                   WHEN m.__fingerprint = s.fingerprint THEN s.rejected_fingerprint IS NOT NULL
+                   WHEN m.__fingerprint = s.fingerprint
+                       THEN s.rejected_fingerprint IS NOT NULL OR m.__memo IS DISTINCT FROM s.memo
                    ELSE (m.__fingerprint IS DISTINCT FROM s.rejected_fingerprint
                          OR coalesce(s.retry_rejected, false))
                         AND (NOT $once OR s.fingerprint IS NULL) END""",
@@ -324,6 +389,7 @@ def rebase(con: duckdb.DuckDBPyConnection, spec: SyncSpec, sid: str) -> int:
             {"sid": sid, "signature": spec.signature},
         ).fetchall()
         carried += int(count)
+    con.execute(f"UPDATE {snapshot} SET memo = NULL WHERE sync_id = $1", [sid])
     return carried
 
 
@@ -335,6 +401,23 @@ def forget_removed(con: duckdb.DuckDBPyConnection, sid: str) -> None:
     con.execute(
         f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key IN
             (SELECT __key FROM {CHANGES} WHERE __change = 'remove')""",
+        [sid],
+    )
+
+
+def refresh_memos(con: duckdb.DuckDBPyConnection, sid: str) -> None:
+    """Store the memo of each row the last diff found at its accepted fingerprint with its
+    memo missing or stale (after an upgrade, a new DuckDB, a new time zone): the next diff
+    skips their MD5. Only where the stored fingerprint is still the one the memo was
+    computed with. Runs on the connection that owns the temporary changes table."""
+    if _streamed(con):
+        return
+    con.execute(
+        f"""UPDATE {CATALOG}.snapshot AS s SET memo = c.__memo
+            FROM (SELECT __key, __fingerprint, any_value(__memo) AS __memo FROM {CHANGES}
+                  WHERE __change IN ('memo', 'settle') GROUP BY ALL) AS c
+            WHERE s.sync_id = $1 AND s.key = c.__key AND s.fingerprint = c.__fingerprint
+              AND s.memo IS DISTINCT FROM c.__memo""",
         [sid],
     )
 

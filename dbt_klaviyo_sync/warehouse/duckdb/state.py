@@ -50,7 +50,7 @@ SEND_MEMORY_LIMIT = "256MB"
 #: state's CPU in a first full sync). The cost is up to this much disk beside the state,
 #: and its replay when the state is next opened after a crash.
 WAL_CHECKPOINT = "1GB"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: How fingerprints are computed now (see `diff.fingerprint_sql`); stored per sync.
 FINGERPRINT_VERSION = "md5-v1"
 
@@ -121,10 +121,17 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
     # How long a run's requests waited for Klaviyo's rate limits (NULL: not recorded).
     5: ["ALTER TABLE runs ADD COLUMN rate_limit_seconds DOUBLE"],
+    # A memo of the accepted fingerprint: DuckDB's hash() of the same values, which the diff
+    # compares first, so that it computes the MD5 only of rows that changed (see
+    # `diff.memo_sql`). NULL until a diff or an acceptance computes it.
+    6: [
+        "ALTER TABLE snapshot ADD COLUMN memo UBIGINT",
+        "ALTER TABLE journal ADD COLUMN memo UBIGINT",
+    ],
 }
 
 _SNAPSHOT_COLUMNS = (
-    "sync_id, key, fingerprint, accepted_values, klaviyo_id, rejected_fingerprint, "
+    "sync_id, key, fingerprint, memo, accepted_values, klaviyo_id, rejected_fingerprint, "
     "retry_rejected, updated_at"
 )
 # How `commit` records a batch's outcomes (the registered table `batch_outcomes`).
@@ -145,6 +152,7 @@ def _insert_new(outcomes: str) -> str:
     return f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
     SELECT $1, key,
         CASE WHEN outcome = 'accepted' THEN fingerprint END,
+        CASE WHEN outcome = 'accepted' THEN memo END,
         CASE WHEN outcome = 'accepted' THEN accepted_values END,
         klaviyo_id,
         CASE WHEN outcome = 'rejected' THEN fingerprint END,
@@ -165,7 +173,8 @@ _DELETE_REPLACED = f"""DELETE FROM {CATALOG}.snapshot WHERE sync_id = $1 AND key
 def _insert_replaced(outcomes: str) -> str:
     """Insert again the rows `_DELETE_REPLACED` took out, from these outcomes."""
     return f"""INSERT INTO {CATALOG}.snapshot ({_SNAPSHOT_COLUMNS})
-    SELECT $1, key, fingerprint, accepted_values, klaviyo_id, NULL, NULL, current_timestamp
+    SELECT $1, key, fingerprint, memo, accepted_values, klaviyo_id, NULL, NULL,
+        current_timestamp
     FROM {outcomes} WHERE in_snapshot AND outcome = 'accepted'"""
 
 
@@ -416,6 +425,7 @@ class State:
         self._writer.execute(
             f"""UPDATE {CATALOG}.snapshot
                 SET fingerprint = CASE WHEN $2 THEN fingerprint END,
+                    memo = CASE WHEN $2 THEN memo END,
                     accepted_values = CASE WHEN $2 THEN accepted_values END,
                     rejected_fingerprint = NULL, retry_rejected = NULL
                 WHERE sync_id = $1""",
@@ -471,8 +481,8 @@ class State:
         try:
             w.execute(
                 f"""INSERT INTO {CATALOG}.journal (sync_id, unit, position, key, fingerprint,
-                    in_snapshot, klaviyo_id, accepted_values, body, journaled_at)
-                    SELECT $1, $2, position, key, fingerprint, in_snapshot, klaviyo_id,
+                    memo, in_snapshot, klaviyo_id, accepted_values, body, journaled_at)
+                    SELECT $1, $2, position, key, fingerprint, memo, in_snapshot, klaviyo_id,
                         accepted_values, body, current_timestamp
                     FROM journal_rows""",
                 [sid, unit],
@@ -491,7 +501,8 @@ class State:
             f"""SELECT j.unit, any_value(b.job_id), min(j.journaled_at) AS since,
                     epoch(current_timestamp - min(j.journaled_at)),
                     list(struct_pack(position := j.position, key := j.key,
-                         fingerprint := j.fingerprint, in_snapshot := j.in_snapshot,
+                         fingerprint := j.fingerprint, memo := j.memo,
+                         in_snapshot := j.in_snapshot,
                          klaviyo_id := j.klaviyo_id, accepted_values := j.accepted_values)
                          ORDER BY j.position)
                 FROM {CATALOG}.journal AS j

@@ -147,10 +147,12 @@ def _model_sql(
     selected: list[str],
     legacy: bool = False,
     signature: str = "$signature",
+    keys: str = "",
 ) -> str:
     """The model's rows: the key `__key` (also sent as `f0`), the fingerprint, its memo
     `__memo`, the values; with `legacy`, also `__legacy`, the fingerprint versions before
-    md5-v1 computed."""
+    md5-v1 computed. With `keys` (a query of `__key`s), only the rows of those keys and of
+    NULL keys, filtered before any fingerprint is computed."""
     projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
     typed = _typed(con, spec, projection)
     fingerprint = fingerprint_sql(typed, signature)
@@ -161,7 +163,8 @@ def _model_sql(
         values += ", __legacy"
     return f"""SELECT {field_column(0)} AS __key, {fingerprint} AS __fingerprint,
             {memo_sql(con, spec, typed)} AS __memo, {values}
-        FROM (SELECT {projection} FROM {spec.relation})"""
+        FROM (SELECT {projection} FROM {spec.relation}
+              {f"WHERE {selected[0]} IS NULL OR {selected[0]} IN ({keys})" if keys else ""})"""
 
 
 def _typed(
@@ -223,7 +226,7 @@ def compute(
     if not held and not _recorded(con, sid):
         return _first_sync(con, spec, selected)
     _suspects(con, spec, selected, sid)
-    suspect = f"IN (SELECT __key FROM {SUSPECTS})"
+    suspects = f"SELECT __key FROM {SUSPECTS}"
     sent = (
         f"""SELECT key, arg_max(body, journaled_at) AS body FROM {CATALOG}.journal
             WHERE sync_id = $sid AND body IS NOT NULL GROUP BY key"""
@@ -232,13 +235,10 @@ def compute(
     )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {CHANGES} AS
-        WITH model AS (
-            SELECT * FROM ({_model_sql(con, spec, selected)})
-            WHERE __key IS NULL OR __key {suspect}
-        ),
+        WITH model AS ({_model_sql(con, spec, selected, keys=suspects)}),
         snap AS (
             SELECT key, fingerprint, memo, rejected_fingerprint, retry_rejected, klaviyo_id
-            FROM {CATALOG}.snapshot WHERE sync_id = $sid AND key {suspect}
+            FROM {CATALOG}.snapshot WHERE sync_id = $sid AND key IN ({suspects})
         ),
         sent AS ({sent})
         SELECT CASE WHEN m.__fingerprint IS NULL THEN CASE WHEN $once THEN 'forget'

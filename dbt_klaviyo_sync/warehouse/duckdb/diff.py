@@ -227,6 +227,12 @@ def compute(
         return _first_sync(con, spec, selected)
     _suspects(con, spec, selected, sid)
     suspects = f"SELECT __key FROM {SUSPECTS}"
+    # A row kept only for its memo carries no values: after an upgrade that is every row.
+    memo_only = "m.__fingerprint = s.fingerprint AND s.rejected_fingerprint IS NULL"
+    values = ", ".join(
+        f"CASE WHEN {memo_only} THEN NULL ELSE m.{field_column(i)} END AS {field_column(i)}"
+        for i in range(len(selected))
+    )
     sent = (
         f"""SELECT key, arg_max(body, journaled_at) AS body FROM {CATALOG}.journal
             WHERE sync_id = $sid AND body IS NOT NULL GROUP BY key"""
@@ -245,15 +251,14 @@ def compute(
                                                           ELSE 'remove' END
                     WHEN m.__key IS NULL THEN 'null_key'
                     WHEN s.fingerprint IS NULL THEN 'add'
-                    WHEN m.__fingerprint = s.fingerprint THEN
-                        CASE WHEN s.rejected_fingerprint IS NULL THEN 'memo' ELSE 'settle' END
+                    WHEN {memo_only} THEN 'memo'
+                    WHEN m.__fingerprint = s.fingerprint THEN 'settle'
                     ELSE 'update' END AS __change,
                s.key IS NOT NULL AS __in_snapshot,
                s.klaviyo_id AS __klaviyo_id,
                coalesce(m.__key, s.key) AS __key,
                coalesce(m.__fingerprint, s.fingerprint) AS __fingerprint,
-               j.body AS __sent,
-               m.* EXCLUDE (__key, __fingerprint)
+               j.body AS __sent, m.__memo, {values}
         FROM model AS m
         FULL OUTER JOIN snap AS s ON s.key = m.__key
         LEFT JOIN sent AS j ON j.key = coalesce(m.__key, s.key)

@@ -204,12 +204,12 @@ def _show_versions(ctx: click.Context, param: click.Parameter, value: bool) -> N
     if not value or ctx.resilient_parsing:
         return
     from dbt.version import __version__ as dbt_version
-    from dbt.version import _get_dbt_plugins_info
 
     from dbt_klaviyo_sync import __version__
+    from dbt_klaviyo_sync.dbt import adapter_versions
 
     click.echo(f"dbt-klaviyo: {__version__}\ndbt-core: {dbt_version}")
-    for name, version in sorted(_get_dbt_plugins_info()):
+    for name, version in adapter_versions():
         click.echo(f"dbt-{name}: {version}")
     ctx.exit()
 

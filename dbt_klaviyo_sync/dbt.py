@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import logging
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -855,6 +858,28 @@ def adapter(project: DbtProject) -> Iterator[Any]:
             ) from exc
         finally:
             cleanup_connections()  # type: ignore[no-untyped-call]  # dbt leaves it unannotated
+
+
+# -- Versions ------------------------------------------------------------------------------
+
+
+def adapter_versions() -> list[tuple[str, str]]:
+    """Each installed dbt adapter's name and version, as `dbt --version` lists them: the
+    adapter plugins' convention is a module `dbt/adapters/<name>/__version__.py` holding
+    `version`. Found with the import system, as dbt's own function for it is private."""
+    spec = importlib.util.find_spec("dbt.adapters")
+    locations = (spec.submodule_search_locations or []) if spec else []
+    found = set()
+    for location in locations:
+        for plugin in pkgutil.iter_modules([location]):
+            if not (Path(location) / plugin.name / "__version__.py").is_file():
+                continue  # dbt-adapters' own subpackages, not an adapter
+            try:
+                module = importlib.import_module(f"dbt.adapters.{plugin.name}.__version__")
+            except ImportError:
+                continue
+            found.add((plugin.name, str(getattr(module, "version", "unknown"))))
+    return sorted(found)
 
 
 # -- The dbt package beside the tool --------------------------------------------------------

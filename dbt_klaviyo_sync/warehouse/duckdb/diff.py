@@ -153,7 +153,7 @@ def _model_sql(
     `__memo`, the values; with `legacy`, also `__legacy`, the fingerprint versions before
     md5-v1 computed. With `keys` (a query of `__key`s), only the rows of those keys and of
     NULL keys, filtered before any fingerprint is computed."""
-    projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
+    projection = _projection(selected)
     typed = _typed(con, spec, projection)
     fingerprint = fingerprint_sql(typed, signature)
     values = ", ".join(field_column(i) for i in range(len(selected)))
@@ -165,6 +165,11 @@ def _model_sql(
             {memo_sql(con, spec, typed)} AS __memo, {values}
         FROM (SELECT {projection} FROM {spec.relation}
               {f"WHERE {selected[0]} IS NULL OR {selected[0]} IN ({keys})" if keys else ""})"""
+
+
+def _projection(selected: list[str]) -> str:
+    """The selected values as the changes table names them: `f0`, `f1`, ..."""
+    return ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
 
 
 def _typed(
@@ -182,7 +187,7 @@ def _suspects(
     whose memo differs from the stored one (changed, or never memoised). A key outside it
     has every row at the fingerprint Klaviyo accepted and no refusal standing: the full
     comparison would find nothing to do for it. Only keys and memos are joined here."""
-    projection = ", ".join(f"{sql} AS {field_column(i)}" for i, sql in enumerate(selected))
+    projection = _projection(selected)
     memo = memo_sql(con, spec, _typed(con, spec, projection))
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {SUSPECTS} AS

@@ -7,7 +7,7 @@ left is the client's CPU: the diff, shaping the rows into bulk jobs, journaling 
 committing the answers. The process is held to one core, and profiles/s is given per
 CPU-second, with and without the diff (which DuckDB would run on every core it had).
 
-Of that, the shaping in Arrow (`payloads.shaped_profiles`: the checks, the bodies and the
+Of that, the shaping in Arrow (`payloads.shaped_rows`: the checks, the bodies and the
 values' JSON) is timed on its own. Beside it, on the same rows and core, DuckDB's own
 serialisation: each row as the JSON of its profile resource, built by `json_object`,
 measured in the same run so the two compare.
@@ -135,7 +135,7 @@ def main() -> None:
 
             wh.diff = timed_diff  # type: ignore[method-assign]
             shaping_cpu = 0.0
-            shape = payloads.shaped_profiles
+            shape = payloads.shaped_rows
 
             def timed_shaping(*shaped_args: Any) -> Any:
                 nonlocal shaping_cpu
@@ -145,7 +145,7 @@ def main() -> None:
                 finally:
                     shaping_cpu += time.thread_time() - began
 
-            payloads.shaped_profiles = timed_shaping
+            payloads.shaped_rows = timed_shaping
             client = AnsweringClient()
             identity = SyncIdentity.of(spec, project.TARGET, BASE_URL, "pipeline")
             sync = ModelSync(wh, client, spec, identity, options)

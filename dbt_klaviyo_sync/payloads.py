@@ -616,17 +616,23 @@ _SHAPED_CHANGES = pa.array(["add", "update"])
 _UTC = (None, "UTC", "Etc/UTC", "+00:00")
 
 
-def shaped_profiles(
-    spec: SyncSpec, batch: pa.RecordBatch
-) -> tuple[list[Record], list[bytes], pa.RecordBatch]:
+#: The columns of profiles shaped a column at a time (`shaped_rows`): the change's own
+#: (`changeset`'s names without their underscores), the JSON of every value as the state
+#: keeps what Klaviyo accepted, the profile resource's JSON, and the text of each field a
+#: sender reads (`SEND_TIME_FIELDS`), named `SENDS + field`.
+SHAPED_META = ("key", "fingerprint", "change", "in_snapshot", "klaviyo_id", "memo")
+SENDS = "send:"
+
+
+def shaped_rows(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[pa.Table, pa.RecordBatch]:
     """The batch's profiles shaped a column at a time in Arrow, for the rows whose every
-    value the vectorised checks of `_column` clear and its conversion leaves as it is:
-    their records and bodies, byte for byte what `records`, `profile_resource` and `dumps`
-    make of them (a Python call per value costs far more than the rest of a row's trip).
-    The other rows come back as a batch, for `records` to convert or reject with the
-    reason: a suspect value, a type converted value by value (floats, nested values, JSON,
-    timestamps before 1970 or in another zone than UTC), a NULL under `nulls: clear`, a
-    body over Klaviyo's limit, an invalid key."""
+    value the vectorised checks of `_column` clear and its conversion leaves as it is: a
+    table of `SHAPED_META`, `values_json`, `body` and the send-time fields, byte for byte
+    what `records`, `profile_resource` and `dumps` make of them (a Python call per value
+    costs far more than the rest of a row's trip). The other rows come back as a batch,
+    for `records` to convert or reject with the reason: a suspect value, a type converted
+    value by value (floats, nested values, JSON, timestamps before 1970 or in another zone
+    than UTC), a NULL under `nulls: clear`, a body over Klaviyo's limit, an invalid key."""
     rows = batch.num_rows
     clean = pc.is_in(batch.column(CHANGE), value_set=_SHAPED_CHANGES)
     parts: dict[str, list[pa.Array]] = {
@@ -661,28 +667,45 @@ def shaped_profiles(
     )
     clean = pc.and_(clean, pc.less_equal(pc.binary_length(body), MAX_PROFILE_BYTES))
     keep = pc.fill_null(clean, False)
-    if not pc.any(keep).as_py():
-        return [], [], batch
     every = _joined(pairs, rows)  # no NULL among them
-    texts = pc.filter(pc.binary_join_element_wise("{", every, "}", ""), keep).to_pylist()
-    bodies = pc.filter(body, keep).cast(pa.binary()).to_pylist()
-    shaped_rows = batch.filter(keep)
-    meta = [
-        pc.fill_null(shaped_rows.column(name), False).to_pylist()
-        if name == IN_SNAPSHOT
-        else shaped_rows.column(name).to_pylist()
-        for name in (KEY, FINGERPRINT, CHANGE, IN_SNAPSHOT, KLAVIYO_ID)
-    ]
-    names = list(sent)
-    columns = [pc.filter(pc.cast(a, pa.string()), keep).to_pylist() for a in sent.values()]
+    memo = batch.column(MEMO) if MEMO in batch.schema.names else pa.nulls(rows, pa.uint64())
+    columns = {
+        "key": batch.column(KEY),
+        "fingerprint": batch.column(FINGERPRINT),
+        "change": batch.column(CHANGE),
+        "in_snapshot": pc.fill_null(batch.column(IN_SNAPSHOT), False),
+        "klaviyo_id": batch.column(KLAVIYO_ID),
+        "memo": memo,
+        "values_json": pc.binary_join_element_wise("{", every, "}", ""),
+        "body": body,
+        **{SENDS + name: pc.cast(array, pa.string()) for name, array in sent.items()},
+    }
+    return pa.table(columns).filter(keep), batch.filter(pc.invert(keep))
+
+
+def shaped_records(shaped: pa.Table) -> tuple[list[Record], list[bytes]]:
+    """The records and bodies of rows `shaped_rows` shaped, for what takes them one by one."""
+    meta = [shaped.column(name).to_pylist() for name in SHAPED_META[:5]]
+    names = [n for n in shaped.column_names if n.startswith(SENDS)]
+    columns = [shaped.column(n).to_pylist() for n in names]
+    fields = [n.removeprefix(SENDS) for n in names]
+    texts = shaped.column("values_json").to_pylist()
     sending = (
-        [dict(zip(names, ids, strict=True)) for ids in zip(*columns, strict=True)]
+        [dict(zip(fields, ids, strict=True)) for ids in zip(*columns, strict=True)]
         if columns
         else [{} for _ in texts]
     )
-    memos = _memos(shaped_rows)
+    memos = shaped.column("memo").to_pylist()
     records = list(map(Record, *meta, sending, texts, memos))
-    return records, bodies, batch.filter(pc.invert(keep))
+    return records, shaped.column("body").cast(pa.binary()).to_pylist()
+
+
+def shaped_profiles(
+    spec: SyncSpec, batch: pa.RecordBatch
+) -> tuple[list[Record], list[bytes], pa.RecordBatch]:
+    """`shaped_rows` as records and bodies (see `shaped_records`), and the other rows."""
+    shaped, rest = shaped_rows(spec, batch)
+    return (*shaped_records(shaped), rest)
 
 
 def _pair(name: str, json: pa.Array) -> pa.Array:

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,10 +66,13 @@ from dbt_klaviyo_sync.klaviyo.events import EventSender
 from dbt_klaviyo_sync.klaviyo.lists import ListRemover, check_list
 from dbt_klaviyo_sync.klaviyo.outcomes import (
     MAX_REFUSALS_IN_A_ROW,
+    Block,
     Outcome,
     Prepared,
     Sender,
     Unit,
+    each,
+    records_of,
 )
 from dbt_klaviyo_sync.klaviyo.profiles import BulkImport, ProfileUpdater, ProfileUpserter
 from dbt_klaviyo_sync.logs import redact
@@ -744,7 +747,13 @@ class ModelSync:
         """Stream the rows of these kinds through the sender, a few units in flight, and
         commit each unit's answer as it arrives. A dry run stops after preparing."""
         with read_ahead(self._shaped(sender, kinds), self.warehouse.shaped_ahead) as shaped:
-            units = sender.units(self._prepared(shaped))
+            items = self._prepared(shaped)
+            # Bulk upserts take rows shaped in Arrow as blocks; the others one by one.
+            units = (
+                sender.units(items)
+                if isinstance(sender, ProfileUpserter)
+                else sender.units(each(items))
+            )
             if self.dry_run:
                 self._plan(units, kinds)
             else:
@@ -752,17 +761,17 @@ class ModelSync:
         if self.dry_run:
             self._sample_old_values()
 
-    def _plan(self, units: Iterator[list[Prepared]], kinds: tuple[str, ...]) -> None:
+    def _plan(self, units: Iterator[Sequence[Prepared]], kinds: tuple[str, ...]) -> None:
         """Count what a real run would send, without sending it."""
         for items in units:
-            records = [p.record for p in items]
+            records = list(records_of(items))
             self._planned.update(r.key for r in records)
             if kinds == ("remove",):
                 self._tally(Outcome(removed=records))
             else:
                 self._tally(Outcome(accepted=[(r, None) for r in records]), planned=True)
 
-    def _send_units(self, sender: Sender, units: Iterator[list[Prepared]]) -> None:
+    def _send_units(self, sender: Sender, units: Iterator[Sequence[Prepared]]) -> None:
         """Send the units, a few in flight, and commit each one's answer as it arrives."""
         self._journaling = sender.journaled
         recorder = self.warehouse.job_recorder(self.sid) if sender.journaled else None
@@ -779,8 +788,7 @@ class ModelSync:
                     if recorder is not None:
                         unit.job_created = partial(recorder, unit.id)
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
-                        for item in items:
-                            item.forget_values(keep_json=self.warehouse.values_until_commit)
+                        _forget_values(items, keep_json=self.warehouse.values_until_commit)
                     in_flight.add(pool.submit(sender.send, unit))
                     # One unit ready beyond those being sent: more would only wait, in memory.
                     while len(in_flight) > self.options.concurrency:
@@ -816,13 +824,13 @@ class ModelSync:
 
     def _shaped(
         self, sender: Sender, kinds: tuple[str, ...]
-    ) -> Generator[tuple[list[Prepared], list[Reject]], None, None]:
+    ) -> Generator[tuple[list[Prepared | Block], list[Reject]], None, None]:
         """Each batch of changed rows, converted and shaped: what is ready to send, and
         the rows refused on the way. An event an earlier run may have delivered goes
         exactly as it went then, whatever its row says now. May run on a thread of its own
         (`read_ahead`): it reads the warehouse and shapes, and touches nothing else."""
         for batch in self.warehouse.changes(kinds):
-            ready: list[Prepared] = []
+            ready: list[Prepared | Block] = []
             again = pc.is_valid(batch.column(SENT))
             if isinstance(sender, EventSender) and pc.any(again).as_py():
                 for row in batch.filter(again).to_pylist():
@@ -838,15 +846,16 @@ class ModelSync:
                     ready.append(EventSender.restore(record, row[SENT]))
                 batch = batch.filter(pc.invert(again))
             if isinstance(sender, ProfileUpserter | ProfileUpdater):
-                shaped, bodies, batch = payloads.shaped_profiles(self.spec, batch)
-                ready += map(Prepared, shaped, bodies)
+                shaped, batch = payloads.shaped_rows(self.spec, batch)
+                if shaped.num_rows:
+                    ready.append(Block(shaped))
             records, rejects = payloads.records(self.spec, batch)
             prepared, refused = sender.prepare(records)
-            yield ready + prepared, rejects + refused
+            yield [*ready, *prepared], rejects + refused
 
     def _prepared(
-        self, shaped: Iterator[tuple[list[Prepared], list[Reject]]]
-    ) -> Iterator[Prepared]:
+        self, shaped: Iterator[tuple[list[Prepared | Block], list[Reject]]]
+    ) -> Iterator[Prepared | Block]:
         """The shaped records, one by one; the rows refused on the way are committed (or,
         in a dry run, counted) as their batch comes."""
         for ready, refused in shaped:
@@ -866,7 +875,7 @@ class ModelSync:
             self._tally(outcome)
             self._pending.merge(outcome)
         pending = self._pending
-        size = len(pending.accepted) + len(pending.rejected) + len(pending.removed)
+        size = pending.accepted_count + len(pending.rejected) + len(pending.removed)
         size += len(pending.already)
         if (
             size >= self.warehouse.commit_records
@@ -911,6 +920,10 @@ class ModelSync:
                 tally.added += 1
             if planned and self.spec.behavior == "delete":
                 result.planned.append(record.key)
+        for block in outcome.blocks:  # upserts: each row added or updated
+            updated = block.updates()
+            tally.updated += updated
+            tally.added += len(block) - updated
         tally.removed += len(outcome.removed)
         tally.rejected += len(outcome.rejected)
         tally.failed += len(outcome.failed)
@@ -919,7 +932,7 @@ class ModelSync:
             result.failures.append(f"{record.key}: {reason}")
         self._already += len(outcome.already)
         handled = (
-            len(outcome.accepted)
+            outcome.accepted_count
             + len(outcome.rejected)
             + len(outcome.failed)
             + len(outcome.removed)
@@ -987,8 +1000,19 @@ def _journaled_record(row: dict[str, Any]) -> Record:
     )
 
 
-def _journal_table(items: list[Prepared]) -> pa.Table:
+def _forget_values(items: Sequence[Prepared], *, keep_json: bool) -> None:
+    """Each item's values, once the journal has them (see `Prepared.forget_values`)."""
+    if isinstance(items, Block):
+        items.forget_values(keep_json=keep_json)
+        return
+    for item in items:
+        item.forget_values(keep_json=keep_json)
+
+
+def _journal_table(items: Sequence[Prepared]) -> pa.Table:
     """A unit's records as the journal keeps them (`JOURNAL_SCHEMA`)."""
+    if isinstance(items, Block):
+        return items.journal_rows()
     records = [p.record for p in items]
     return pa.table(
         {
@@ -1062,6 +1086,7 @@ def _outcome_table(outcome: Outcome, *, values: bool) -> pa.Table:
         ],
         schema=OUTCOME_SCHEMA,
     )
+    blocks = [_conform(block.accepted_rows(), OUTCOME_SCHEMA) for block in outcome.blocks]
     return pa.concat_tables(
-        [_conform(done, OUTCOME_SCHEMA), rejected, _conform(removed, OUTCOME_SCHEMA)]
+        [_conform(done, OUTCOME_SCHEMA), *blocks, rejected, _conform(removed, OUTCOME_SCHEMA)]
     )

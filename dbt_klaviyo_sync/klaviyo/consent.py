@@ -13,7 +13,7 @@ jobs, at most 100 emails a call, each job followed to its end (API.md §2.12).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,7 +156,9 @@ class Unsubscriber:
                 found[key] = attributes
         return found
 
-    def _attempt(self, part: list[Prepared], done: Callable[[list[Record]], Outcome]) -> Outcome:
+    def _attempt(
+        self, part: Sequence[Prepared], done: Callable[[list[Record]], Outcome]
+    ) -> Outcome:
         body = _job(
             "profile-subscription-bulk-delete-job", [p.body for p in part], {}, self.list_id
         )
@@ -248,7 +250,7 @@ class ConsentSender:
         first = unit.items[0]
         assert isinstance(first, Consent)
         if first.action == NOTHING:
-            return Outcome(already=unit.records)
+            return Outcome(already=list(unit.records))
         if first.action == "unsubscribe":
             # A non-member asked to withdraw holds no consent of this list: nothing to do.
             return self.unsubscriber.unsubscribe(
@@ -261,7 +263,7 @@ class ConsentSender:
             self.unsubscriber.reject,
         )
 
-    def _subscribe(self, part: list[Prepared], *, historical: bool) -> Outcome:
+    def _subscribe(self, part: Sequence[Prepared], *, historical: bool) -> Outcome:
         attributes: dict[str, Any] = {"historical_import": True} if historical else {}
         if self.spec.custom_source:
             attributes["custom_source"] = self.spec.custom_source
@@ -298,7 +300,7 @@ class ConsentRemover:
         def removed(records: list[Record]) -> Outcome:
             return Outcome(removed=records)
 
-        return self.unsubscriber.unsubscribe(unit.records, removed, removed)
+        return self.unsubscriber.unsubscribe(list(unit.records), removed, removed)
 
 
 _SUPPRESSION_JOBS = {
@@ -358,7 +360,7 @@ class Suppressor:
             lambda record, error: profile_reject(self.spec, record, error),
         )
 
-    def _attempt(self, part: list[Prepared], suppress: bool) -> Outcome:
+    def _attempt(self, part: Sequence[Prepared], suppress: bool) -> Outcome:
         create, status = _SUPPRESSION_JOBS[suppress]
         body = _job(_SUPPRESSION_KINDS[suppress], [p.body for p in part], {}, None)
         records = [p.record for p in part]

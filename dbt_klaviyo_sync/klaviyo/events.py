@@ -11,7 +11,7 @@ sync keys are unique, so it cannot.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -98,7 +98,7 @@ class EventSender:
     def send(self, unit: Unit) -> Outcome:
         return send_isolating(unit.items, self._attempt, self._locate, self._reject)
 
-    def _attempt(self, unit: list[Prepared]) -> Outcome:
+    def _attempt(self, unit: Sequence[Prepared]) -> Outcome:
         records = [p.record for p in unit]
         try:
             self.client.call("bulk_create_events", body=self._request(unit)[0])
@@ -106,14 +106,14 @@ class EventSender:
             return Outcome(failed=[(r, str(exc)) for r in records])
         return Outcome(accepted=[(r, None) for r in records])
 
-    def _locate(self, unit: list[Prepared], error: ApiError) -> int | None:
+    def _locate(self, unit: Sequence[Prepared], error: ApiError) -> int | None:
         """The unit's event an error points at: by group and event, or a group's first."""
         match = _POINTER.match(error.pointer or "")
         if not match:
             return None
         return self._request(unit)[1].get((int(match.group(1)), int(match.group(2) or 0)))
 
-    def _request(self, unit: list[Prepared]) -> tuple[bytes, dict[tuple[int, int], int]]:
+    def _request(self, unit: Sequence[Prepared]) -> tuple[bytes, dict[tuple[int, int], int]]:
         """The request body, and where each event of the unit sits in it."""
         groups: dict[bytes, list[int]] = {}
         for index, item in enumerate(unit):

@@ -10,13 +10,17 @@ repeated ones stop the model with Klaviyo's reason instead of marking good rows 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, overload
 
-from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS, Record, Reject
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dbt_klaviyo_sync.changeset import JOURNAL_SCHEMA, SEND_TIME_FIELDS, Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
+from dbt_klaviyo_sync.payloads import shaped_records
 
 #: Klaviyo refusing this many requests in a row as a whole (for no record) stops the model:
 #: something about the requests themselves is wrong, and sending the rest would not help.
@@ -54,6 +58,123 @@ class Prepared:
             del values[name]
 
 
+class Block(Sequence[Prepared]):
+    """Profiles shaped a column at a time (`payloads.shaped_rows`), sent as one bulk job
+    without a Python object per row: journaled, joined into the job's body and committed
+    from their Arrow columns. Only an answer about some of them (an import error, a job
+    refused or lost) makes their `Prepared` items, once, from the table."""
+
+    def __init__(self, rows: pa.Table) -> None:
+        self.rows = rows
+        self._items: list[Prepared] | None = None
+
+    def __len__(self) -> int:
+        return int(self.rows.num_rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Prepared: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Prepared]: ...
+
+    def __getitem__(self, index: int | slice) -> Prepared | Sequence[Prepared]:
+        return self.items()[index]
+
+    def __iter__(self) -> Iterator[Prepared]:
+        return iter(self.items())
+
+    def items(self) -> list[Prepared]:
+        """The rows as `Prepared` items, made once when first asked for."""
+        if self._items is None:
+            records, bodies = shaped_records(self.rows)
+            self._items = list(map(Prepared, records, bodies))
+        return self._items
+
+    @property
+    def records(self) -> BlockRecords:
+        return BlockRecords(self)
+
+    def joined(self, other: Block) -> Block:
+        return Block(pa.concat_tables([self.rows, other.rows]))
+
+    def split(self, at: int) -> tuple[Block, Block]:
+        """The first `at` rows, and the others."""
+        return Block(self.rows.slice(0, at)), Block(self.rows.slice(at))
+
+    def body_sizes(self) -> pa.Array:
+        return pc.binary_length(self.rows.column("body"))
+
+    def bodies(self) -> bytes:
+        """The profiles' JSON, comma-separated, as a job's body holds them."""
+        bodies = self.rows.column("body").combine_chunks()
+        joined = pa.ListArray.from_arrays(pa.array([0, len(bodies)], pa.int32()), bodies)
+        return str(pc.binary_join(joined, ",")[0].as_py()).encode()
+
+    def journal_rows(self) -> pa.Table:
+        """The rows as the journal keeps them (`JOURNAL_SCHEMA`)."""
+        t = self.rows
+        columns = {
+            "position": pa.array(range(t.num_rows), pa.int32()),
+            **{c: t.column(c) for c in ("key", "fingerprint", "memo", "in_snapshot", "klaviyo_id")},
+            "accepted_values": t.column("values_json"),
+            "body": pa.nulls(t.num_rows, pa.string()),
+        }
+        return pa.table(columns).cast(JOURNAL_SCHEMA)
+
+    def forget_values(self, *, keep_json: bool) -> None:
+        """As `Prepared.forget_values`: the values' JSON goes once the journal has it,
+        unless `keep_json`."""
+        if not keep_json:
+            values = self.rows.schema.get_field_index("values_json")
+            nulls = pa.nulls(self.rows.num_rows, pa.string())
+            self.rows = self.rows.set_column(values, "values_json", nulls)
+            for item in self._items or ():
+                item.forget_values()
+
+    def accepted_rows(self) -> pa.Table:
+        """The rows as accepted outcomes: key, fingerprint, memo, the values' JSON (NULL
+        once forgotten: the journal has it), Klaviyo id and whether they were known."""
+        t = self.rows
+        return pa.table(
+            {
+                "key": t.column("key"),
+                "outcome": pa.repeat("accepted", t.num_rows),
+                **{c: t.column(c) for c in ("fingerprint", "memo")},
+                "accepted_values": t.column("values_json"),
+                **{c: t.column(c) for c in ("klaviyo_id", "in_snapshot")},
+            }
+        )
+
+    def updates(self) -> int:
+        """How many of the rows Klaviyo held before (`update`, not `add`)."""
+        return int(pc.sum(pc.equal(self.rows.column("change"), "update")).as_py() or 0)
+
+
+class BlockRecords(Sequence[Record]):
+    """A block's records, made only when one is read: a job answered without import
+    errors accepts the block whole (`Outcome.accepting`)."""
+
+    def __init__(self, block: Block) -> None:
+        self.block = block
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    @overload
+    def __getitem__(self, index: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Record]: ...
+
+    def __getitem__(self, index: int | slice) -> Record | Sequence[Record]:
+        if isinstance(index, slice):
+            return [item.record for item in self.block.items()[index]]
+        return self.block.items()[index].record
+
+    def __iter__(self) -> Iterator[Record]:
+        return (item.record for item in self.block.items())
+
+
 def _no_job(job_id: str) -> None:
     """A unit sent without a journal has no bulk job to record."""
 
@@ -65,12 +186,26 @@ class Unit:
     follows the job instead of sending its records again."""
 
     id: str
-    items: list[Prepared]
+    items: Sequence[Prepared]  # a list, or a `Block`
     job_created: Callable[[str], None] = _no_job
 
     @property
     def records(self) -> list[Record]:
-        return [item.record for item in self.items]
+        return list(records_of(self.items))
+
+
+def records_of(items: Sequence[Prepared]) -> Sequence[Record]:
+    """The items' records; a block's only when one is read."""
+    return items.records if isinstance(items, Block) else [item.record for item in items]
+
+
+def each(items: Iterable[Prepared | Block]) -> Iterator[Prepared]:
+    """The items one by one, a block's rows as `Prepared` items."""
+    for item in items:
+        if isinstance(item, Block):
+            yield from item
+        else:
+            yield item
 
 
 @dataclass
@@ -85,9 +220,11 @@ class Outcome:
     # done like an accepted record, but nothing was changed
     already: list[Record] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)  # requests refused as a whole
+    blocks: list[Block] = field(default_factory=list)  # accepted whole, without Klaviyo ids
 
     def merge(self, other: Outcome) -> Outcome:
         self.accepted += other.accepted
+        self.blocks += other.blocks
         self.already += other.already
         self.rejected += other.rejected
         self.failed += other.failed
@@ -98,7 +235,18 @@ class Outcome:
     @property
     def answered(self) -> bool:
         """Whether Klaviyo said anything about a record (so requests are getting through)."""
-        return bool(self.accepted or self.rejected or self.removed or self.already)
+        return bool(self.accepted or self.blocks or self.rejected or self.removed or self.already)
+
+    @property
+    def accepted_count(self) -> int:
+        return len(self.accepted) + sum(map(len, self.blocks))
+
+    @classmethod
+    def accepting(cls, records: Sequence[Record], ids: dict[str, str]) -> Outcome:
+        """Every record accepted, with its Klaviyo id if known; a block's, whole."""
+        if isinstance(records, BlockRecords) and not ids:
+            return cls(blocks=[records.block])
+        return cls(accepted=[(r, ids.get(r.key)) for r in records])
 
     @classmethod
     def refused(cls, records: Iterable[Record], refusal: KlaviyoRejected) -> Outcome:
@@ -128,7 +276,7 @@ class Sender(Protocol):
     def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
         """Shape each record for its request; refuse, with the reason, what Klaviyo would."""
 
-    def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+    def units(self, prepared: Iterable[Prepared]) -> Iterator[Sequence[Prepared]]:
         """Group records into what one worker sends and one commit records."""
 
     def send(self, unit: Unit) -> Outcome:
@@ -196,7 +344,7 @@ def about_the_record(refusal: KlaviyoRejected) -> ApiError | None:
     return None
 
 
-def send_each(items: list[Prepared], send_one: Callable[[Prepared], Outcome]) -> Outcome:
+def send_each(items: Sequence[Prepared], send_one: Callable[[Prepared], Outcome]) -> Outcome:
     """Send records one request each, until Klaviyo refuses MAX_REFUSALS_IN_A_ROW requests
     in a row as a whole: the records not tried then are failed, for the next run."""
     outcome = Outcome()
@@ -212,9 +360,9 @@ def send_each(items: list[Prepared], send_one: Callable[[Prepared], Outcome]) ->
 
 
 def send_isolating(
-    items: list[Prepared],
-    attempt: Callable[[list[Prepared]], Outcome],
-    locate: Callable[[list[Prepared], ApiError], int | None],
+    items: Sequence[Prepared],
+    attempt: Callable[[Sequence[Prepared]], Outcome],
+    locate: Callable[[Sequence[Prepared], ApiError], int | None],
     reject: Callable[[Record, ApiError], Reject],
 ) -> Outcome:
     """Send records with `attempt`, which raises KlaviyoRejected when Klaviyo refuses the

@@ -12,22 +12,26 @@ Klaviyo id.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import orjson
+import pyarrow.compute as pc
 
 from dbt_klaviyo_sync.changeset import Record, Reject
 from dbt_klaviyo_sync.errors import TransientApiError
 from dbt_klaviyo_sync.klaviyo import lookup
 from dbt_klaviyo_sync.klaviyo.client import ApiError, KlaviyoClient, KlaviyoRejected, dig
 from dbt_klaviyo_sync.klaviyo.outcomes import (
+    Block,
     Outcome,
     Prepared,
     Unit,
     about_the_record,
     chunks,
+    each,
+    records_of,
     send_each,
     send_isolating,
     wait_for_job,
@@ -69,20 +73,47 @@ def _job_tail(list_id: str | None) -> bytes:
     return b']}},"relationships":' + orjson.dumps(lists) + b"}}"
 
 
-def pack_jobs(prepared: Iterable[Prepared], list_id: str | None = None) -> Iterator[list[Prepared]]:
-    """Group records into jobs as full as Klaviyo allows: 10,000 profiles and 5 MB."""
+def pack_jobs(
+    prepared: Iterable[Prepared | Block], list_id: str | None = None
+) -> Iterator[Sequence[Prepared]]:
+    """Group records into jobs as full as Klaviyo allows: 10,000 profiles and 5 MB. Blocks
+    of rows shaped in Arrow are packed in jobs of their own, a few vectorised steps a job."""
     empty = len(_JOB_HEAD) + len(_job_tail(list_id)) + 64  # room for an id per profile
     job: list[Prepared] = []
     size = empty
+    rows: Block | None = None
     for item in prepared:
-        cost = len(item.body) + 40  # a comma, and an id if the job targets profiles by id
+        if isinstance(item, Block):
+            rows = item if rows is None else rows.joined(item)
+            while rows is not None and (fits := _rows_that_fit(rows, empty)) is not None:
+                full, rest = rows.split(fits)
+                yield full
+                rows = rest if len(rest) else None
+            continue
+        cost = len(item.body) + _PROFILE_OVERHEAD
         if job and (len(job) == MAX_JOB_PROFILES or size + cost > MAX_JOB_BYTES):
             yield job
             job, size = [], empty
         job.append(item)
         size += cost
-    if job:
-        yield job
+    for last in (job, rows):
+        if last:
+            yield last
+
+
+#: What a profile adds to a job's body beyond its own: a comma, and an id if the job
+#: targets profiles by id.
+_PROFILE_OVERHEAD = 40
+
+
+def _rows_that_fit(block: Block, empty: int) -> int | None:
+    """How many of the block's first rows make a full job; None while they do not fill one."""
+    costs = pc.add(block.body_sizes(), _PROFILE_OVERHEAD)
+    within = pc.less_equal(pc.cumulative_sum(costs), MAX_JOB_BYTES - empty)
+    fits = min(int(pc.sum(within).as_py() or 0), MAX_JOB_PROFILES)
+    if fits == len(block) < MAX_JOB_PROFILES:
+        return None
+    return max(fits, 1)
 
 
 def _field(spec: SyncSpec, pointer: str | None) -> tuple[str | None, str | None]:
@@ -125,7 +156,7 @@ _CONFLICT_ADVICE = (
 )
 
 
-def name_conflicts(client: KlaviyoClient, records: list[Record], outcome: Outcome) -> None:
+def name_conflicts(client: KlaviyoClient, records: Sequence[Record], outcome: Outcome) -> None:
     """Spell out each identifier conflict: which profile holds which of the row's
     identifiers. One lookup per identifier field and hundred conflicts."""
     rejected = enumerate(outcome.rejected)
@@ -196,9 +227,9 @@ class BulkImport:
             self._reject,
         )
 
-    def _attempt(self, unit: Unit, job: list[Prepared], ids: dict[str, str] | None) -> Outcome:
+    def _attempt(self, unit: Unit, job: Sequence[Prepared], ids: dict[str, str] | None) -> Outcome:
         """Create the job (a refusal of it propagates), record its id, follow it."""
-        records = [p.record for p in job]
+        records = records_of(job)
         try:
             job_id = self._create(job, ids)
         except TransientApiError as exc:
@@ -206,11 +237,14 @@ class BulkImport:
         unit.job_created(job_id)
         return self.follow(job_id, records, ids or {})
 
-    def _create(self, job: list[Prepared], ids: dict[str, str] | None) -> str:
+    def _create(self, job: Sequence[Prepared], ids: dict[str, str] | None) -> str:
         """Create the job; its id. The body (up to 5 MB) lives only here, not while the
         job is followed."""
-        parts = [with_id(p.body, ids[p.record.key]) if ids else p.body for p in job]
-        body = _JOB_HEAD + b",".join(parts) + _job_tail(self.list_id)
+        if isinstance(job, Block) and not ids:
+            profiles = job.bodies()
+        else:
+            profiles = b",".join(with_id(p.body, ids[p.record.key]) if ids else p.body for p in job)
+        body = _JOB_HEAD + profiles + _job_tail(self.list_id)
         created = self.client.call("bulk_import_profiles", body=body)
         return str(dig(created, "data", "id", operation="bulk_import_profiles"))
 
@@ -232,7 +266,7 @@ class BulkImport:
             return None
         return self._ended(job_id, status, records, {})
 
-    def follow(self, job_id: str, records: list[Record], ids: dict[str, str]) -> Outcome:
+    def follow(self, job_id: str, records: Sequence[Record], ids: dict[str, str]) -> Outcome:
         """Wait for a job just created, then map its import errors to its records."""
         try:
             status = self._wait_for(job_id, self.job_deadline)
@@ -241,7 +275,7 @@ class BulkImport:
         return self._ended(job_id, status, records, ids)
 
     def _ended(
-        self, job_id: str, status: str | None, records: list[Record], ids: dict[str, str]
+        self, job_id: str, status: str | None, records: Sequence[Record], ids: dict[str, str]
     ) -> Outcome:
         if status != "complete":
             reason = (
@@ -265,7 +299,7 @@ class BulkImport:
         return outcome
 
     @staticmethod
-    def _unfollowed(job_id: str, records: list[Record], error: Exception) -> Outcome:
+    def _unfollowed(job_id: str, records: Sequence[Record], error: Exception) -> Outcome:
         reason = f"bulk import job {job_id} could not be followed: {error}"
         return Outcome(failed=[(r, reason) for r in records])
 
@@ -278,7 +312,7 @@ class BulkImport:
     def _map_errors(
         self,
         job_id: str,
-        records: list[Record],
+        records: Sequence[Record],
         errors: list[dict[str, Any]],
         ids: dict[str, str],
     ) -> Outcome:
@@ -286,7 +320,7 @@ class BulkImport:
         profile was imported. An error we cannot place makes the unplaced profiles pending,
         so nothing is recorded as synced that might not be."""
         if not errors:
-            return Outcome(accepted=[(r, ids.get(r.key)) for r in records])
+            return Outcome.accepting(records, ids)
         by_key = {r.key: r for r in records}
         outcome = Outcome()
         rejected: set[str] = set()
@@ -319,7 +353,7 @@ class BulkImport:
 
     def _place(
         self,
-        records: list[Record],
+        records: Sequence[Record],
         by_key: dict[str, Record],
         pointer: str | None,
         attributes: dict[str, Any],
@@ -373,19 +407,20 @@ class ProfileUpserter:
     def prepare(self, records: list[Record]) -> tuple[list[Prepared], list[Reject]]:
         return prepare(self.spec, records)
 
-    def units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+    def units(self, prepared: Iterable[Prepared | Block]) -> Iterator[Sequence[Prepared]]:
         if self.bulk:
             return self._bulk_units(prepared)
-        return chunks(prepared, SINGLES_PER_UNIT)
+        return chunks(each(prepared), SINGLES_PER_UNIT)
 
-    def _bulk_units(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+    def _bulk_units(self, prepared: Iterable[Prepared | Block]) -> Iterator[Sequence[Prepared]]:
         """Import jobs, except for records that clear a value: a bulk job ignores nulls,
-        so those go one by one (after each job, so that few wait in memory)."""
+        so those go one by one (after each job, so that few wait in memory). A block's
+        rows clear nothing: a NULL under `nulls: clear` is never shaped in Arrow."""
         clearing: list[Prepared] = []
 
-        def for_jobs() -> Iterator[Prepared]:
+        def for_jobs() -> Iterator[Prepared | Block]:
             for item in prepared:
-                if clears_a_value(self.spec, item.record):
+                if isinstance(item, Prepared) and clears_a_value(self.spec, item.record):
                     clearing.append(item)
                 else:
                     yield item
@@ -397,7 +432,9 @@ class ProfileUpserter:
         yield from chunks(clearing, SINGLES_PER_UNIT)
 
     def send(self, unit: Unit) -> Outcome:
-        if self.bulk and not clears_a_value(self.spec, unit.items[0].record):
+        if self.bulk and (
+            isinstance(unit.items, Block) or not clears_a_value(self.spec, unit.items[0].record)
+        ):
             return self.jobs.send(unit)
         outcome = send_each(unit.items, self._send_one)
         if self.list_id and outcome.accepted:
@@ -501,7 +538,7 @@ class ProfileUpdater:
             outcome.merge(self.jobs.send(replace(unit, items=job), ids))
         return outcome
 
-    def _find(self, unit: list[Prepared]) -> dict[str, dict[str, Any]]:
+    def _find(self, unit: Sequence[Prepared]) -> dict[str, dict[str, Any]]:
         """Each record's current Klaviyo profile, by record key."""
         by_id = [p.record for p in unit if p.record.values.get("klaviyo_id")]
         by_key = [p.record for p in unit if not p.record.values.get("klaviyo_id")]

@@ -1,0 +1,114 @@
+"""Blocks: profiles shaped in Arrow go through a bulk job without a Python object per row
+(`outcomes.Block`). Whatever a block sends, journals and commits is what the same rows
+as `Prepared` items would, and it is packed into the same jobs."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from dbt_klaviyo_sync.klaviyo.outcomes import Block, Outcome, Prepared, each
+from dbt_klaviyo_sync.klaviyo.profiles import MAX_JOB_BYTES, MAX_JOB_PROFILES, pack_jobs
+from dbt_klaviyo_sync.payloads import shaped_records, shaped_rows
+from dbt_klaviyo_sync.runner import _forget_values, _journal_table, _outcome_table
+from tests.test_shaped_profiles import COLUMNS, _batch, _spec
+
+
+def _block(seed: int, rows: int = 1500) -> Block:
+    batch = _batch(rows, seed)
+    batch = batch.append_column("__memo", pa.array(range(7, rows + 7), pa.uint64()))
+    shaped, _ = shaped_rows(_spec("skip", COLUMNS), batch)
+    assert shaped.num_rows > rows // 5  # enough to tell
+    return Block(shaped)
+
+
+def _items(block: Block) -> list[Prepared]:
+    """The same rows as items made one by one, apart from the block's own."""
+    records, bodies = shaped_records(block.rows)
+    return list(map(Prepared, records, bodies))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_block_journals_sends_and_commits_what_its_items_would(seed: int) -> None:
+    block = _block(seed)
+    items = _items(block)
+    assert block.bodies() == b",".join(p.body for p in items)
+    assert _journal_table(block).equals(_journal_table(items))
+    accepted = Outcome(accepted=[(p.record, None) for p in items])
+    assert _outcome_table(Outcome(blocks=[block]), values=False).equals(
+        _outcome_table(accepted, values=False)
+    )
+    # Once journaled, the values' JSON goes (unless the warehouse keeps it until commit).
+    _forget_values(block, keep_json=False)
+    _forget_values(items, keep_json=False)
+    forgotten = _outcome_table(Outcome(blocks=[block]), values=False)
+    assert forgotten.equals(_outcome_table(accepted, values=False))
+    assert forgotten.column("accepted_values").null_count == forgotten.num_rows
+    # Records made from the block, for an answer about some rows, are the items' records.
+    assert [p.record for p in block] == [p.record for p in items]
+    assert list(block.records) == [p.record for p in items]
+
+
+def _blocks(sizes: list[int], seed: int) -> list[Block]:
+    """Blocks of rows with bodies of random sizes, some large enough to fill a job's 5 MB
+    before its 10,000 profiles."""
+    rng = random.Random(seed)
+    blocks, start = [], 0
+    for size in sizes:
+        keys = [f"K{start + i}" for i in range(size)]
+        bodies = [
+            orjson.dumps({"type": "profile", "attributes": {"x": "y" * rng.choice([10, 900])}})
+            for _ in keys
+        ]
+        start += size
+        blocks.append(
+            Block(
+                pa.table(
+                    {
+                        "key": keys,
+                        "fingerprint": pa.array(range(size), pa.uint64()),
+                        "change": ["add"] * size,
+                        "in_snapshot": [False] * size,
+                        "klaviyo_id": pa.nulls(size, pa.string()),
+                        "memo": pa.nulls(size, pa.uint64()),
+                        "values_json": ["{}"] * size,
+                        "body": [b.decode() for b in bodies],
+                    }
+                )
+            )
+        )
+    return blocks
+
+
+@pytest.mark.parametrize("list_id", [None, "LIST1"])
+@pytest.mark.parametrize("seed", range(3))
+def test_blocks_are_packed_into_the_jobs_their_items_would_make(
+    seed: int, list_id: str | None
+) -> None:
+    rng = random.Random(seed)
+    sizes = [rng.choice([1, 700, 3000, 9999, 10_000, 12_000]) for _ in range(6)]
+    blocks = _blocks(sizes, seed)
+    jobs = list(pack_jobs(blocks, list_id))
+    expected = list(pack_jobs(list(each(blocks)), list_id))
+    assert [[p.record.key for p in job] for job in jobs] == [
+        [p.record.key for p in job] for job in expected
+    ]
+    assert all(isinstance(job, Block) for job in jobs)
+    assert all(len(job) <= MAX_JOB_PROFILES for job in jobs)
+    assert all(len(job.bodies()) < MAX_JOB_BYTES for job in jobs if isinstance(job, Block))
+    assert any(len(job) < MAX_JOB_PROFILES for job in jobs[:-1])  # some filled by bytes
+
+
+def test_items_and_blocks_go_in_jobs_of_their_own() -> None:
+    blocks = _blocks([15_000, 20], 7)
+    loose = _items(_blocks([30], 8)[0])
+    jobs = list(pack_jobs([blocks[0], *loose[:10], blocks[1], *loose[10:]]))
+    # The block's first full job goes at once; the loose items and the rest at the end.
+    assert [type(job).__name__ for job in jobs] == ["Block", "list", "Block"]
+    assert [p.record.key for p in jobs[1]] == [p.record.key for p in loose]
+    assert [len(job) for job in (jobs[0], jobs[2])] == [
+        len(job) for job in pack_jobs(list(each(blocks)))
+    ]

@@ -140,7 +140,7 @@ class Record:
     klaviyo_id: str | None
     values: dict[str, Any]  # Klaviyo field -> value; None where the model has NULL
     #: The JSON of every value, as the state keeps what Klaviyo accepted, when the row was
-    #: shaped a column at a time (`payloads.shaped_profiles`); `values` then holds only
+    #: shaped a column at a time (`payloads.shaped_rows`); `values` then holds only
     #: the fields sending reads (`SEND_TIME_FIELDS`). Dropped once the journal has it
     #: (`Prepared.forget_values`).
     values_json: str | None = None

@@ -7,7 +7,7 @@ JSON in a custom property) or its row is rejected here, with the reason, before 
 sent; the rest of the batch goes on. `value_sql` chooses how DuckDB hands each column over,
 for the types Arrow would not carry exactly. A converter is chosen once per column and
 batch, not once per value. Profiles whose every value the vectorised checks clear skip
-Python's values altogether: `shaped_profiles` writes their JSON a column at a time.
+Python's values altogether: `shaped_rows` writes their JSON a column at a time.
 """
 
 from __future__ import annotations
@@ -698,14 +698,6 @@ def shaped_records(shaped: pa.Table) -> tuple[list[Record], list[bytes]]:
     memos = shaped.column("memo").to_pylist()
     records = list(map(Record, *meta, sending, texts, memos))
     return records, shaped.column("body").cast(pa.binary()).to_pylist()
-
-
-def shaped_profiles(
-    spec: SyncSpec, batch: pa.RecordBatch
-) -> tuple[list[Record], list[bytes], pa.RecordBatch]:
-    """`shaped_rows` as records and bodies (see `shaped_records`), and the other rows."""
-    shaped, rest = shaped_rows(spec, batch)
-    return (*shaped_records(shaped), rest)
 
 
 def _pair(name: str, json: pa.Array) -> pa.Array:

@@ -1,4 +1,4 @@
-"""Profiles shaped a column at a time in Arrow (`payloads.shaped_profiles`) are byte for byte
+"""Profiles shaped a column at a time in Arrow (`payloads.shaped_rows`) are byte for byte
 what the value-by-value path makes of the same rows, and take no row it would reject."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 
 from dbt_klaviyo_sync import payloads
-from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS
+from dbt_klaviyo_sync.changeset import SEND_TIME_FIELDS, Record
 from dbt_klaviyo_sync.klaviyo.outcomes import Prepared
 from dbt_klaviyo_sync.klaviyo.profiles import prepare
-from dbt_klaviyo_sync.payloads import records, shaped_profiles
+from dbt_klaviyo_sync.payloads import records, shaped_records, shaped_rows
 from dbt_klaviyo_sync.spec import FieldMap, SyncSpec
 from tests.test_payloads import spec
 
@@ -174,6 +174,14 @@ def _batch(rows: int, seed: int, fields: list[tuple[str, pa.DataType]] = COLUMNS
             days[j] = 2_932_897 + j
     columns[f"f{since}"] = pa.array(days, pa.int32()).cast(pa.date32())
     return pa.RecordBatch.from_pydict(columns)
+
+
+def shaped_profiles(
+    spec: SyncSpec, batch: pa.RecordBatch
+) -> tuple[list[Record], list[bytes], pa.RecordBatch]:
+    """The rows `shaped_rows` takes, as records and bodies, and the others."""
+    shaped, rest = shaped_rows(spec, batch)
+    return (*shaped_records(shaped), rest)
 
 
 def _spec(nulls: str, fields: list[tuple[str, pa.DataType]] = COLUMNS) -> SyncSpec:

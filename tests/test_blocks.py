@@ -36,6 +36,7 @@ def test_a_block_journals_sends_and_commits_what_its_items_would(seed: int) -> N
     block = _block(seed)
     items = _items(block)
     assert block.bodies() == b",".join(p.body for p in items)
+    assert block.bodies(b"[", b"]") == b"[" + b",".join(p.body for p in items) + b"]"
     assert _journal_table(block).equals(_journal_table(items))
     accepted = Outcome(accepted=[(p.record, None) for p in items])
     assert _outcome_table(Outcome(blocks=[block]), values=False).equals(

@@ -240,11 +240,12 @@ class BulkImport:
     def _create(self, job: Sequence[Prepared], ids: dict[str, str] | None) -> str:
         """Create the job; its id. The body (up to 5 MB) lives only here, not while the
         job is followed."""
+        tail = _job_tail(self.list_id)
         if isinstance(job, Block) and not ids:
-            profiles = job.bodies()
+            body = job.bodies(_JOB_HEAD, tail)
         else:
             profiles = b",".join(with_id(p.body, ids[p.record.key]) if ids else p.body for p in job)
-        body = _JOB_HEAD + profiles + _job_tail(self.list_id)
+            body = _JOB_HEAD + profiles + tail
         created = self.client.call("bulk_import_profiles", body=body)
         return str(dig(created, "data", "id", operation="bulk_import_profiles"))
 

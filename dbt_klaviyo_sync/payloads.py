@@ -680,7 +680,10 @@ def shaped_rows(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[pa.Table, pa.Rec
         "body": body,
         **{SENDS + name: pc.cast(array, pa.string()) for name, array in sent.items()},
     }
-    return pa.table(columns).filter(keep), batch.filter(pc.invert(keep))
+    shaped = pa.table(columns)
+    if keep.true_count == rows:  # the usual batch: Arrow's filter would copy every column
+        return shaped, batch.slice(0, 0)
+    return shaped.filter(keep), batch.filter(pc.invert(keep))
 
 
 def shaped_records(shaped: pa.Table) -> tuple[list[Record], list[bytes]]:

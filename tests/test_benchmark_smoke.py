@@ -33,6 +33,21 @@ def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> dict[str,
     return {**steps, "text": text, **{f"aim: {name}": cells for name, cells in aims.items()}}
 
 
+def _documented_duckdb_run(rows: int) -> dict[str, list[str]]:
+    """docs/performance.md's DuckDB run: its table's rows at `rows` rows, by step, and under
+    "text" the pipeline's line."""
+    page = (REPO / "docs" / "performance.md").read_text()
+    section = page.partition("## On DuckDB")[2].partition("## On PostgreSQL")[0]
+    lines = section.splitlines()
+    found = {cells[1]: cells for cells in _rows(lines) if cells[0] == f"{rows:,}"}
+    return {**found, "text": [line for line in lines if line.startswith("Without the network")]}
+
+
+def _shape(text: str) -> str:
+    """The text with its figures taken out: what the benchmark writes around them."""
+    return re.sub(r"\d[\d,.]*", "#", text)
+
+
 def _rows(lines: list[str]) -> list[list[str]]:
     """The cells of a Markdown table's rows."""
     return [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
@@ -86,6 +101,15 @@ def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     ), steps["(b) no-op re-run"]
     limited = [cells for name, cells in steps.items() if name.startswith("(d) change set")]
     assert len(limited) == 2
+    # The performance page shows a run of the benchmark as it is now: at 100,000 rows (ten
+    # jobs, one burst, as here) the same steps, each note and the pipeline's line written
+    # the same around their figures.
+    documented = _documented_duckdb_run(100_000)
+    measured = {name: cells for name, cells in steps.items() if len(cells) == 7}
+    assert set(documented) - {"text"} == set(measured)
+    for name, cells in measured.items():
+        assert _shape(documented[name][6]) == _shape(cells[6]), (name, documented[name][6])
+    assert [_shape(line) for line in documented["text"]] == [_shape(steps["text"][0])]
     assert all("0 Retry-After violations" in cells[6] for cells in limited)
     # The pipeline without the network (it stops the run unless every row was recorded).
     [pipeline] = steps["text"]

@@ -10,9 +10,9 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
@@ -614,3 +614,23 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(2)
+
+
+def run() -> NoReturn:
+    """The `dbt-klaviyo` command: `main`, then an exit without the interpreter's teardown,
+    which frees every module and object one by one (about 0.1 s, a tenth of a no-op sync
+    on a million rows). Nothing is left to write by then: the state is committed as the
+    sync goes, and the output and the log file are flushed here. `main` itself exits
+    normally, for callers in the same process."""
+    try:
+        main()
+        status = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # closed, or its reader went away
+            stream.flush()
+    os._exit(status)

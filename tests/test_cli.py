@@ -6,6 +6,9 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import click
@@ -15,7 +18,14 @@ from dbt_klaviyo_sync import cli
 from dbt_klaviyo_sync.dbt import DbtProject
 from dbt_klaviyo_sync.emulator import Emulator
 from dbt_klaviyo_sync.logs import configure
-from tests.conftest import PRIVATE_KEY, PUBLIC_KEY, dbt_klaviyo, sync_customers
+from tests.conftest import (
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    REPO,
+    clean_env,
+    dbt_klaviyo,
+    sync_customers,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +63,62 @@ def test_an_unexpected_error_exits_2_without_a_traceback_or_keys(
     assert "Traceback" not in err  # a traceback could carry what a library put in it
     assert PRIVATE_KEY not in err and PUBLIC_KEY not in err
     assert "[redacted key]" in err
+
+
+# -- The console script exits without the interpreter's teardown ------------------------
+
+#: Runs the console script's function, with a logging handler that writes to stdout only
+#: as logging shuts down (as a library's might), and with "closed", stdout closed under it.
+_COMMAND = """
+import logging, os, sys
+from dbt_klaviyo_sync import cli
+
+class Late(logging.Handler):
+    def emit(self, record):
+        pass
+
+    def close(self):
+        sys.stdout.write("written at shutdown;")
+        super().close()
+
+logging.getLogger("late").addHandler(Late())
+if sys.argv[1] == "closed":
+    os.close(1)
+sys.argv = ["dbt-klaviyo", *sys.argv[2:]]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "out", "err"),
+    [
+        (["open", "--version"], 0, "dbt-klaviyo: ", ""),
+        (["open", "status", "--project-dir", "/nowhere"], 2, "", "Error: "),
+        (["closed", "status", "--project-dir", "/nowhere"], 2, None, "Error: "),
+    ],
+)
+def test_the_command_flushes_its_output_and_keeps_its_status(
+    argv: list[str], status: int, out: str | None, err: str
+) -> None:
+    """The console script skips the interpreter's teardown (`cli.run`): logging is shut
+    down and what was written is flushed first, the exit status is `main`'s, and a stdout
+    gone away is no traceback."""
+    env = clean_env()
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as for most users (not this machine's CI)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMAND, *argv], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == status, done.stderr
+    if out is None:
+        assert done.stdout == ""
+    else:
+        assert done.stdout.startswith(out) and done.stdout.endswith("written at shutdown;")
+    assert done.stderr.startswith(err) and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_installed_command_is_the_one_that_exits_fast() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["dbt-klaviyo"] == "dbt_klaviyo_sync.cli:run"
 
 
 # -- dbt's conventions: global flags anywhere, options from the environment, JSON logs -----

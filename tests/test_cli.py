@@ -68,9 +68,11 @@ def test_an_unexpected_error_exits_2_without_a_traceback_or_keys(
 # -- The console script exits without the interpreter's teardown ------------------------
 
 #: Runs the console script's function, with a logging handler that writes to stdout only
-#: as logging shuts down (as a library's might), and with "closed", stdout closed under it.
+#: as logging shuts down (as a library's might); with "closed", stdout closed under it;
+#: with "semaphore", holding a semaphore as dbt's adapters do (unlinked at exit, or the
+#: multiprocessing resource tracker warns of a leak on the user's terminal).
 _COMMAND = """
-import logging, os, sys
+import logging, multiprocessing, os, sys
 from dbt_klaviyo_sync import cli
 
 class Late(logging.Handler):
@@ -84,6 +86,8 @@ class Late(logging.Handler):
 logging.getLogger("late").addHandler(Late())
 if sys.argv[1] == "closed":
     os.close(1)
+if sys.argv[1] == "semaphore":
+    lock = multiprocessing.get_context("spawn").RLock()
 sys.argv = ["dbt-klaviyo", *sys.argv[2:]]
 cli.run()
 """
@@ -95,14 +99,15 @@ cli.run()
         (["open", "--version"], 0, "dbt-klaviyo: ", ""),
         (["open", "status", "--project-dir", "/nowhere"], 2, "", "Error: "),
         (["closed", "status", "--project-dir", "/nowhere"], 2, None, "Error: "),
+        (["semaphore", "--version"], 0, "dbt-klaviyo: ", ""),
     ],
 )
 def test_the_command_flushes_its_output_and_keeps_its_status(
     argv: list[str], status: int, out: str | None, err: str
 ) -> None:
-    """The console script skips the interpreter's teardown (`cli.run`): logging is shut
-    down and what was written is flushed first, the exit status is `main`'s, and a stdout
-    gone away is no traceback."""
+    """The console script skips the interpreter's teardown (`cli.run`): the exit handlers
+    run (logging's shutdown, multiprocessing's) and what was written is flushed first, the
+    exit status is `main`'s, and a stdout gone away is no traceback."""
     env = clean_env()
     env.pop("PYTHONUNBUFFERED", None)  # buffered, as for most users (not this machine's CI)
     done = subprocess.run(
@@ -114,6 +119,7 @@ def test_the_command_flushes_its_output_and_keeps_its_status(
     else:
         assert done.stdout.startswith(out) and done.stdout.endswith("written at shutdown;")
     assert done.stderr.startswith(err) and "Traceback" not in done.stderr, done.stderr
+    assert err or done.stderr == ""  # nothing else, the resource tracker's warning included
 
 
 def test_the_installed_command_is_the_one_that_exits_fast() -> None:

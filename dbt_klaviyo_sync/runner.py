@@ -100,6 +100,15 @@ BULK_THRESHOLD = 100
 COMMIT_SECONDS = 2.0
 #: How often the sending loop looks whether the run was asked to stop.
 STOP_POLL_SECONDS = 0.2
+#: Units journaled and waiting beyond those being sent. While Klaviyo's rate limit holds
+#: the senders, the sync prepares these, so that when it lets them go a stall of the sync's
+#: own (DuckDB checkpointing the state: 2-3.5 s every 150-200 jobs of a 10M first sync)
+#: leaves no slot of the limit unused. At most 24 bulk jobs' rows (about 3.5 MB each).
+READY_UNITS = 24
+#: When every request waiting for Klaviyo's rate limit has this long left to wait, the
+#: warehouse may do its upkeep (`Warehouse.idle`; a checkpoint of a 10M sync's state takes
+#: 2-3.5 s). Shorter waits come and go within the limit's 1-second burst window.
+IDLE_SECONDS = 5.0
 #: Allocations between two of Python's youngest collections while sending (700 by default).
 FEW_COLLECTIONS = 50_000
 #: The safety brake ignores fewer removals or deletions than this, whatever their share.
@@ -790,8 +799,7 @@ class ModelSync:
                         self.warehouse.journal(self.sid, unit.id, _journal_table(items))
                         _forget_values(items, keep_json=self.warehouse.values_until_commit)
                     in_flight.add(pool.submit(sender.send, unit))
-                    # One unit ready beyond those being sent: more would only wait, in memory.
-                    while len(in_flight) > self.options.concurrency:
+                    while len(in_flight) >= self.options.concurrency + READY_UNITS:
                         in_flight = self._await(in_flight)
                 while in_flight:
                     in_flight = self._await(in_flight)
@@ -819,6 +827,8 @@ class ModelSync:
         """Wait a little for answers, commit those that came, and notice a stop request."""
         done, left = wait(in_flight, timeout=STOP_POLL_SECONDS, return_when=FIRST_COMPLETED)
         self._stopping()
+        if not done and self.client.quiet_for() >= IDLE_SECONDS:
+            self.warehouse.idle()
         self._answered(done)
         return left
 

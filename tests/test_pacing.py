@@ -145,6 +145,32 @@ def test_the_pacer_reports_its_waits() -> None:
     assert meter.seconds == 2.0
 
 
+def test_the_meter_says_how_long_the_waiting_requests_have_left() -> None:
+    """`quiet_for`: how long before any waiting request may go, the time a sync has for
+    upkeep. A request waiting out a full steady window leaves the rest of it; one waiting
+    for answers to others may go any moment; none waiting, 0."""
+    clock = FakeClock()
+    meter = WaitMeter(clock)
+    pacer = EndpointPacer(burst=100, steady=2, meter=meter, clock=clock)
+    assert meter.quiet_for() == 0.0
+    with ExitStack() as in_flight:
+        in_flight.enter_context(pacer.slot())
+        in_flight.enter_context(pacer.slot())
+        waiting = InThread(lambda: send(pacer, clock))
+        until(lambda: clock.pending == [RECHECK_SECONDS])  # for the answers in flight
+        assert meter.quiet_for() == 0.0
+        clock.advance(0.5)
+    # Answered, both counted from 0.05: the window is full until 60.05 (looked at again
+    # every RECHECK_SECONDS meanwhile).
+    until(lambda: clock.pending == [pytest.approx(0.5 + RECHECK_SECONDS)])
+    assert meter.quiet_for() == pytest.approx(59.55)
+    clock.advance(20.0)
+    assert meter.quiet_for() == pytest.approx(39.55)
+    clock.advance(40.0)
+    assert waiting.result() == pytest.approx(60.5)
+    assert meter.quiet_for() == 0.0
+
+
 def test_the_pacer_takes_the_accounts_limits_from_its_headers() -> None:
     pacer = EndpointPacer(burst=10, steady=150)
     pacer.learn_steady_limit(1500)

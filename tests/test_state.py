@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -272,6 +274,41 @@ def test_the_journal_keeps_unanswered_units_with_their_job_until_answered(
         state.drop_journal(SID, ["u1", "u2"])
         assert state.journaled_units(SID) == []
         assert state.con.execute(f"SELECT count(*) FROM {CATALOG}.jobs").fetchall() == [(0,)]
+
+
+def test_waiting_for_klaviyo_the_state_checkpoints_its_log_once_it_is_worth_it(
+    state_path: Path, warehouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`idle` (the sync waits for the rate limit) checkpoints the write-ahead log into the
+    state file once it holds `IDLE_CHECKPOINT_BYTES`, so that DuckDB's own checkpoint does
+    not stall a commit and every sender recording its job's id. Below that it leaves the
+    log; a dry run's state is never written."""
+    wal = Path(f"{state_path}.wal")
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        prints = pending(state)
+        state.journal(SID, "u1", _journal([("C1", prints["C1"]), ("C2", prints["C2"])]))
+        logged = wal.stat().st_size
+        monkeypatch.setattr(state_module, "IDLE_CHECKPOINT_BYTES", logged + 1)
+        state.idle()
+        assert wal.stat().st_size == logged
+        monkeypatch.setattr(state_module, "IDLE_CHECKPOINT_BYTES", logged)
+        state.idle()
+        assert not wal.exists() or wal.stat().st_size == 0
+        state.idle()  # nothing logged since: nothing to do
+    # A run killed with its log unwritten; a dry run after it reads the log, writes nothing.
+    killed = f"""import duckdb, os
+con = duckdb.connect({str(state_path)!r})
+con.execute("SET wal_autocheckpoint = '1GB'")
+con.execute("UPDATE journal SET unit = 'u2'")
+os._exit(0)"""
+    subprocess.run([sys.executable, "-c", killed], check=True)
+    logged = wal.stat().st_size
+    with open_state(state_path, {"wh": warehouse}, read_only=True) as state:
+        monkeypatch.setattr(state_module, "IDLE_CHECKPOINT_BYTES", 0)
+        state.idle()
+        assert [u.unit for u in state.journaled_units(SID)] == ["u2"]
+    assert wal.stat().st_size == logged
 
 
 def test_an_event_in_flight_carries_its_exact_body_into_the_next_diff(

@@ -292,6 +292,11 @@ class KlaviyoClient:
         a rate limit window or a Retry-After."""
         return self._pacer.waits.seconds
 
+    def quiet_for(self) -> float:
+        """Seconds before any request now waiting for a rate limit window or a Retry-After
+        may go (0 when none waits): time the sync has for nothing else."""
+        return self._pacer.waits.quiet_for()
+
     def close(self) -> None:
         self._session.close()
 

@@ -30,7 +30,7 @@ import bisect
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -81,33 +81,51 @@ class WaitBudget:
 
 class WaitMeter:
     """Seconds during which at least one request waited for a rate limit, so that four
-    threads waiting the same second count one second, not four."""
+    threads waiting the same second count one second, not four; and how long the requests
+    waiting now have left to wait."""
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._until: dict[object, float] = {}  # each waiting request: when it may go
         self._since = 0.0
         self._total = 0.0
 
     @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> Iterator[Callable[[float], None]]:
+        """Count a request's wait; it says, each time it works it out, how many seconds
+        it has left (infinity: until answers to other requests come, any moment)."""
+        request = object()
+
+        def left(seconds: float) -> None:
+            with self._lock:
+                now = self._clock.now()
+                self._until[request] = now if seconds == math.inf else now + seconds
+
         with self._lock:
-            if self._waiting == 0:
-                self._since = self._clock.now()
-            self._waiting += 1
+            now = self._clock.now()
+            if not self._until:
+                self._since = now
+            self._until[request] = now
         try:
-            yield
+            yield left
         finally:
             with self._lock:
-                self._waiting -= 1
-                if self._waiting == 0:
+                del self._until[request]
+                if not self._until:
                     self._total += self._clock.now() - self._since
+
+    def quiet_for(self) -> float:
+        """Seconds before any request now waiting may go: 0 when none waits."""
+        with self._lock:
+            if not self._until:
+                return 0.0
+            return max(0.0, min(self._until.values()) - self._clock.now())
 
     @property
     def seconds(self) -> float:
         with self._lock:
-            ongoing = self._clock.now() - self._since if self._waiting else 0.0
+            ongoing = self._clock.now() - self._since if self._until else 0.0
             return self._total + ongoing
 
 
@@ -211,8 +229,9 @@ class EndpointPacer:
             wait = self._take(now)
             if not wait:
                 return
-            with self._meter.waiting():
+            with self._meter.waiting() as left:
                 while wait:
+                    left(wait)
                     # Answers in flight may make room any moment: wait for them while any
                     # budget is left; any other wait is known, and refused if too long.
                     patient = wait == math.inf and budget.left > 0

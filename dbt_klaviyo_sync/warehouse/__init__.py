@@ -204,6 +204,10 @@ class Warehouse(Protocol):
         """Drop the rows of the last diff that left the model, so that they are sent
         again if they come back (upserts and updates leave Klaviyo alone for them)."""
 
+    def idle(self) -> None:
+        """The sync has nothing to do but wait for Klaviyo's rate limit: a moment for
+        upkeep that would otherwise stall it later (DuckDB checkpointing the state)."""
+
     # -- the history -------------------------------------------------------------------
 
     def last_runs(self, model: str | None, runs: int) -> list[dict[str, Any]]:

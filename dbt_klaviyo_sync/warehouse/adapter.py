@@ -523,6 +523,9 @@ class AdapterWarehouse:
     def forget_removed(self, sid: str) -> None:
         self._run(self._sql("forget_removed", sid=sid))
 
+    def idle(self) -> None:
+        """Nothing to do: the server checkpoints on its own, outside the sync's commits."""
+
     # -- the history -----------------------------------------------------------------
 
     def last_runs(self, model: str | None, runs: int) -> list[dict[str, Any]]:

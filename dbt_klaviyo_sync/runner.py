@@ -101,10 +101,10 @@ COMMIT_SECONDS = 2.0
 #: How often the sending loop looks whether the run was asked to stop.
 STOP_POLL_SECONDS = 0.2
 #: Units journaled and waiting beyond those being sent. While Klaviyo's rate limit holds
-#: the senders, the sync prepares these, so that when it lets them go a stall of the sync's
-#: own (DuckDB checkpointing the state: 2-3.5 s every 150-200 jobs of a 10M first sync)
-#: leaves no slot of the limit unused. At most 24 bulk jobs' rows (about 3.5 MB each).
-READY_UNITS = 24
+#: the senders, the sync prepares these, so that when it lets them go a stall of the
+#: sync's own (a commit of a second or so) leaves no slot of the limit unused. Each holds
+#: a bulk job's rows (about 7 MB with their values' JSON): 24 cost 170 MB at the peak.
+READY_UNITS = 8
 #: When every request waiting for Klaviyo's rate limit has this long left to wait, the
 #: warehouse may do its upkeep (`Warehouse.idle`; a checkpoint of a 10M sync's state takes
 #: 2-3.5 s). Shorter waits come and go within the limit's 1-second burst window.

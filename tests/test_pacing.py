@@ -117,6 +117,29 @@ def test_requests_in_flight_hold_their_places() -> None:
     assert third.result() == pytest.approx(1.0 + ARRIVAL_MARGIN)
 
 
+def test_an_endpoints_first_request_goes_alone_until_an_answer_tells_the_limits() -> None:
+    """The documented limits may be above the account's, which only an answer's headers
+    tell: until one came, requests go one at a time (several at once drew a 429 at the
+    start of a sync, and a request already sent when it came violated its Retry-After)."""
+    clock = FakeClock()
+    pacer = EndpointPacer(burst=10, steady=150, clock=clock, heard=False)
+    with pacer.slot():
+        second = InThread(lambda: send(pacer, clock))
+        until(lambda: clock.pending == [RECHECK_SECONDS])  # waiting for that answer
+        pacer.heard()
+        pacer.learn_steady_limit(15)  # the account's: 1 a second
+    # Answered at once, so counted from 0: the second waits out the burst window.
+    until(lambda: clock.pending == [pytest.approx(1.0)])
+    clock.advance(1.0)
+    assert second.result() == pytest.approx(1.0)
+    # Once heard, several go at once within the limits.
+    documented = EndpointPacer(burst=10, steady=150, clock=clock, heard=False)
+    with documented.slot():
+        documented.heard()
+    with documented.slot(), documented.slot(), documented.slot():
+        assert clock.pending == []
+
+
 def test_the_pacer_holds_every_caller_until_a_block_passes() -> None:
     clock = FakeClock(autojump=True)
     pacer = EndpointPacer(burst=100, steady=1000, clock=clock)

@@ -401,8 +401,8 @@ class KlaviyoClient:
             try:
                 return self._attempt(op, pacer, path, params, body, budget)
             except _RateLimited as limited:
-                backoff = max(1.0, min(self._max_backoff, 2.0 ** min(refusals, 30)))
-                pacer.block(limited.retry_after or backoff)
+                if not limited.retry_after:  # (one is waited out from the answer on)
+                    pacer.block(max(1.0, min(self._max_backoff, 2.0 ** min(refusals, 30))))
                 refusals += 1
 
     def _attempt(
@@ -450,13 +450,18 @@ class KlaviyoClient:
                     if isinstance(exc, requests.Timeout):
                         raise TransientApiError("no answer within the timeout") from None
                     raise TransientApiError(f"connection failed ({type(exc).__name__})") from None
-        return self._answer(op.operation_id, response, pacer)
+            # Read before the place is given up: what the answer says of the limits (and a
+            # Retry-After) binds the requests waiting for it.
+            return self._answer(op.operation_id, response, pacer)
 
     def _answer(self, operation_id: str, response: requests.Response, pacer: EndpointPacer) -> Any:
         status = response.status_code
+        pacer.heard()
         if status == 429:
             pacer.refused()
             wait = _retry_after(response.headers.get("Retry-After"))
+            if wait:
+                pacer.block(wait)
             raise _RateLimited("rate limited (HTTP 429)", retry_after=wait)
         if 300 <= status < 400:
             raise self._redirect(operation_id, status, response.headers.get("Location"))

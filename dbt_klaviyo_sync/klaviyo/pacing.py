@@ -157,8 +157,13 @@ class EndpointPacer:
         steady: int,
         meter: WaitMeter | None = None,
         clock: Clock | None = None,
+        *,
+        heard: bool = True,
     ) -> None:
         self._clock = clock or RealClock()
+        # Until an answer has come (`heard`), one request at a time: the limits are the
+        # documented ones, and an account's may be lower (its first answer says).
+        self._heard = heard
         self._meter = meter or WaitMeter(self._clock)
         self._documented = (burst, steady)
         self._windows = (_Window(burst, 1.0), _Window(steady, 60.0))
@@ -183,6 +188,12 @@ class EndpointPacer:
             steady.limit = advertised
             burst.limit = max(1, documented_burst * advertised // documented_steady)
             self._changed.notify_all()
+
+    def heard(self) -> None:
+        """An answer came: what it says of the account's limits is taken (before its
+        request's place is given up), so requests no longer go one at a time."""
+        with self._changed:
+            self._heard = True
 
     def refused(self) -> None:
         """A 429. The first turns the endpoint cautious: Klaviyo counted a request later
@@ -252,6 +263,8 @@ class EndpointPacer:
             raise Interrupted("the run is stopping")
         if self._blocked_until > now:
             return self._blocked_until - now
+        if not self._heard and self._windows[0].in_flight:
+            return math.inf
         wait = max(window.wait(now) for window in self._windows)
         if not wait:
             for window in self._windows:
@@ -278,7 +291,7 @@ class Pacer:
                     limits = (op.burst_per_second, op.steady_per_minute)
                 else:
                     limits = (10**9, 10**9)
-                pacer = EndpointPacer(*limits, self.waits, self._clock)
+                pacer = EndpointPacer(*limits, self.waits, self._clock, heard=not self._enabled)
                 if self._stopped:
                     pacer.stop()
                 self._pacers[op.operation_id] = pacer

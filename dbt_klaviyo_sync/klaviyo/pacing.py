@@ -12,9 +12,11 @@ burst would lose a round trip every second.) A `Retry-After` blocks the operatio
 thread until it has passed.
 
 The documented limits are only a starting point: accounts differ (and so does an emulator
-with scaled limits). Every answer's `RateLimit-Limit` gives the account's steady limit,
-and the burst is scaled with it; a 429 while our count said there was room halves the
-burst. So the pace adapts to the account instead of sleeping a fixed time.
+with scaled limits). Until an endpoint's first answer, its requests go one at a time, so
+that several do not reach an account with lower limits at once. Every answer's
+`RateLimit-Limit` gives the account's steady limit, and the burst is scaled with it; a 429
+while our count said there was room halves the burst. So the pace adapts to the account
+instead of sleeping a fixed time.
 
 Waiting is bounded three ways. A place is taken, or the time until one frees up is worked
 out, from one reading of the clock under the lock, so no window can empty between the two

@@ -232,8 +232,9 @@ def test_sigterm_stops_commits_what_was_answered_and_records_the_run(
            SELECT 'X' || i, 'buyer' || i || '@example.com', NULL, TIMESTAMP '2024-06-01',
                   1.0, 'USD', 'SKU-X', 1 FROM range(5500) t(i)""",
     )
-    # Two requests go at once, the others wait a minute for the steady window: the signal
-    # always lands with work left, however slow the machine.
+    # Two requests go (the first alone, until its answer tells the limits), the others
+    # wait a minute for the steady window: the signal always lands with work left, however
+    # slow the machine.
     emulator.set_rate_limit("bulk_create_events", burst=1, steady=2)
     process = start_sync(project, emulator, "order_events")
     wait_for(lambda: emulator.stats()["requests_by_operation"].get("bulk_create_events", 0) >= 2)

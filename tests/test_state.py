@@ -220,21 +220,21 @@ def test_commits_survive_a_future_migration_that_adds_columns(
         state.job_recorder(identity.sid)("u1", "job-1")
         commit(
             state,
-            [
-                {"key": "C1", "outcome": "accepted", "fingerprint": prints["C1"]},
-                {
-                    "key": "C2",
-                    "outcome": "rejected",
-                    "fingerprint": prints["C2"],
-                    "code": "x",
-                    "reason": "y",
-                },
-            ],
+            _c1_accepted_c2_refused(prints),
             sid=identity.sid,
         )
         state.finish_run(run, RunCounts(added=1), "ok")
         waiting = {f"C{i}" for i in range(10)} - {"C1", "C2"}  # C1 accepted, C2 refused
         assert set(_changes(state, SPEC, identity.sid)) == waiting
+
+
+def _c1_accepted_c2_refused(prints: dict[str, int]) -> list[dict[str, object]]:
+    """Outcomes: C1 accepted (its values unknown), C2 refused."""
+    refused = {"key": "C2", "outcome": "rejected", "fingerprint": prints["C2"]}
+    return [
+        {"key": "C1", "outcome": "accepted", "fingerprint": prints["C1"]},
+        {**refused, "code": "x", "reason": "y"},
+    ]
 
 
 def _journal(rows: list[tuple[str, int]]) -> pa.Table:
@@ -274,6 +274,39 @@ def test_the_journal_keeps_unanswered_units_with_their_job_until_answered(
         state.drop_journal(SID, ["u1", "u2"])
         assert state.journaled_units(SID) == []
         assert state.con.execute(f"SELECT count(*) FROM {CATALOG}.jobs").fetchall() == [(0,)]
+
+
+def test_rows_of_a_followed_job_are_accepted_with_their_values_unknown(
+    state_path: Path, warehouse: Path
+) -> None:
+    """A bulk job's rows are journaled without their values where they go with the answer
+    (`values_until_commit`); a run after a crash that follows the job records them from the
+    journal alone. They count as accepted (a plan shows no old values for them, and a
+    list's reconcile adds them back if they go missing); a refused row does not."""
+    with open_state(state_path, {"wh": warehouse}) as state:
+        diff.compute(state.con, SPEC, SID)
+        prints = pending(state)
+        journaled = _journal([(k, prints[k]) for k in ("C1", "C2", "C3")])
+        values = journaled.schema.get_field_index("accepted_values")
+        unknown = pa.nulls(journaled.num_rows, pa.string())
+        state.journal(SID, "u1", journaled.set_column(values, "accepted_values", unknown))
+        commit(
+            state,
+            [
+                *_c1_accepted_c2_refused(prints),
+                {
+                    "key": "C3",
+                    "outcome": "accepted",
+                    "fingerprint": prints["C3"],
+                    "accepted_values": '{"email": "c3@example.com"}',
+                },
+            ],
+        )
+        assert state.accepted_values(SID, ["C1", "C2", "C3"]) == {
+            "C1": {},
+            "C3": {"email": "c3@example.com"},
+        }
+        assert state.accepted_count(SID) == 2
 
 
 def test_waiting_for_klaviyo_the_state_checkpoints_its_log_once_it_is_worth_it(

@@ -267,12 +267,22 @@ def test_a_bulk_job_of_a_killed_run_is_followed_not_sent_again(project: Path) ->
                 e.stats()["requests_by_operation"].get("get_bulk_import_profiles_job", 0) >= 1
             ),
         )
+        with duckdb.connect(str(project / STATE), read_only=True) as con:
+            [(journaled, with_values)] = con.execute(
+                "SELECT count(*), count(accepted_values) FROM journal"
+            ).fetchall()
+        assert journaled == 1200 and with_values == 0  # values go with the answer, not here
         rerun = sync(project, slow, "--select", "customers")
         assert rerun.returncode == 0, rerun.output
         assert "followed bulk job" in rerun.stderr
         assert slow.stats()["requests_by_operation"]["bulk_import_profiles"] == 1
         assert rerun.row("customers")["added"] == 1200
         assert len(slow.profiles()) == 1200
+        # Recorded as accepted with their values unknown: nothing to send again.
+        again = sync(project, slow, "--select", "customers")
+        assert again.returncode == 0, again.output
+        assert again.row("customers")["unchanged"] == 1200
+        assert slow.stats()["requests_by_operation"]["bulk_import_profiles"] == 1
 
 
 # -- D4: no internal error ------------------------------------------------------------------

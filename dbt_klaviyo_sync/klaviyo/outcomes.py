@@ -112,13 +112,16 @@ class Block(Sequence[Prepared]):
         joined = pa.ListArray.from_arrays(pa.array([0, len(bodies)], pa.int32()), bodies)
         return b"".join((head, pc.binary_join(joined, b",")[0].as_buffer(), tail))
 
-    def journal_rows(self) -> pa.Table:
-        """The rows as the journal keeps them (`JOURNAL_SCHEMA`)."""
+    def journal_rows(self, *, values: bool) -> pa.Table:
+        """The rows as the journal keeps them (`JOURNAL_SCHEMA`), with their values' JSON
+        or without. Without, a run that follows the job after a crash records the rows as
+        accepted (their fingerprints) and their values as unknown: nothing is sent again,
+        and only a plan's old values of those rows are missing until they next change."""
         t = self.rows
         columns = {
             "position": pa.array(range(t.num_rows), pa.int32()),
             **{c: t.column(c) for c in ("key", "fingerprint", "memo", "in_snapshot", "klaviyo_id")},
-            "accepted_values": t.column("values_json"),
+            "accepted_values": t.column("values_json") if values else pa.nulls(len(t), pa.string()),
             "body": pa.nulls(t.num_rows, pa.string()),
         }
         return pa.table(columns).cast(JOURNAL_SCHEMA)

@@ -193,7 +193,9 @@ class Warehouse(Protocol):
         """How many of the sync's rows Klaviyo has accepted (what the last sync left)."""
 
     def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-        """What Klaviyo last accepted for these keys, field by field (for a plan)."""
+        """What Klaviyo last accepted for these keys, field by field (for a plan), of the
+        keys it accepted: empty where the values are unknown (rows of a bulk job followed
+        after a crash, where the journal does without them: `values_until_commit`)."""
 
     # -- the answers ---------------------------------------------------------------------
 

@@ -492,7 +492,7 @@ class AdapterWarehouse:
         if not keys:
             return {}
         rows = self._rows(self._sql("accepted_values", sid=sid, keys=keys))
-        return {key: orjson.loads(values) for key, values in rows}
+        return {key: orjson.loads(values) if values else {} for key, values in rows}
 
     # -- the answers -----------------------------------------------------------------
 

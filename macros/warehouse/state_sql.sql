@@ -83,7 +83,7 @@
     'accepted_count': "select count(*) from " ~ s ~ ".snapshot where sync_id = "
       ~ v.get('sid') ~ " and fingerprint is not null",
     'accepted_values': "select key, accepted_values from " ~ s ~ ".snapshot where sync_id = "
-      ~ v.get('sid') ~ " and key in " ~ v.get('keys') ~ " and accepted_values is not null",
+      ~ v.get('sid') ~ " and key in " ~ v.get('keys') ~ " and fingerprint is not null",
     'forget_removed': klaviyo_sync.keyed_change(s ~ '.snapshot', 'key', "select __key from "
       ~ changes ~ " where __change = 'remove'", condition="sync_id = " ~ v.get('sid')),
     'changes': "select * from " ~ changes ~ " where __change in " ~ v.get('kinds'),

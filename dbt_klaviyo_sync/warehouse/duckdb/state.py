@@ -597,16 +597,16 @@ class State:
         self.con.execute(f"SET memory_limit = '{_sql_str(limit)}'")
 
     def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-        """What Klaviyo last accepted for these keys, field by field."""
+        """As `Warehouse.accepted_values`."""
         if not keys:
             return {}
         rows = self.con.execute(
             f"""SELECT key, accepted_values FROM {CATALOG}.snapshot
                 WHERE sync_id = $1 AND key IN (SELECT unnest($2::VARCHAR[]))
-                AND accepted_values IS NOT NULL""",
+                AND fingerprint IS NOT NULL""",
             [sid, keys],
         ).fetchall()
-        return {key: orjson.loads(values) for key, values in rows}
+        return {key: orjson.loads(values) if values else {} for key, values in rows}
 
 
 def diff_memory_limit() -> str:

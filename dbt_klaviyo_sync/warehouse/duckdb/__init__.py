@@ -30,7 +30,12 @@ class DuckDBWarehouse(State):
     and the diff over the attached models."""
 
     fingerprints = FINGERPRINT_VERSION
-    commit_records = 50_000  # each commit scans the snapshot
+    # Each commit scans the snapshot; one of more rows than DuckDB's row group (122,880)
+    # writes its full groups of new snapshot rows straight into the state file, compressed,
+    # where a smaller one writes them to the write-ahead log and a checkpoint compresses
+    # them later: a first sync of 1M profiles on one core, 2.7-3.6 CPU-s less. (At
+    # Klaviyo's steady pace `COMMIT_SECONDS` comes first; this counts when the CPU bounds.)
+    commit_records = 131_072
     # The journal keeps its deleted rows until a checkpoint, and reading values back from
     # it scanned them all on every commit (2.8 s against 1.3 s at 1M rows).
     values_until_commit = True
@@ -56,7 +61,7 @@ class DuckDBWarehouse(State):
         return carried
 
     def diff(self, spec: SyncSpec, sid: str, held: list[str]) -> ChangeCounts:
-        self.memory_for("diff")
+        self.budget_for("diff")
         try:
             counts = diff.compute(self.con, spec, sid, held)
             if not self.read_only:
@@ -64,7 +69,7 @@ class DuckDBWarehouse(State):
                     diff.refresh_memos(self.con, sid)
             return counts
         finally:
-            self.memory_for("send")
+            self.budget_for("send")
 
     def model_keys(self, spec: SyncSpec) -> set[str]:
         return diff.model_keys(self.con, spec)

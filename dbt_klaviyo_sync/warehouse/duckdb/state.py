@@ -43,6 +43,11 @@ LEAST_DIFF_MEMORY_MB = 512
 #: they reach the file (see `WAL_CHECKPOINT`). 256 MB syncs 1M profiles as fast as 384 MB
 #: did, with 120 MB less at the peak.
 SEND_MEMORY_LIMIT = "256MB"
+#: DuckDB's threads while sending. Its work then is a few statements of a job's rows at a
+#: time, and a first sync's rows read and fingerprinted as they go (on the shaping thread,
+#: beside the sending): a second DuckDB thread split that work at a cost, 1-2 CPU-s more
+#: in a first sync of 1M profiles on one core, for nothing the sending waits on.
+SEND_THREADS = 1
 #: How much write-ahead log DuckDB keeps before it checkpoints it into the state file (its
 #: default is 16 MB). A sync's journal rows are written and deleted again within seconds,
 #: a few MB per bulk job: checkpointing every few jobs wrote them into the file only to
@@ -591,10 +596,12 @@ class State:
         if logged >= IDLE_CHECKPOINT_BYTES:
             self._writer.execute(f"CHECKPOINT {CATALOG}")
 
-    def memory_for(self, phase: Literal["diff", "send"]) -> None:
-        """Give DuckDB the memory budget of the phase the sync is in."""
+    def budget_for(self, phase: Literal["diff", "send"]) -> None:
+        """Give DuckDB the memory and threads of the phase the sync is in: the diff gets
+        every core; the sending one thread (`SEND_THREADS`)."""
         limit = diff_memory_limit() if phase == "diff" else SEND_MEMORY_LIMIT
         self.con.execute(f"SET memory_limit = '{_sql_str(limit)}'")
+        self.con.execute("RESET threads" if phase == "diff" else f"SET threads = {SEND_THREADS}")
 
     def accepted_values(self, sid: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         """As `Warehouse.accepted_values`."""

@@ -295,3 +295,16 @@ def test_joined_keeps_every_row_whatever_its_nulls(pieces: list[list[str | None]
     arrays = [pa.array(piece, pa.string()) for piece in pieces]
     expected = [",".join(p for p in row if p is not None) for row in zip(*pieces, strict=True)]
     assert payloads._joined(arrays, len(pieces[0])).to_pylist() == expected
+
+
+@pytest.mark.parametrize("unusual", ['"', "\\", "\n", "\x00", "\x1f", "\x7f"])
+def test_a_column_is_scanned_for_unusual_characters_in_its_own_rows_only(unusual: str) -> None:
+    """`_any_unusual` reads a column's bytes in one scan: only those of its rows, wherever
+    the array was sliced from (a batch of a larger one)."""
+    texts = pa.array(["plain", f"odd{unusual}", None, "é and ü", "", "plain"])
+    assert payloads._any_unusual(texts)
+    assert payloads._any_unusual(texts.slice(1, 1))
+    assert not payloads._any_unusual(texts.slice(2))
+    assert not payloads._any_unusual(texts.slice(0, 1))
+    assert not payloads._any_unusual(texts.slice(2, 0))
+    assert not payloads._any_unusual(pa.array([None, None], pa.string()))

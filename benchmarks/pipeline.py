@@ -36,7 +36,7 @@ import duckdb
 import jinja2
 import project
 
-from dbt_klaviyo_sync import payloads
+from dbt_klaviyo_sync import cli, payloads
 from dbt_klaviyo_sync.changeset import ChangeCounts, SyncIdentity
 from dbt_klaviyo_sync.klaviyo.client import KlaviyoClient
 from dbt_klaviyo_sync.manifest import ModelNode
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write a cProfile of the sync here")
     args = parser.parse_args()
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})  # one core
+    cli._release_large_buffers()  # the C allocator as the command sets it (Arrow's: run.py)
     with tempfile.TemporaryDirectory(prefix="klaviyo-pipeline-") as scratch:
         folder = Path(scratch)
         model = build_model(folder / "warehouse.duckdb", args.rows)

@@ -118,11 +118,12 @@ class Block(Sequence[Prepared]):
         accepted (their fingerprints) and their values as unknown: nothing is sent again,
         and only a plan's old values of those rows are missing until they next change."""
         t = self.rows
+        unknown = pa.nulls(t.num_rows, pa.string())
         columns = {
             "position": pa.array(range(t.num_rows), pa.int32()),
             **{c: t.column(c) for c in ("key", "fingerprint", "memo", "in_snapshot", "klaviyo_id")},
-            "accepted_values": t.column("values_json") if values else pa.nulls(len(t), pa.string()),
-            "body": pa.nulls(t.num_rows, pa.string()),
+            "accepted_values": t.column("values_json") if values else unknown,
+            "body": unknown,
         }
         return pa.table(columns).cast(JOURNAL_SCHEMA)
 

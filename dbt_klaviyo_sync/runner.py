@@ -885,18 +885,21 @@ class ModelSync:
             self._refusals_in_a_row += outcome.refusals
             self._tally(outcome)
             self._pending.merge(outcome)
-        pending = self._pending
-        size = pending.accepted_count + len(pending.rejected) + len(pending.removed)
-        size += len(pending.already)
         if (
-            size >= self.warehouse.commit_records
+            self._pending.to_commit >= self.warehouse.commit_records
             or time.monotonic() - self._committed_at >= COMMIT_SECONDS
         ):
-            self._flush()
+            self._flush(whole=True)
 
-    def _flush(self) -> None:
-        self._record(self._pending)
-        self._pending, self._committed_at = Outcome(), time.monotonic()
+    def _flush(self, *, whole: bool = False) -> None:
+        """Commit the answers waiting. With `whole`, in whole multiples of the warehouse's
+        `commit_records` when more are waiting: the rest of the last bulk jobs' rows wait
+        for the next commit."""
+        pending, per = self._pending, self.warehouse.commit_records
+        over = pending.to_commit % per if whole and pending.to_commit >= per else 0
+        self._pending = pending.hold_back(over)
+        self._record(pending)
+        self._committed_at = time.monotonic()
 
     def _commit(self, outcome: Outcome) -> None:
         self._record(outcome)

@@ -5,6 +5,8 @@ as `Prepared` items would, and it is packed into the same jobs."""
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import orjson
 import pyarrow as pa
@@ -13,7 +15,13 @@ import pytest
 from dbt_klaviyo_sync.klaviyo.outcomes import Block, Outcome, Prepared, each
 from dbt_klaviyo_sync.klaviyo.profiles import MAX_JOB_BYTES, MAX_JOB_PROFILES, pack_jobs
 from dbt_klaviyo_sync.payloads import shaped_records, shaped_rows
-from dbt_klaviyo_sync.runner import _forget_values, _journal_table, _outcome_table
+from dbt_klaviyo_sync.runner import (
+    ModelSync,
+    SyncOptions,
+    _forget_values,
+    _journal_table,
+    _outcome_table,
+)
 from tests.test_shaped_profiles import COLUMNS, _batch, _spec
 
 
@@ -117,3 +125,51 @@ def test_items_and_blocks_go_in_jobs_of_their_own() -> None:
     assert [len(job) for job in (jobs[0], jobs[2])] == [
         len(job) for job in pack_jobs(list(each(blocks)))
     ]
+
+
+class _Committed:
+    """A warehouse that wants `commit_records` a commit, and keeps the keys of each."""
+
+    commit_records = 1000
+    values_until_commit = True
+
+    def __init__(self) -> None:
+        self.commits: list[list[str]] = []
+
+    def commit(self, sid: str, run_id: str, model: str, outcomes: pa.Table) -> None:
+        if outcomes.num_rows:  # as `State.commit`, nothing to do for nothing
+            self.commits.append(outcomes.column("key").to_pylist())
+
+
+def _answered(sync: ModelSync, *outcomes: Outcome) -> None:
+    done: set[Future[Outcome]] = set()
+    for outcome in outcomes:
+        future: Future[Outcome] = Future()
+        future.set_result(outcome)
+        done.add(future)
+    sync._answered(done)
+
+
+def test_answers_are_committed_in_whole_multiples_of_commit_records() -> None:
+    """DuckDB writes a commit of whole row groups straight into its file; a commit of more
+    left a part-filled group beside them, which checkpoints merged by rewriting its
+    neighbours (3.4 CPU-s after a first sync of 1M profiles). So when more answers than
+    `commit_records` wait, a whole multiple of it is committed and the rest of the last
+    jobs' rows wait for the next commit. Every answer is committed, once."""
+    warehouse = _Committed()
+    options = SyncOptions("http://127.0.0.1:1", None, None)
+    spec = SimpleNamespace(model="customers", object="profile", behavior="upsert")
+    client = SimpleNamespace(rate_limit_wait=0.0)
+    sync = ModelSync(warehouse, client, spec, SimpleNamespace(sid="s"), options)  # type: ignore[arg-type]
+    blocks = _blocks([300] * 12, 3)
+    _answered(sync, *(Outcome(blocks=[b]) for b in blocks[:4]))  # 1,200: 1,000 committed
+    _answered(sync, Outcome(blocks=[blocks[4]]), Outcome(blocks=[blocks[5]]))  # 800 waiting
+    _answered(sync, *(Outcome(blocks=[b]) for b in blocks[6:11]))  # 2,300: 2,000 committed
+    # Answers of other kinds are never held back: here all are committed.
+    loose = [(p.record, None) for p in _items(blocks[11])]
+    _answered(sync, Outcome(accepted=loose * 4))
+    sync._flush()
+    assert [len(keys) for keys in warehouse.commits] == [1000, 2000, 1500]
+    everything = [key for block in blocks[:11] for key in block.rows.column("key").to_pylist()]
+    everything += [record.key for record, _ in loose * 4]
+    assert sorted(key for keys in warehouse.commits for key in keys) == sorted(everything)

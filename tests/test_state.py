@@ -336,14 +336,20 @@ def test_the_diff_has_every_core_and_the_sending_one_thread(
 def test_a_commit_of_a_full_batch_writes_its_rows_into_the_file_not_the_log(
     state_path: Path, warehouse: Path
 ) -> None:
-    """A commit of `commit_records` rows holds a full DuckDB row group, which DuckDB writes
+    """A commit of `commit_records` rows is one full DuckDB row group, which DuckDB writes
     straight into the state file, compressed, instead of into the write-ahead log first (and
-    a checkpoint compressing it later): a third of the state's CPU in a first sync."""
+    a checkpoint compressing it later): a third of the state's CPU in a first sync. Exactly
+    one: a part-filled group beside it would cost checkpoints merging it."""
     rows = DuckDBWarehouse.commit_records
+    groups = f"""SELECT row_group_id, sum(count) FROM pragma_storage_info(
+        '{state_module.CATALOG}.snapshot')
+        WHERE column_name = 'key' AND segment_type = 'VARCHAR' GROUP BY ALL"""
     with open_duckdb(state_path, {"wh": warehouse}) as wh:
+        wh.budget_for("send")
         wh.commit(SID, "run", "customers", _accepted(0, rows))
         assert wh.accepted_count(SID) == rows
         logged = Path(f"{state_path}.wal").stat().st_size
+        assert wh.con.execute(groups).fetchall() == [(0, rows)]
     assert logged < rows * len(_VALUES) / 4
 
 

@@ -247,6 +247,28 @@ class Outcome:
     def accepted_count(self) -> int:
         return len(self.accepted) + sum(map(len, self.blocks))
 
+    @property
+    def to_commit(self) -> int:
+        """How many records committing it records: accepted, refused, removed or found
+        already done (failed ones are left for the next run)."""
+        return self.accepted_count + len(self.rejected) + len(self.removed) + len(self.already)
+
+    def hold_back(self, rows: int) -> Outcome:
+        """Take the last `rows` rows of its blocks out, as an outcome of their own to be
+        committed later; nothing when its blocks hold fewer."""
+        held: list[Block] = []
+        if sum(map(len, self.blocks)) < rows:
+            return Outcome()
+        while rows:
+            last = self.blocks.pop()
+            if len(last) > rows:
+                last, tail = last.split(len(last) - rows)
+                self.blocks.append(last)
+                last = tail
+            held.insert(0, last)
+            rows -= len(last)
+        return Outcome(blocks=held)
+
     @classmethod
     def accepting(cls, records: Sequence[Record], ids: dict[str, str]) -> Outcome:
         """Every record accepted, with its Klaviyo id if known; a block's, whole."""

@@ -96,8 +96,9 @@ class Warehouse(Protocol):
     #: How this warehouse fingerprints rows (recorded per sync), e.g. "md5-v1".
     fingerprints: str
     #: Answers are committed when this many records have gathered (or a few seconds
-    #: passed): as many as a commit's fixed cost is worth, and no more, as the records
-    #: wait in the client's memory until then.
+    #: passed), in whole multiples of it when more have, as far as bulk jobs' rows make
+    #: up the difference: as many as a commit's fixed cost is worth, and no more, as the
+    #: records wait in the client's memory until then.
     commit_records: int
     #: Whether records sent in journaled bulk jobs keep their values' JSON (those shaped in
     #: Arrow have it) until their answers are committed, so that the commit need not read

@@ -30,12 +30,13 @@ class DuckDBWarehouse(State):
     and the diff over the attached models."""
 
     fingerprints = FINGERPRINT_VERSION
-    # Each commit scans the snapshot; one of more rows than DuckDB's row group (122,880)
-    # writes its full groups of new snapshot rows straight into the state file, compressed,
-    # where a smaller one writes them to the write-ahead log and a checkpoint compresses
-    # them later: a first sync of 1M profiles on one core, 2.7-3.6 CPU-s less. (At
+    # Each commit scans the snapshot; one of a whole DuckDB row group of new rows (122,880)
+    # writes it straight into the state file, compressed, where a smaller one writes them
+    # to the write-ahead log and a checkpoint compresses them later. Whole groups only:
+    # the part-filled group a larger commit leaves next to its full ones costs checkpoints
+    # rewriting its neighbours to merge it (a first sync of 1M profiles: 3.4 CPU-s). (At
     # Klaviyo's steady pace `COMMIT_SECONDS` comes first; this counts when the CPU bounds.)
-    commit_records = 131_072
+    commit_records = 122_880
     # The journal keeps its deleted rows until a checkpoint, and reading values back from
     # it scanned them all on every commit (2.8 s against 1.3 s at 1M rows).
     values_until_commit = True

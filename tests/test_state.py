@@ -356,7 +356,7 @@ def test_a_commit_of_a_full_batch_writes_its_rows_into_the_file_not_the_log(
 def test_a_run_checkpoints_its_writes_before_it_records_itself(
     state_path: Path, warehouse: Path
 ) -> None:
-    """Each large commit leaves part of a row group beside the full ones it wrote, which
+    """Commits of different sizes can leave part-filled row groups side by side, which
     DuckDB merges only at a checkpoint after the one that wrote them. The state is
     checkpointed as a run ends, before the run's own record, so that the closing checkpoint
     merges them: otherwise the next run's did, a no-op's 1.3 s more after a first sync of

@@ -4,6 +4,7 @@ as `Prepared` items would, and it is packed into the same jobs."""
 
 from __future__ import annotations
 
+import math
 import random
 from concurrent.futures import Future
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from dbt_klaviyo_sync import runner
 from dbt_klaviyo_sync.klaviyo.outcomes import Block, Outcome, Prepared, each
 from dbt_klaviyo_sync.klaviyo.profiles import MAX_JOB_BYTES, MAX_JOB_PROFILES, pack_jobs
 from dbt_klaviyo_sync.payloads import shaped_records, shaped_rows
@@ -150,12 +152,15 @@ def _answered(sync: ModelSync, *outcomes: Outcome) -> None:
     sync._answered(done)
 
 
-def test_answers_are_committed_in_whole_multiples_of_commit_records() -> None:
+def test_answers_are_committed_in_whole_multiples_of_commit_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """DuckDB writes a commit of whole row groups straight into its file; a commit of more
     left a part-filled group beside them, which checkpoints merged by rewriting its
     neighbours (3.4 CPU-s after a first sync of 1M profiles). So when more answers than
     `commit_records` wait, a whole multiple of it is committed and the rest of the last
     jobs' rows wait for the next commit. Every answer is committed, once."""
+    monkeypatch.setattr(runner, "COMMIT_SECONDS", math.inf)  # only the count decides
     warehouse = _Committed()
     options = SyncOptions("http://127.0.0.1:1", None, None)
     spec = SimpleNamespace(model="customers", object="profile", behavior="upsert")

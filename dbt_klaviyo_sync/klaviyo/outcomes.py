@@ -249,8 +249,8 @@ class Outcome:
 
     @property
     def to_commit(self) -> int:
-        """How many records committing it records: accepted, refused, removed or found
-        already done (failed ones are left for the next run)."""
+        """How many records a commit of it writes down: accepted, refused, removed or
+        found already done (failed ones wait for the next run)."""
         return self.accepted_count + len(self.rejected) + len(self.removed) + len(self.already)
 
     def hold_back(self, rows: int) -> Outcome:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -646,7 +646,7 @@ def shaped_rows(spec: SyncSpec, batch: pa.RecordBatch) -> tuple[pa.Table, pa.Rec
         if pa.types.is_dictionary(array.type):  # ENUM
             array = array.dictionary_decode()
         shaped = _column_json(mapping.field, array)
-        json, fine = shaped if shaped else (pa.nulls(rows, pa.string()), pc.is_null(array))
+        json, fine = shaped or (_JsonText(pa.nulls(rows, pa.string())), pc.is_null(array))
         clean = pc.and_(clean, fine)
         if spec.nulls == "clear":
             clean = pc.and_(clean, pc.is_valid(array))
@@ -705,9 +705,18 @@ def shaped_records(shaped: pa.Table) -> tuple[list[Record], list[bytes]]:
     return records, shaped.column("body").cast(pa.binary()).to_pylist()
 
 
-def _pair(name: str, json: pa.Array) -> pa.Array:
+class _JsonText(NamedTuple):
+    """A column's values as JSON: `quote + text + quote` in each row (NULL for NULL). The
+    quotes are added with the member's name, in one copy of the text instead of two."""
+
+    text: pa.Array
+    quote: str = ""
+
+
+def _pair(name: str, json: _JsonText) -> pa.Array:
     """`"name":value` for each row; NULL where the value is."""
-    return pc.binary_join_element_wise(orjson.dumps(name).decode() + ":", json, "")
+    prefix = orjson.dumps(name).decode() + ":" + json.quote
+    return pc.binary_join_element_wise(prefix, json.text, json.quote, "")
 
 
 def _object_member(name: str, pairs: list[pa.Array]) -> pa.Array:
@@ -730,12 +739,13 @@ def _joined(pieces: list[pa.Array], rows: int) -> pa.Array:
     return pc.utf8_slice_codeunits(joined, 1)
 
 
-def _column_json(field: str, array: pa.Array) -> tuple[pa.Array, pa.Array] | None:
+def _column_json(field: str, array: pa.Array) -> tuple[_JsonText, pa.Array] | None:
     """One column's values as JSON text (NULL for NULL), and the rows whose text is what
     `_column` and `dumps` make of them. None for a type converted value by value."""
     convert = _converter(field)
     kind = array.type
     odd: pa.Array | None = None
+    json: _JsonText | None
     if pa.types.is_string(kind):
         if convert not in (_text, _json_value, _email, _phone):
             return None
@@ -783,7 +793,7 @@ def _any_unusual(texts: pa.StringArray) -> bool:
     return _UNUSUAL.search(memoryview(data)[first:last]) is not None
 
 
-def _instants(array: pa.Array) -> tuple[pa.Array, pa.Array]:
+def _instants(array: pa.Array) -> tuple[_JsonText, pa.Array]:
     """UTC timestamps (or without a zone) as JSON, as `_json_value` writes their datetime:
     ISO 8601 with microseconds when there are any, and +00:00; and the rows Python writes
     otherwise or not at all (before 1970, where Arrow's division rounds the other way, and
@@ -808,21 +818,21 @@ def _rows(indices: dict[int, str], length: int) -> pa.Array:
 
 def _json_or_quoted(
     texts: pa.Array, convert: Callable[[Any], Any], raw: tuple[Callable[[Any], Any], ...]
-) -> pa.Array | None:
+) -> _JsonText | None:
     """Texts as JSON: as they are for the converters in `raw` (numbers, booleans), quoted
     for a text field; None for any other converter (it takes the values one by one)."""
     if convert in raw:
-        return texts
+        return _JsonText(texts)
     return _quoted(texts, escape=False) if convert in (_text, _json_value) else None
 
 
-def _quoted(texts: pa.Array, *, escape: bool) -> pa.Array:
+def _quoted(texts: pa.Array, *, escape: bool) -> _JsonText:
     """Text as JSON strings, as orjson writes them; `escape` when the text may hold a
     character JSON escapes (`_CONTROL` keeps out those it would write as \\u escapes)."""
     if escape:
         for raw, escaped in _JSON_ESCAPES:
             texts = pc.replace_substring(texts, raw, escaped)
-    return pc.binary_join_element_wise('"', texts, '"', "")
+    return _JsonText(texts, '"')
 
 
 def event_resources(spec: SyncSpec, record: Record) -> tuple[dict[str, Any], dict[str, Any]]:

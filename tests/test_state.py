@@ -229,6 +229,57 @@ def test_commits_survive_a_future_migration_that_adds_columns(
         assert set(_changes(state, SPEC, identity.sid)) == waiting
 
 
+_TABLE_SQL = f"""SELECT sql FROM duckdb_tables()
+    WHERE database_name = '{CATALOG}' AND table_name = $1"""
+
+
+def test_a_state_of_an_older_version_keeps_every_row_as_values_move_to_zstd(
+    state_path: Path, warehouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 7 rebuilds the snapshot and the journal to store values with ZSTD (DuckDB
+    cannot alter a column's compression): every row and column comes through, in flight
+    ones too, and new commits are written with ZSTD."""
+    read = {t: f"SELECT * FROM {CATALOG}.{t} ORDER BY ALL" for t in ("snapshot", "journal")}
+    with monkeypatch.context() as older:
+        older.setattr(state_module, "SCHEMA_VERSION", 6)
+        with open_state(state_path, {"wh": warehouse}) as state:
+            diff.compute(state.con, SPEC, SID)
+            prints = pending(state)
+            commit(state, _c1_accepted_c2_refused(prints))
+            state.journal(SID, "u1", _journal([("C3", prints["C3"])]))
+            before = {t: state.con.execute(sql).fetchall() for t, sql in read.items()}
+            assert "ZSTD" not in state.con.execute(_TABLE_SQL, ["snapshot"]).fetchall()[0][0]
+    assert len(before["snapshot"]) == 2 and len(before["journal"]) == 1
+    with open_duckdb(state_path, {"wh": warehouse}) as wh:
+        assert {t: wh.con.execute(sql).fetchall() for t, sql in read.items()} == before
+        for table in ("snapshot", "journal"):
+            assert (
+                "accepted_values VARCHAR USING COMPRESSION ZSTD"
+                in (wh.con.execute(_TABLE_SQL, [table]).fetchall()[0][0])
+            )
+        wh.budget_for("send")
+        wh.commit(SID, "run", "customers", _accepted(0, DuckDBWarehouse.commit_records))
+        assert ("ZSTD",) in wh.con.execute(_COMPRESSION).fetchall()  # beside the old 2 rows
+
+
+def test_a_state_file_whose_format_predates_zstd_is_migrated_without_it(
+    state_path: Path, warehouse: Path
+) -> None:
+    """A file keeps the storage format it was made in (DuckDB 1.x made the oldest one by
+    default), and that format cannot hold ZSTD: the rebuild is skipped there and the state
+    works as before, instead of failing to open."""
+    state_path.parent.mkdir(parents=True)
+    with duckdb.connect() as con:
+        con.execute(f"ATTACH '{state_path}' AS old (STORAGE_VERSION 'v1.0.0')")
+    with open_duckdb(state_path, {"wh": warehouse}) as wh:
+        assert wh.schema_version() == state_module.SCHEMA_VERSION
+        assert "ZSTD" not in wh.con.execute(_TABLE_SQL, ["snapshot"]).fetchall()[0][0]
+        wh.budget_for("send")
+        wh.commit(SID, "run", "customers", _accepted(0, DuckDBWarehouse.commit_records))
+        assert wh.accepted_count(SID) == DuckDBWarehouse.commit_records
+        assert wh.con.execute(_COMPRESSION).fetchall() != [("ZSTD",)]
+
+
 def _c1_accepted_c2_refused(prints: dict[str, int]) -> list[dict[str, object]]:
     """Outcomes: C1 accepted (its values unknown), C2 refused."""
     refused = {"key": "C2", "outcome": "rejected", "fingerprint": prints["C2"]}
@@ -350,7 +401,13 @@ def test_a_commit_of_a_full_batch_writes_its_rows_into_the_file_not_the_log(
         assert wh.accepted_count(SID) == rows
         logged = Path(f"{state_path}.wal").stat().st_size
         assert wh.con.execute(groups).fetchall() == [(0, rows)]
+        # Values with ZSTD: with DuckDB's own choice, compressing them was most of the commit.
+        assert wh.con.execute(_COMPRESSION).fetchall() == [("ZSTD",)]
     assert logged < rows * len(_VALUES) / 4
+
+
+_COMPRESSION = f"""SELECT DISTINCT compression FROM pragma_storage_info('{CATALOG}.snapshot')
+    WHERE column_name = 'accepted_values' AND segment_type = 'VARCHAR'"""
 
 
 def test_a_run_checkpoints_its_writes_before_it_records_itself(

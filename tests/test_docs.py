@@ -1,9 +1,11 @@
 """The links in README.md and docs/ resolve, as GitHub renders them: `mkdocs build --strict`
 (run by `python3 dev.py test`) checks the docs' links on the site, but never reads README.md,
-whose links to docs/ pages and their anchors are what a reader on GitHub follows first."""
+whose links to docs/ pages and their anchors are what a reader on GitHub follows first. And
+what the README shows of the docs is what they say."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -77,6 +79,20 @@ def test_readme_links_into_the_docs() -> None:
     pages = {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")}
     assert pages - linked == set()
     assert len((REPO / "README.md").read_text().splitlines()) < 250
+
+
+def test_readme_shows_the_targets_of_the_documented_benchmark_run() -> None:
+    """The README's performance table is the performance page's, from the same run of the
+    benchmark (test_benchmark_smoke holds that page to what the benchmark writes)."""
+    page = (REPO / "docs" / "performance.md").read_text()
+    duckdb = page.partition("## On DuckDB")[2].partition("## On PostgreSQL")[0]
+    after = duckdb.partition("The targets, from this run:")[2].lstrip("\n").splitlines()
+    table = "\n".join(itertools.takewhile(lambda line: line.startswith("|"), after))
+    assert table.count("\n") >= 10, table  # a header, its rule and the nine targets
+    readme = (REPO / "README.md").read_text()
+    assert f"\n{table}\n" in readme
+    run = re.search(r"from one run of `python3 dev.py bench` at commit (\w+)", duckdb)
+    assert run and f"at commit {run.group(1)}" in readme
 
 
 def test_a_broken_file_or_anchor_is_found(tmp_path: Path) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import duckdb
 import psycopg2
@@ -89,9 +91,32 @@ def copy_integration_project(destination: Path) -> Path:
     return destination
 
 
-@pytest.fixture(scope="session")
-def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = copy_integration_project(tmp_path_factory.mktemp("built") / "integration_tests")
+T = TypeVar("T")
+
+
+def shared_by_workers(
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]
+) -> T:
+    """What `make` builds in a folder of its own, built once for the whole test run: xdist's
+    workers share it, the first to need it building it while the others wait (a session or
+    module fixture is otherwise built again on each worker). Its result is kept pickled."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, kept = root / name, root / f"{name}.pickle"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kept.exists():
+            return cast(T, pickle.loads(kept.read_bytes()))
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        made = make(folder)
+        kept.write_bytes(pickle.dumps(made))
+        return made
+
+
+def _build_demo(folder: Path) -> Path:
+    project = copy_integration_project(folder / "integration_tests")
     for args in (("deps",), ("build",)):
         done = run_dbt(project, *args)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -100,6 +125,12 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with environment(project, clean_env()):
         select_models(DbtProject.locate(DbtArgs(project_dir=".", profiles_dir=".")))
     return project
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo project built with dbt, once for the run; each test works on a copy."""
+    return shared_by_workers(tmp_path_factory, "built", _build_demo)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import phonenumbers
 import pytest
 from email_validator import validate_email
 
-from tests.conftest import copy_integration_project, run_dbt
+from tests.conftest import copy_integration_project, run_dbt, shared_by_workers
 
 PROJECT = "klaviyo_sync_integration_tests"
 
@@ -205,7 +205,13 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    project = copy_integration_project(tmp_path_factory.mktemp("dbt") / "integration_tests")
+    """The demo built, then built again with the checked models: three dbt commands, run
+    once for all of xdist's workers."""
+    return shared_by_workers(tmp_path_factory, "macro_runs", _build_twice)
+
+
+def _build_twice(folder: Path) -> Runs:
+    project = copy_integration_project(folder / "integration_tests")
     deps = run_dbt(project, "deps")
     assert deps.returncode == 0, deps.stdout + deps.stderr
 

@@ -1,12 +1,12 @@
 """Shared fixtures: a built copy of integration_tests/, the emulator, and the real CLI.
 
-dbt takes seconds per invocation, so the demo project is copied and built once per session;
-each test that syncs gets its own copy of that built project (a few MB), so tests never see
-each other's state or data.
+dbt takes seconds per invocation, so the demo project is copied and built once per test run,
+pytest-xdist's workers sharing it (`shared_by_workers`); each test that syncs gets its own
+copy of that built project (a few MB), so tests never see each other's state or data.
 
 The same holds on PostgreSQL (`pg_project`, and `warehouse_project` for a test that runs on
-both): the project is built once per session and worker into a database of its own, and each
-test gets a copy of that database, made with CREATE DATABASE ... TEMPLATE. The server is the
+both): the project is built once per run into a database of its own, and each test gets a
+copy of that database, made with CREATE DATABASE ... TEMPLATE. The server is the
 one `python3 dev.py test` starts (scripts/postgres.py), named by the DBT_KLAVIYO_PG_*
 variables; without them the PostgreSQL tests are skipped, unless
 DBT_KLAVIYO_REQUIRE_POSTGRES=1 (set by dev.py) makes that an error.
@@ -461,39 +461,57 @@ def pg_database(project: Path) -> PgDatabase | None:
     return PgDatabase(output["host"], int(output["port"]), output["user"], output["dbname"])
 
 
-def _pg_names() -> tuple[str, str]:
-    """This worker's database names (pytest-xdist runs workers side by side): the built
-    project, and each test's copy of it. The same on every run, so that a run drops what a
-    killed one left behind."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return f"klaviyo_built_{worker}", f"klaviyo_test_{worker}"
+#: The demo project's database on PostgreSQL, built once a run (`built_pg_project`): the
+#: template of every test's copy. The same name on every run, so that a run drops what a
+#: killed one left behind.
+PG_BUILT = "klaviyo_built"
+
+
+def _pg_copy_name() -> str:
+    """This worker's name for its tests' copies of `PG_BUILT` (pytest-xdist runs workers
+    side by side)."""
+    return f"klaviyo_test_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 
 
 @pytest.fixture(scope="session")
-def built_pg_project(
-    pg_server: PgDatabase, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    """The demo project built on PostgreSQL, once per session and worker, into a database of
-    its own: the template of every test's copy (`pg_project`). Dropped at the end."""
-    built_name, copy_name = _pg_names()
-    built = pg_server.database(built_name)
+def built_pg_project(pg_server: PgDatabase, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo project built on PostgreSQL once for the run, all workers sharing it, into
+    the database `PG_BUILT`, which `pytest_sessionfinish` drops. Each worker parses a copy
+    of the folder for its copies' database, so that each copy starts without parsing."""
+    built = shared_by_workers(
+        tmp_path_factory, "built_pg", lambda folder: _build_pg(pg_server.database(PG_BUILT), folder)
+    )
+    folder = tmp_path_factory.mktemp("built_pg") / "integration_tests"
+    project = Path(shutil.copytree(built, folder, symlinks=True))
+    write_pg_profile(project, pg_server.database(_pg_copy_name()))
+    with environment(project, clean_env()):
+        select_models(DbtProject.locate(DbtArgs(project_dir=".", profiles_dir=".")))
+    return project
+
+
+def _build_pg(built: PgDatabase, folder: Path) -> Path:
     built.create()
-    project = copy_integration_project(tmp_path_factory.mktemp("built_pg") / "integration_tests")
+    project = copy_integration_project(folder / "integration_tests")
     # Built through the repository's own profile, as a user would: DBT_TARGET and the
     # variables its postgres target reads.
     env = {**built.env(), "DBT_TARGET": "postgres"}
+    for args in (("deps",), ("build",)):
+        done = run_dbt(project, *args, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return project
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Once every worker is done, the controller (or a run without xdist) drops the
+    database the workers shared (`built_pg_project`), if the run had a server."""
+    variables = ("DBT_KLAVIYO_PG_HOST", "DBT_KLAVIYO_PG_PORT", "DBT_KLAVIYO_PG_USER")
+    if os.environ.get("PYTEST_XDIST_WORKER") or not all(os.environ.get(v) for v in variables):
+        return
+    host, port, user = (os.environ[name] for name in variables)
     try:
-        for args in (("deps",), ("build",)):
-            done = run_dbt(project, *args, env=env)
-            assert done.returncode == 0, done.stdout + done.stderr
-        # The copies live in a database of their own; parse once for it, as for the DuckDB
-        # project, so that each copy starts without parsing again.
-        write_pg_profile(project, pg_server.database(copy_name))
-        with environment(project, clean_env()):
-            select_models(DbtProject.locate(DbtArgs(project_dir=".", profiles_dir=".")))
-        yield project
-    finally:
-        built.drop()
+        PgDatabase(host, int(port), user).database(PG_BUILT).drop()
+    except psycopg2.Error as exc:
+        print(f"\nwarning: could not drop the test database {PG_BUILT}: {exc}", file=sys.stderr)
 
 
 @pytest.fixture
@@ -503,13 +521,12 @@ def make_pg_project(
     """Makes private copies of the built PostgreSQL project: `make_pg_project("")` is the
     one `pg_project` gives, `make_pg_project("b")` another, in a database of its own (its
     first sync parses the project again, for that database). Dropped after the test."""
-    built_name, copy_name = _pg_names()
     made: list[PgDatabase] = []
 
     def make(suffix: str = "") -> Path:
-        database = pg_server.database(copy_name + (f"_{suffix}" if suffix else ""))
+        database = pg_server.database(_pg_copy_name() + (f"_{suffix}" if suffix else ""))
         assert database not in made, f"a copy with the suffix {suffix!r} exists: pick another"
-        database.create(template=pg_server.database(built_name))
+        database.create(template=pg_server.database(PG_BUILT))
         made.append(database)
         project = Path(
             shutil.copytree(built_pg_project, tmp_path / f"pg_project{suffix}", symlinks=True)

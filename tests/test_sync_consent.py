@@ -24,6 +24,7 @@ from tests.conftest import (
     environment,
     klaviyo_api,
     run_dbt,
+    shared_by_workers,
     sync,
 )
 
@@ -371,10 +372,14 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def built_consent(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo project with the models above, built and parsed once for the module."""
-    project = Path(
-        shutil.copytree(built_project, tmp_path_factory.mktemp("consent") / "p", symlinks=True)
+    """The demo project with the models above, built and parsed once for the test run."""
+    return shared_by_workers(
+        tmp_path_factory, "consent", lambda folder: _build_consent(built_project, folder)
     )
+
+
+def _build_consent(built_project: Path, folder: Path) -> Path:
+    project = Path(shutil.copytree(built_project, folder / "p", symlinks=True))
     for name, (rows, meta, columns) in MODELS.items():
         write_model(project, name, rows, meta, columns)
     built = run_dbt(project, "run", "--select", *MODELS)

@@ -141,10 +141,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE journal ADD COLUMN memo UBIGINT",
     ],
     # Accepted values (and a journaled event's body) are stored with ZSTD. With DuckDB's
-    # automatic choice, DICT_FSST, compressing them was most of a first sync's commit: about
-    # 2 CPU-s per 1M profiles, against 0.5 s with ZSTD, which also stores them in half the
-    # space. A column's compression cannot be altered, so both tables are rebuilt; a file
-    # whose format cannot hold ZSTD skips this step (see `_ONLY_IF`).
+    # automatic choice, DICT_FSST, compressing them was most of a first sync's commit: 2.0-2.4
+    # CPU-s per 1M profiles, against 0.7-0.8 s with ZSTD, which also stores them in less than
+    # half the space. A column's compression cannot be altered, so both tables are rebuilt
+    # (once: 10 s at 10M rows); a file whose format cannot hold ZSTD skips this step (see
+    # `_ONLY_IF`).
     7: [
         """CREATE TABLE snapshot_v7 (
             sync_id VARCHAR NOT NULL, key VARCHAR NOT NULL, fingerprint UBIGINT,
